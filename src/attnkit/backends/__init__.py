@@ -1,0 +1,67 @@
+"""Attention backends: an open registry, ``available()`` to list it and ``select()`` to see what ``auto`` picks.
+
+Each backend lives in its own module and registers itself on import; :func:`dispatch` runs a validated
+:class:`~attnkit.functional.spec.AttentionSpec` on the chosen one.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from attnkit.backends import math as _math  # noqa: F401  (registers "math")
+from attnkit.backends import sdpa as _sdpa  # noqa: F401  (registers "sdpa")
+from attnkit.backends.registry import (
+    ALL_OPTIONS,
+    Backend,
+    BackendInfo,
+    Selection,
+    available,
+    get,
+    register,
+    select_for_spec,
+)
+from attnkit.functional.spec import AttentionSpec, make_spec
+
+__all__ = [
+    "ALL_OPTIONS",
+    "Backend",
+    "BackendInfo",
+    "Selection",
+    "available",
+    "dispatch",
+    "get",
+    "register",
+    "select",
+]
+
+
+def dispatch(spec: AttentionSpec, backend: str = "auto") -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Run ``spec`` on ``backend`` (``"auto"``: the first capable backend in priority order).
+
+    Returns:
+        ``(output, weights or None, lse or None)``.
+
+    Raises:
+        ValueError: unknown backend, or a named backend that cannot serve the call.
+    """
+    return get(select_for_spec(spec, backend).backend).forward(spec)
+
+
+def select(query: Tensor, key: Tensor, value: Tensor, *, backend: str = "auto", **options) -> Selection:
+    """Which backend :func:`attnkit.attention` would run for these inputs, and why the others were not chosen.
+
+    Takes the same arguments as :func:`attnkit.attention`.
+
+    Returns:
+        a :class:`Selection`; ``str(selection)`` is a readable explanation.
+
+    Raises:
+        the errors of :func:`attnkit.attention` for invalid inputs.
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(1, 2, 4, 8)
+        >>> select(q, q, q, softcap=30.0).backend
+        'math'
+    """
+    return select_for_spec(make_spec(query, key, value, **options), backend)

@@ -1,0 +1,168 @@
+"""The backend registry: every attention implementation registers here, and ``"auto"`` picks among them.
+
+A backend is an object with a ``name``, the set of ``options`` it implements, a ``priority`` for
+``backend="auto"`` (lower runs first), a ``check(spec)`` returning why it cannot serve a call (or ``None``),
+and a ``forward(spec)`` returning ``(output, weights, lse)``. Registering a name twice raises. New backends
+(tiled, block-sparse, FlexAttention, ...) plug in with :func:`register` and need no change in the callers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from attnkit.functional.spec import AttentionSpec
+
+__all__ = ["Backend", "BackendInfo", "Selection", "available", "get", "register", "select_for_spec"]
+
+#: Every option a call can use, as named in :meth:`AttentionSpec.options`.
+ALL_OPTIONS = frozenset(
+    {
+        "attn_mask_bool",
+        "attn_mask_float",
+        "is_causal",
+        "window_size",
+        "attn_bias",
+        "alibi_slopes",
+        "softcap",
+        "dropout_p",
+        "return_weights",
+        "return_lse",
+        "gqa",
+    }
+)
+
+ForwardResult = tuple[Tensor, Tensor | None, Tensor | None]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One attention implementation.
+
+    Attributes:
+        name: registry key, e.g. ``"math"``.
+        forward: ``spec -> (output, weights_or_None, lse_or_None)``.
+        options: the :meth:`AttentionSpec.options` names it implements.
+        priority: order for ``backend="auto"``; lower is tried first.
+        description: one line for :func:`available`.
+        check: ``spec -> reason or None``, for limits beyond the option set (device, dtype, sizes).
+    """
+
+    name: str
+    forward: Callable[[AttentionSpec], ForwardResult]
+    options: frozenset[str]
+    priority: int
+    description: str
+    check: Callable[[AttentionSpec], str | None] = field(default=lambda spec: None)
+
+    def why_not(self, spec: AttentionSpec) -> str | None:
+        """Why this backend cannot serve ``spec``, or ``None`` if it can."""
+        missing = sorted(spec.options() - self.options)
+        if missing:
+            return f"backend {self.name!r} does not support {', '.join(missing)}"
+        return self.check(spec)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Public description of a registered backend (see :func:`available`)."""
+
+    name: str
+    options: frozenset[str]
+    priority: int
+    description: str
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which backend runs a call and why.
+
+    Attributes:
+        backend: name of the chosen backend.
+        reasons: for every registered backend, why it was not chosen (``None`` for the chosen one and for
+            those that could serve but rank lower, which are listed as ``"lower priority than ..."``).
+    """
+
+    backend: str
+    reasons: dict[str, str | None]
+
+    def __str__(self) -> str:
+        lines = [f"selected backend: {self.backend}"]
+        lines += [f"  {name}: {why}" for name, why in self.reasons.items() if name != self.backend]
+        return "\n".join(lines)
+
+
+_REGISTRY: dict[str, Backend] = {}
+_ORDER: list[Backend] = []
+
+
+def register(backend: Backend) -> Backend:
+    """Add ``backend`` to the registry.
+
+    Raises:
+        ValueError: the name is taken, or ``options`` names an unknown option.
+    """
+    if backend.name in _REGISTRY or backend.name == "auto":
+        raise ValueError(f"register: a backend named {backend.name!r} is already registered")
+    unknown = backend.options - ALL_OPTIONS
+    if unknown:
+        raise ValueError(f"register: unknown options {sorted(unknown)}; valid: {sorted(ALL_OPTIONS)}")
+    _REGISTRY[backend.name] = backend
+    _ORDER.append(backend)
+    _ORDER.sort(key=lambda b: b.priority)
+    return backend
+
+
+def get(name: str) -> Backend:
+    """The backend registered as ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        valid = ", ".join(repr(n) for n in ["auto", *_REGISTRY])
+        raise ValueError(f"attention: unknown backend {name!r}; valid: {valid}") from None
+
+
+def available() -> dict[str, BackendInfo]:
+    """Registered backends in ``auto`` order, with the options each supports."""
+    return {b.name: BackendInfo(b.name, b.options, b.priority, b.description) for b in _ORDER}
+
+
+def select_for_spec(spec: AttentionSpec, backend: str = "auto") -> Selection:
+    """Choose the backend for ``spec``.
+
+    With ``backend="auto"``: the first backend in priority order whose :meth:`Backend.why_not` is ``None``.
+    With a name: that backend, or ``ValueError`` naming what it cannot do.
+
+    Raises:
+        ValueError: a named backend cannot serve the call, or the name is unknown.
+    """
+    if backend != "auto":
+        chosen = get(backend)
+        why = chosen.why_not(spec)
+        if why is not None:
+            raise ValueError(f"attention: {why}; use backend='auto' or one of: {_serving(spec)}")
+        return Selection(backend, {backend: None})
+    reasons: dict[str, str | None] = {}
+    chosen_name = None
+    for b in _ORDER:
+        if chosen_name is not None:
+            reasons[b.name] = f"lower priority than {chosen_name!r}"
+            continue
+        why = b.why_not(spec)
+        reasons[b.name] = why
+        if why is None:
+            chosen_name = b.name
+    if chosen_name is None:
+        raise ValueError(f"attention: no backend can serve this call: {reasons}")
+    return Selection(chosen_name, reasons)
+
+
+def _serving(spec: AttentionSpec) -> str:
+    names = [b.name for b in _ORDER if b.why_not(spec) is None]
+    return ", ".join(repr(n) for n in names) or "none"

@@ -1,0 +1,169 @@
+"""The ``"sdpa"`` backend: PyTorch's fused ``scaled_dot_product_attention`` kernels, with attnkit's semantics.
+
+What it adds on top of a direct call:
+
+* ``is_causal`` / ``window_size`` bottom-right aligned (torch's ``is_causal`` is top-left; it is passed through
+  only when ``Lq == Lk``, where both agree, and otherwise an explicit mask is built);
+* ALiBi, ``attn_bias`` and float/bool masks folded into one additive mask;
+* rows with no key to attend to give output 0, lse ``-inf`` and zero gradients on every torch version: such rows
+  are unmasked for the kernel (so it never divides by zero) and zeroed afterwards;
+* grouped-query attention without copying K/V, and ``return_lse`` on CPU, through
+  ``aten::_scaled_dot_product_flash_attention_for_cpu`` (the kernel ``F.scaled_dot_product_attention`` runs
+  there), whose log-sum-exp equals ``logsumexp(scale * q @ k^T + mask, -1)``.
+
+Not supported (``auto`` falls back): ``softcap``, ``return_weights``; in float16/bfloat16, float terms that
+would have to be rounded to the query dtype (ALiBi, or ``attn_bias`` not already in that dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnkit.backends.registry import Backend, register
+from attnkit.functional.spec import AttentionSpec, tile_terms
+
+__all__ = ["sdpa_attention"]
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+#: Set to False to route CPU calls through ``F.scaled_dot_product_attention`` (used by the tests).
+use_cpu_flash_op = True
+
+
+def _use_cpu_flash(spec: AttentionSpec) -> bool:
+    """The CPU flash op serves CPU tensors with equal query/value head sizes."""
+    return (
+        use_cpu_flash_op
+        and _CPU_FLASH is not None
+        and spec.query.device.type == "cpu"
+        and spec.query.shape[-1] == spec.value.shape[-1]
+    )
+
+
+def _check(spec: AttentionSpec) -> str | None:
+    if spec.return_lse and not _use_cpu_flash(spec):
+        return (
+            "return_lse needs the CPU flash kernel (CPU tensors, D == Dv); "
+            "F.scaled_dot_product_attention does not return it"
+        )
+    if spec.query.dtype in _LOW_PRECISION:
+        if spec.alibi_slopes is not None:
+            return f"ALiBi biases would be rounded to {spec.query.dtype} for the fused kernel"
+        floats = [t for t in (spec.attn_bias, spec.attn_mask) if t is not None and t.dtype != torch.bool]
+        if len(floats) > 1 or any(t.dtype != spec.query.dtype for t in floats):
+            return f"float masks/biases would be rounded to {spec.query.dtype} for the fused kernel"
+    return None
+
+
+def _as_4d(t: Tensor) -> Tensor:
+    """``(*batch, H, L, D)`` -> ``(B, H, L, D)`` (a view when possible)."""
+    if t.ndim == 4:
+        return t
+    if t.ndim == 3:
+        return t.unsqueeze(0)
+    return t.reshape((-1,) + tuple(t.shape[-3:]))
+
+
+def _kernel_mask(spec: AttentionSpec) -> tuple[Tensor | None, bool, Tensor | None]:
+    """``(mask in the query dtype or None, pass is_causal to torch, empty-row flags or None)``."""
+    dtype = spec.query.dtype
+    only_causal = spec.is_causal and spec.window_size is None
+    if only_causal and spec.q_len == spec.kv_len and spec.attn_mask is None and spec.attn_bias is None:
+        if spec.alibi_slopes is None:
+            return None, True, None
+    if spec.attn_mask is not None and spec.attn_mask.dtype == dtype and spec.attn_bias is None:
+        # Fast path: a user float mask in the query dtype, plus at most positional masking.
+        bias, keep = spec.attn_mask, None
+        if spec.alibi_slopes is not None or spec.is_causal or spec.window_size is not None:
+            bias, keep = tile_terms(spec)
+    else:
+        bias, keep = tile_terms(spec)
+    if bias is None and keep is None:
+        return None, False, None
+    if bias is None:
+        empty = ~keep.any(dim=-1, keepdim=True)
+        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~(keep | empty), -torch.inf)
+    else:
+        mask = bias.to(dtype)
+        if keep is not None:
+            mask = mask.masked_fill(~keep, float("-inf"))
+        empty = torch.isneginf(mask).all(dim=-1, keepdim=True)
+        mask = mask.masked_fill(empty, 0.0)
+    if not bool(empty.any()):
+        return mask, False, None
+    return mask, False, empty
+
+
+def _pad4(mask: Tensor) -> Tensor:
+    if mask.ndim < 4:
+        return mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    if mask.ndim > 4:
+        return mask.reshape((-1,) + tuple(mask.shape[-3:]))
+    return mask
+
+
+def sdpa_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Run ``spec`` on torch's fused SDPA kernel; see the module docstring for what is fixed on top.
+
+    Returns:
+        ``(output, None, lse or None)``.
+    """
+    q, k, v = spec.query, spec.key, spec.value
+    batch_shape = spec.batch_shape
+    mask, torch_causal, empty = _kernel_mask(spec)
+    if mask is not None and q.ndim > 4:  # flatten the batch dims of the mask as those of q
+        mask = mask.reshape((1,) * (q.ndim - mask.ndim) + tuple(mask.shape))
+        mask = mask.expand(tuple(batch_shape) + tuple(mask.shape[-3:]))
+    q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
+    mask4 = None if mask is None else _pad4(mask)
+    lse = None
+    if _use_cpu_flash(spec):
+        out, lse = _CPU_FLASH(
+            q4, k4, v4, spec.dropout_p, torch_causal, attn_mask=mask4, scale=spec.scale
+        )
+    else:
+        gqa = spec.num_kv_heads != spec.num_heads
+        if gqa and not _HAS_ENABLE_GQA:
+            group = spec.num_heads // spec.num_kv_heads
+            k4, v4 = k4.repeat_interleave(group, dim=-3), v4.repeat_interleave(group, dim=-3)
+        extra = {"enable_gqa": True} if gqa and _HAS_ENABLE_GQA else {}
+        out = F.scaled_dot_product_attention(
+            q4, k4, v4, attn_mask=mask4, dropout_p=spec.dropout_p, is_causal=torch_causal, scale=spec.scale, **extra
+        )
+    out = out.reshape(q.shape[:-1] + (v.shape[-1],))
+    if lse is not None:
+        lse = lse.reshape(q.shape[:-1])
+    if empty is not None:
+        empty = empty.expand(spec.scores_shape[:-1] + (1,))
+        out = out.masked_fill(empty, 0.0)
+        if lse is not None:
+            lse = lse.masked_fill(empty.squeeze(-1), float("-inf"))
+    return out, None, (lse.float() if spec.return_lse else None)
+
+
+SDPA = register(
+    Backend(
+        name="sdpa",
+        forward=sdpa_attention,
+        options=frozenset(
+            {
+                "attn_mask_bool",
+                "attn_mask_float",
+                "is_causal",
+                "window_size",
+                "attn_bias",
+                "alibi_slopes",
+                "dropout_p",
+                "return_lse",
+                "gqa",
+            }
+        ),
+        priority=10,
+        description="torch's fused scaled_dot_product_attention kernels; bottom-right causal; no NaN rows",
+        check=_check,
+    )
+)

@@ -1,0 +1,123 @@
+"""``attnkit.attention``: scaled dot-product attention with every common mask, on any registered backend."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from attnkit.functional.spec import AttentionOutput, make_spec
+
+__all__ = ["attention"]
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    window_size: int | tuple[int, int] | None = None,
+    attn_bias: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Tensor | AttentionOutput:
+    r"""Scaled dot-product attention: ``softmax(mask(softcap(scale · Q Kᵀ) + bias)) V``.
+
+    Shape legend: ``B...`` any number of batch dims, ``H`` query heads, ``Hkv`` key/value heads (``H % Hkv == 0``),
+    ``Lq`` query length, ``Lk`` key length, ``D`` head_dim, ``Dv`` value head_dim.
+
+    For each query row ``i`` and key ``j`` the score is ``s = scale · q_i · k_j``; with ``softcap`` it becomes
+    ``softcap · tanh(s / softcap)`` (Gemma 2); then ``attn_bias``, the ALiBi term and a float ``attn_mask`` are
+    added, and keys removed by a bool ``attn_mask``, ``is_causal`` or ``window_size`` get ``-inf``. The softmax
+    over ``j`` weights the values. It is equivalent to the following (the ``"math"`` backend)::
+
+        s = softcap * tanh(scale * q @ k.mT / softcap) + attn_bias + alibi + float_mask
+        s = s.masked_fill(~(bool_mask & causal & window), -inf)
+        p = softmax(s, -1)            # rows with no key left: p = 0, not NaN
+        out = dropout(p, dropout_p) @ v
+
+    Alignment when ``Lq != Lk`` is **bottom-right** (FlashAttention >= 2.1; what a KV cache needs): query ``i``
+    sits at key position ``i + Lk - Lq``, so it may attend key ``j`` iff ``j <= i + Lk - Lq`` (``is_causal``) and
+    ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`` (``window_size``). ``torch``'s SDPA ``is_causal`` is
+    top-left aligned (``j <= i``); the two agree when ``Lq == Lk``. Example, ``Lq = 2``, ``Lk = 5``, causal::
+
+        bottom-right (attnkit)    top-left (torch SDPA)
+        1 1 1 1 0                 1 0 0 0 0
+        1 1 1 1 1                 1 1 0 0 0
+
+    Args:
+        query: ``(B..., H, Lq, D)``; float64, float32, bfloat16 or float16.
+        key: ``(B..., Hkv, Lk, D)``, same dtype and device. Query head ``h`` uses key/value head
+            ``h // (H // Hkv)`` (grouped-query attention, Ainslie et al. 2023; multi-query when ``Hkv = 1``).
+        value: ``(B..., Hkv, Lk, Dv)``.
+        attn_mask: broadcastable to ``(B..., H, Lq, Lk)``; bool with **True = may attend** (SDPA's convention),
+            or float added to the scores (``-inf`` removes a key). Default ``None``.
+        is_causal: causal mask, bottom-right aligned. Default ``False``.
+        window_size: sliding window, an int ``w`` = ``(w, w)`` or ``(left, right)`` keys on each side
+            (inclusive; ``-1`` = unbounded), bottom-right aligned (Beltagy et al. 2020; FlashAttention's
+            convention). ``(w, 0)`` with ``is_causal`` is Mistral's window. Default ``None``.
+        attn_bias: float bias broadcastable to ``(B..., H, Lq, Lk)`` added to the scores (relative positions).
+        alibi_slopes: ``(H,)`` or ``(B, H)``; adds ``-slope_h · |i + Lk - Lq - j|`` (Press et al. 2022,
+            FlashAttention's convention); :func:`attnkit.masks.alibi_slopes` gives the paper's slopes.
+        softcap: ``> 0``; scores become ``softcap · tanh(s / softcap)`` before masks and biases (Gemma 2).
+        scale: multiplies ``Q Kᵀ``; default ``1 / sqrt(D)``.
+        dropout_p: probability in ``[0, 1)`` of zeroing an attention probability (then rescaling by
+            ``1 / (1 - p)``), applied whenever ``> 0`` as in SDPA: pass ``0.0`` at evaluation.
+        return_weights: also return the probabilities ``(B..., H, Lq, Lk)`` (before dropout).
+        return_lse: also return the float32 log-sum-exp ``(B..., H, Lq)`` of the scaled, masked scores
+            (``-inf`` for rows with no key to attend to).
+        backend: ``"auto"`` (the fastest registered backend that supports the call; see
+            :func:`attnkit.backends.select`) or a name from :func:`attnkit.backends.available`
+            (``"math"``, ``"sdpa"``, ...).
+
+    Returns:
+        ``(B..., H, Lq, Dv)`` tensor in the dtype of ``value``; or, when ``return_weights`` or ``return_lse`` is
+        set, an :class:`attnkit.AttentionOutput` ``(output, weights, lse)`` with the unrequested fields ``None``.
+        A query row with no key left to attend to gives output 0, weights 0, lse ``-inf`` and zero gradients.
+        In float16/bfloat16 the softmax is accumulated in float32.
+
+    Raises:
+        TypeError: a non-tensor or non-floating input, mixed dtypes, a mask of a non-bool non-float dtype.
+        ValueError: wrong ranks, batch/head/head_dim sizes that do not match, ``H`` not a multiple of ``Hkv``,
+            a mask or bias that does not broadcast to ``(B..., H, Lq, Lk)``, mixed devices, a window side below
+            ``-1``, ``dropout_p`` outside ``[0, 1)``, an unknown backend, or a named backend that cannot do an
+            option of the call (the message names it).
+
+    References:
+        Vaswani et al. 2017, "Attention Is All You Need", Eq. 1. Masking/alignment semantics match
+        FlashAttention's ``flash_attn_func`` (Dao 2023); bool mask semantics match
+        ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Example:
+        >>> import torch, attnkit
+        >>> q = k = v = torch.randn(2, 4, 8, 16)
+        >>> attnkit.attention(q, k, v, is_causal=True).shape
+        torch.Size([2, 4, 8, 16])
+    """
+    # Imported here so that attnkit.functional does not import the backends at module level.
+    from attnkit.backends import dispatch
+
+    spec = make_spec(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        window_size=window_size,
+        attn_bias=attn_bias,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        scale=scale,
+        dropout_p=dropout_p,
+        return_weights=return_weights,
+        return_lse=return_lse,
+    )
+    out, weights, lse = dispatch(spec, backend)
+    if not (return_weights or return_lse):
+        return out
+    return AttentionOutput(out, weights, lse)

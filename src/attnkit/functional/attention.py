@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from attnkit.functional import observe
 from attnkit.functional.spec import AttentionOutput, make_spec
 
 __all__ = ["attention"]
@@ -118,6 +119,8 @@ def attention(
         return_lse=return_lse,
     )
     out, weights, lse = dispatch(spec, backend)
+    if observe._OBSERVERS:
+        observe.emit(observe.AttentionEvent("scaled_dot_product", spec, out, weights, lse))
     if not (return_weights or return_lse):
         return out
     return AttentionOutput(out, weights, lse)

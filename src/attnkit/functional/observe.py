@@ -1,0 +1,69 @@
+"""A zero-cost-when-idle channel through which attention computations announce themselves.
+
+:func:`attnkit.attention` and attention-producing modules (channel/spatial gates in :mod:`attnkit.vision`)
+call :func:`emit` with an :class:`AttentionEvent`; nothing happens unless an observer is installed with
+:func:`observer` (what :func:`attnkit.explain.capture` does). Observers must not modify the tensors they see,
+so a model's outputs are identical with and without observation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from attnkit.functional.spec import AttentionSpec
+
+__all__ = ["AttentionEvent", "emit", "is_observed", "observer"]
+
+
+@dataclass
+class AttentionEvent:
+    """One attention computation, as seen by an observer.
+
+    Attributes:
+        kind: ``"scaled_dot_product"`` for :func:`attnkit.attention`; ``"channel"`` (weights ``(B, C)``),
+            ``"spatial"`` (weights ``(B, 1, Hi, Wi)``) or ``"token"`` (weights ``(B, H, Lq, Lk)``) for modules that
+            report a map directly.
+        spec: the validated call (``kind == "scaled_dot_product"`` only), from which probabilities can be
+            recomputed.
+        output: the attention output the caller received.
+        weights: the probabilities when the computation produced them anyway, else ``None``.
+        lse: the float32 log-sum-exp ``(B..., H, Lq)`` when the backend produced it, else ``None``.
+        layout: token layout facts the producer knows (e.g. ``num_prefix_tokens``, ``grid``), free-form.
+    """
+
+    kind: str
+    spec: AttentionSpec | None = None
+    output: Tensor | None = None
+    weights: Tensor | None = None
+    lse: Tensor | None = None
+    layout: dict[str, Any] = field(default_factory=dict)
+
+
+_OBSERVERS: list[Callable[[AttentionEvent], None]] = []
+
+
+def is_observed() -> bool:
+    """True while at least one observer is installed (producers may skip building events otherwise)."""
+    return bool(_OBSERVERS)
+
+
+def emit(event: AttentionEvent) -> None:
+    """Hand ``event`` to every installed observer, innermost first."""
+    for fn in reversed(_OBSERVERS):
+        fn(event)
+
+
+@contextmanager
+def observer(fn: Callable[[AttentionEvent], None]) -> Iterator[None]:
+    """Install ``fn`` for the duration of the ``with`` block (removed on exit, also on exceptions)."""
+    _OBSERVERS.append(fn)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(fn)

@@ -7,13 +7,15 @@ run in float64.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from attnkit.backends.registry import ALL_OPTIONS, Backend, register
-from attnkit.functional.spec import AttentionSpec, tile_terms
+from attnkit.functional.spec import AttentionSpec, call_mask_mod, call_score_mod, tile_terms
 
-__all__ = ["grouped", "masked_softmax", "math_attention"]
+__all__ = ["grouped", "index_grids", "masked_softmax", "math_attention"]
 
 
 def grouped(t: Tensor, num_kv_heads: int) -> Tensor:
@@ -57,6 +59,36 @@ def masked_softmax(scores: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]
     return probs, lse.squeeze(-1)
 
 
+def index_grids(spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """int64 ``(b, h, q_idx, kv_idx)`` broadcasting to the grouped scores ``(*batch, Hkv, G, Lq, Lk)``.
+
+    ``b`` numbers the flattened batch dims (0 for unbatched inputs); ``h`` is the query head.
+    """
+    dev = spec.query.device
+    batch = tuple(spec.batch_shape)
+    n_batch = math.prod(batch)
+    b = torch.arange(n_batch, device=dev).reshape((*batch, 1, 1, 1, 1))
+    h = torch.arange(spec.num_heads, device=dev).reshape(spec.num_kv_heads, -1, 1, 1)
+    q_idx = torch.arange(spec.q_len, device=dev).unsqueeze(-1)
+    kv_idx = torch.arange(spec.kv_len, device=dev)
+    return b, h, q_idx, kv_idx
+
+
+def _mod_terms(spec: AttentionSpec, scores: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Apply ``score_mod`` to the grouped scores and fold ``mask_mod``/``block_mask`` into ``keep``."""
+    b, h, q_idx, kv_idx = index_grids(spec)
+    if spec.score_mod is not None:
+        scores = call_score_mod(spec.score_mod, scores, b, h, q_idx, kv_idx)
+    extra = []
+    if spec.mask_mod is not None:
+        extra.append(call_mask_mod(spec.mask_mod, b, h, q_idx, kv_idx))
+    if spec.block_mask is not None:
+        extra.append(spec.block_mask.element_mask(q_idx, kv_idx))
+    for m in extra:
+        keep = m if keep is None else keep & m
+    return scores, keep
+
+
 def math_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Reference attention for ``spec``: ``softmax(softcap(scale * q @ k^T) + bias, masked) @ v``.
 
@@ -75,10 +107,12 @@ def math_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor |
         scores = spec.softcap * torch.tanh(scores / spec.softcap)
     bias, keep = tile_terms(spec)
     ndim = q.ndim
-    if bias is not None:
-        scores = scores + grouped(_pad_dims(bias, ndim), hkv)
     if keep is not None:
         keep = grouped(_pad_dims(keep, ndim), hkv)
+    if spec.score_mod is not None or spec.mask_mod is not None or spec.block_mask is not None:
+        scores, keep = _mod_terms(spec, scores, keep)  # score_mod sees the score before the biases
+    if bias is not None:
+        scores = scores + grouped(_pad_dims(bias, ndim), hkv)
     probs, lse = masked_softmax(scores, keep)
     dropped = probs
     if spec.dropout_p > 0:
@@ -86,7 +120,7 @@ def math_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor |
     out = torch.matmul(dropped, vg.to(acc))
     out = out.flatten(-4, -3).to(v.dtype)  # (*batch, H, Lq, Dv)
     weights = probs.flatten(-4, -3).to(q.dtype) if spec.return_weights else None
-    lse_out = lse.flatten(-3, -2).to(torch.float32) if spec.return_lse else None
+    lse_out = lse.flatten(-3, -2) if spec.return_lse else None  # float32 (float64 for float64)
     return out, weights, lse_out
 
 

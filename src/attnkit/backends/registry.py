@@ -31,6 +31,9 @@ ALL_OPTIONS = frozenset(
         "return_weights",
         "return_lse",
         "gqa",
+        "mask_mod",
+        "score_mod",
+        "block_mask",
     }
 )
 
@@ -48,6 +51,9 @@ class Backend:
         priority: order for ``backend="auto"``; lower is tried first.
         description: one line for :func:`available`.
         check: ``spec -> reason or None``, for limits beyond the option set (device, dtype, sizes).
+        fit: ``spec -> reason or None``, consulted by ``backend="auto"`` only: why this backend, although able
+            to serve the call, is not the best fit for it (e.g. too small to pay off). A backend named
+            explicitly ignores it.
     """
 
     name: str
@@ -56,6 +62,7 @@ class Backend:
     priority: int
     description: str
     check: Callable[[AttentionSpec], str | None] = field(default=lambda spec: None)
+    fit: Callable[[AttentionSpec], str | None] = field(default=lambda spec: None)
 
     def why_not(self, spec: AttentionSpec) -> str | None:
         """Why this backend cannot serve ``spec``, or ``None`` if it can."""
@@ -155,6 +162,8 @@ def select_for_spec(spec: AttentionSpec, backend: str = "auto") -> Selection:
             reasons[b.name] = f"lower priority than {chosen_name!r}"
             continue
         why = b.why_not(spec)
+        if why is None:
+            why = b.fit(spec)
         reasons[b.name] = why
         if why is None:
             chosen_name = b.name

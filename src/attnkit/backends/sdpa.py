@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.backends.registry import Backend, register
-from attnkit.functional.spec import AttentionSpec, tile_terms
+from attnkit.functional.spec import AttentionSpec, lse_dtype, tile_terms
 
 __all__ = ["sdpa_attention"]
 
@@ -35,12 +35,13 @@ use_cpu_flash_op = True
 
 
 def _use_cpu_flash(spec: AttentionSpec) -> bool:
-    """The CPU flash op serves CPU tensors with equal query/value head sizes."""
+    """The CPU flash op serves CPU tensors with equal query/value head sizes and no differentiable mask."""
     return (
         use_cpu_flash_op
         and _CPU_FLASH is not None
         and spec.query.device.type == "cpu"
         and spec.query.shape[-1] == spec.value.shape[-1]
+        and not any(t is not None and t.requires_grad for t in (spec.attn_mask, spec.attn_bias, spec.alibi_slopes))
     )
 
 
@@ -60,21 +61,27 @@ def _check(spec: AttentionSpec) -> str | None:
 
 
 def _as_4d(t: Tensor) -> Tensor:
-    """``(*batch, H, L, D)`` -> ``(B, H, L, D)`` (a view when possible)."""
+    """``(*batch, H, L, D)`` -> ``(B, H, L, D)`` (a view when possible), unit stride in the last dim.
+
+    torch 2.13's CPU flash op returns wrong values when the head_dim stride is not 1 (``F.sdpa`` copies
+    such inputs first); so do we.
+    """
+    if t.stride(-1) != 1:
+        t = t.contiguous()
     if t.ndim == 4:
         return t
     if t.ndim == 3:
         return t.unsqueeze(0)
-    return t.reshape((-1,) + tuple(t.shape[-3:]))
+    return t.reshape((-1, *tuple(t.shape[-3:])))
 
 
 def _kernel_mask(spec: AttentionSpec) -> tuple[Tensor | None, bool, Tensor | None]:
     """``(mask in the query dtype or None, pass is_causal to torch, empty-row flags or None)``."""
     dtype = spec.query.dtype
     only_causal = spec.is_causal and spec.window_size is None
-    if only_causal and spec.q_len == spec.kv_len and spec.attn_mask is None and spec.attn_bias is None:
-        if spec.alibi_slopes is None:
-            return None, True, None
+    plain = spec.attn_mask is None and spec.attn_bias is None and spec.alibi_slopes is None
+    if only_causal and plain and spec.q_len == spec.kv_len:
+        return None, True, None
     if spec.attn_mask is not None and spec.attn_mask.dtype == dtype and spec.attn_bias is None:
         # Fast path: a user float mask in the query dtype, plus at most positional masking.
         bias, keep = spec.attn_mask, None
@@ -102,7 +109,7 @@ def _pad4(mask: Tensor) -> Tensor:
     if mask.ndim < 4:
         return mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
     if mask.ndim > 4:
-        return mask.reshape((-1,) + tuple(mask.shape[-3:]))
+        return mask.reshape((-1, *tuple(mask.shape[-3:])))
     return mask
 
 
@@ -122,9 +129,7 @@ def sdpa_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor |
     mask4 = None if mask is None else _pad4(mask)
     lse = None
     if _use_cpu_flash(spec):
-        out, lse = _CPU_FLASH(
-            q4, k4, v4, spec.dropout_p, torch_causal, attn_mask=mask4, scale=spec.scale
-        )
+        out, lse = _CPU_FLASH(q4, k4, v4, spec.dropout_p, torch_causal, attn_mask=mask4, scale=spec.scale)
     else:
         gqa = spec.num_kv_heads != spec.num_heads
         if gqa and not _HAS_ENABLE_GQA:
@@ -132,17 +137,24 @@ def sdpa_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor |
             k4, v4 = k4.repeat_interleave(group, dim=-3), v4.repeat_interleave(group, dim=-3)
         extra = {"enable_gqa": True} if gqa and _HAS_ENABLE_GQA else {}
         out = F.scaled_dot_product_attention(
-            q4, k4, v4, attn_mask=mask4, dropout_p=spec.dropout_p, is_causal=torch_causal, scale=spec.scale, **extra
+            q4,
+            k4,
+            v4,
+            attn_mask=mask4,
+            dropout_p=spec.dropout_p,
+            is_causal=torch_causal,
+            scale=spec.scale,
+            **extra,
         )
-    out = out.reshape(q.shape[:-1] + (v.shape[-1],))
+    out = out.reshape((*q.shape[:-1], v.shape[-1]))
     if lse is not None:
         lse = lse.reshape(q.shape[:-1])
     if empty is not None:
-        empty = empty.expand(spec.scores_shape[:-1] + (1,))
+        empty = empty.expand((*spec.scores_shape[:-1], 1))
         out = out.masked_fill(empty, 0.0)
         if lse is not None:
             lse = lse.masked_fill(empty.squeeze(-1), float("-inf"))
-    return out, None, (lse.float() if spec.return_lse else None)
+    return out, None, (lse.to(lse_dtype(q.dtype)) if spec.return_lse else None)
 
 
 SDPA = register(

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
 from attnkit.functional import observe
 from attnkit.functional.spec import AttentionOutput, make_spec
+
+if TYPE_CHECKING:
+    from attnkit.sparse.block_mask import BlockMask
 
 __all__ = ["attention"]
 
@@ -25,6 +31,9 @@ def attention(
     dropout_p: float = 0.0,
     return_weights: bool = False,
     return_lse: bool = False,
+    mask_mod: Callable[..., Tensor] | None = None,
+    score_mod: Callable[..., Tensor] | None = None,
+    block_mask: BlockMask | None = None,
     backend: str = "auto",
 ) -> Tensor | AttentionOutput:
     r"""Scaled dot-product attention: ``softmax(mask(softcap(scale · Q Kᵀ) + bias)) V``.
@@ -37,8 +46,9 @@ def attention(
     added, and keys removed by a bool ``attn_mask``, ``is_causal`` or ``window_size`` get ``-inf``. The softmax
     over ``j`` weights the values. It is equivalent to the following (the ``"math"`` backend)::
 
-        s = softcap * tanh(scale * q @ k.mT / softcap) + attn_bias + alibi + float_mask
-        s = s.masked_fill(~(bool_mask & causal & window), -inf)
+        s = softcap * tanh(scale * q @ k.mT / softcap)
+        s = score_mod(s, b, h, i, j) + attn_bias + alibi + float_mask
+        s = s.masked_fill(~(bool_mask & causal & window & mask_mod(b, h, i, j) & block_mask), -inf)
         p = softmax(s, -1)            # rows with no key left: p = 0, not NaN
         out = dropout(p, dropout_p) @ v
 
@@ -70,8 +80,19 @@ def attention(
         dropout_p: probability in ``[0, 1)`` of zeroing an attention probability (then rescaling by
             ``1 / (1 - p)``), applied whenever ``> 0`` as in SDPA: pass ``0.0`` at evaluation.
         return_weights: also return the probabilities ``(B..., H, Lq, Lk)`` (before dropout).
-        return_lse: also return the float32 log-sum-exp ``(B..., H, Lq)`` of the scaled, masked scores
-            (``-inf`` for rows with no key to attend to).
+        return_lse: also return the log-sum-exp ``(B..., H, Lq)`` of the scaled, masked scores, in float32
+            (float64 for float64 inputs; ``-inf`` for rows with no key to attend to).
+        mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (FlexAttention's signature), True = may attend;
+            combined with the other masks by "and". It is called on broadcastable int64 index tensors (``b``
+            indexes the flattened batch dims, ``h`` the query head, ``q_idx``/``kv_idx`` absolute positions), one
+            tile at a time by the tiled backends, so write it with elementwise tensor operations
+            (``torch.where``, comparisons, indexing of captured tensors), not Python ``if``.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention's signature), applied to
+            the float32 score after ``softcap`` and before ``attn_bias``/ALiBi/masks, elementwise as
+            ``mask_mod``. Gradients flow through it to ``score``; tensors it captures get gradients only on
+            the ``"math"`` backend.
+        block_mask: an :class:`attnkit.sparse.BlockMask` built for ``(Lq, Lk)``: a mask shared by every batch
+            element and head, combined by "and"; the ``"blocksparse"`` backend skips its empty blocks.
         backend: ``"auto"`` (the fastest registered backend that supports the call; see
             :func:`attnkit.backends.select`) or a name from :func:`attnkit.backends.available`
             (``"math"``, ``"sdpa"``, ...).
@@ -117,6 +138,9 @@ def attention(
         dropout_p=dropout_p,
         return_weights=return_weights,
         return_lse=return_lse,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        block_mask=block_mask,
     )
     out, weights, lse = dispatch(spec, backend)
     if observe._OBSERVERS:

@@ -201,9 +201,7 @@ def from_key_padding_mask(key_padding_mask: Tensor) -> Tensor:
         ValueError: ``key_padding_mask`` is not 2-D.
     """
     if key_padding_mask.ndim != 2:
-        raise ValueError(
-            f"key_padding_mask: expected shape (B, Lk), got {tuple(key_padding_mask.shape)}"
-        )
+        raise ValueError(f"key_padding_mask: expected shape (B, Lk), got {tuple(key_padding_mask.shape)}")
     mask = ~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask
     return mask[:, None, None, :]
 
@@ -277,20 +275,22 @@ def alibi_bias(
     *,
     q_range: tuple[int, int] | None = None,
     kv_range: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """ALiBi bias ``-slope * |i + Lk - Lq - j|`` (FlashAttention's bottom-right convention), in float32.
+    """ALiBi bias ``-slope * |i + Lk - Lq - j|`` (FlashAttention's bottom-right convention).
 
     Args:
         slopes: ``(..., H)``, e.g. ``(H,)`` or ``(B, H)``.
         q_len, kv_len: full lengths ``Lq``, ``Lk`` (they set the alignment).
         q_range, kv_range: ``(start, stop)`` of the tile to build; default the whole matrix.
+        dtype: dtype of the result (float32 by default; float64 for a float64 reference).
 
     Returns:
-        ``(..., H, Lq', Lk')`` float32 tensor.
+        ``(..., H, Lq', Lk')`` tensor.
     """
     q0, q1 = q_range if q_range is not None else (0, q_len)
     k0, k1 = kv_range if kv_range is not None else (0, kv_len)
     rows = torch.arange(q0 + kv_len - q_len, q1 + kv_len - q_len, device=slopes.device).unsqueeze(-1)
     cols = torch.arange(k0, k1, device=slopes.device)
-    dist = (rows - cols).abs().to(torch.float32)
-    return -slopes.to(torch.float32)[..., None, None] * dist
+    dist = (rows - cols).abs().to(dtype)
+    return -slopes.to(dtype)[..., None, None] * dist

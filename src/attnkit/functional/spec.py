@@ -6,16 +6,18 @@ public boundary) and hands it to a backend. Backends never re-validate; they rea
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from attnkit.functional.masks import alibi_bias, normalize_window_size, positional_mask
 
-__all__ = ["AttentionOutput", "AttentionSpec", "make_spec", "tile_terms"]
+__all__ = ["AttentionOutput", "AttentionSpec", "call_mask_mod", "call_score_mod", "make_spec", "tile_terms"]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -27,8 +29,8 @@ class AttentionOutput(NamedTuple):
         output: ``(..., H, Lq, Dv)``, dtype of ``value``.
         weights: ``(..., H, Lq, Lk)`` attention probabilities before dropout (dtype of ``query``; rows with
             no key to attend to are 0), or ``None`` if not requested.
-        lse: ``(..., H, Lq)`` float32 log-sum-exp of the scaled, masked scores (``-inf`` for rows with no key
-            to attend to), or ``None`` if not requested.
+        lse: ``(..., H, Lq)`` log-sum-exp of the scaled, masked scores, float32 (float64 for float64
+            inputs), ``-inf`` for rows with no key to attend to; or ``None`` if not requested.
     """
 
     output: Tensor
@@ -42,7 +44,9 @@ class AttentionSpec:
 
     ``query`` is ``(*batch, H, Lq, D)``, ``key`` ``(*batch, Hkv, Lk, D)``, ``value`` ``(*batch, Hkv, Lk, Dv)``.
     ``attn_mask`` and ``attn_bias`` are already checked to broadcast to ``(*batch, H, Lq, Lk)``;
-    ``window_size`` is a ``(left, right)`` pair or ``None``; ``scale`` is a float.
+    ``window_size`` is a ``(left, right)`` pair or ``None``; ``scale`` is a float. ``mask_mod`` / ``score_mod``
+    are FlexAttention-style callables (signatures checked); ``block_mask`` is an :class:`attnkit.sparse.BlockMask`
+    whose lengths match ``Lq`` and ``Lk``.
     """
 
     query: Tensor
@@ -58,6 +62,9 @@ class AttentionSpec:
     dropout_p: float = 0.0
     return_weights: bool = False
     return_lse: bool = False
+    mask_mod: Callable[..., Tensor] | None = None
+    score_mod: Callable[..., Tensor] | None = None
+    block_mask: Any = None
 
     @property
     def num_heads(self) -> int:
@@ -82,7 +89,7 @@ class AttentionSpec:
     @property
     def scores_shape(self) -> torch.Size:
         """``(*batch, H, Lq, Lk)``."""
-        return self.query.shape[:-1] + (self.kv_len,)
+        return (*self.query.shape[:-1], self.kv_len)
 
     def options(self) -> frozenset[str]:
         """Names of the options this call uses (what a backend must support)."""
@@ -107,7 +114,18 @@ class AttentionSpec:
             used.append("return_lse")
         if self.num_kv_heads != self.num_heads:
             used.append("gqa")
+        if self.mask_mod is not None:
+            used.append("mask_mod")
+        if self.score_mod is not None:
+            used.append("score_mod")
+        if self.block_mask is not None:
+            used.append("block_mask")
         return frozenset(used)
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a returned log-sum-exp: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -115,9 +133,7 @@ def _shape(t: Tensor) -> tuple[int, ...]:
 
 
 def _check_broadcast(name: str, t: Tensor, target: torch.Size) -> None:
-    ok = t.ndim <= len(target) and all(
-        s in (1, n) for s, n in zip(reversed(t.shape), reversed(target))
-    )
+    ok = t.ndim <= len(target) and all(s in (1, n) for s, n in zip(reversed(t.shape), reversed(target)))
     if not ok:
         raise ValueError(
             f"attention: {name} of shape {_shape(t)} does not broadcast to the scores' shape "
@@ -140,6 +156,9 @@ def make_spec(
     dropout_p: float = 0.0,
     return_weights: bool = False,
     return_lse: bool = False,
+    mask_mod: Callable[..., Tensor] | None = None,
+    score_mod: Callable[..., Tensor] | None = None,
+    block_mask: Any = None,
 ) -> AttentionSpec:
     """Validate the arguments of :func:`attnkit.attention` and return them as an :class:`AttentionSpec`.
 
@@ -155,17 +174,14 @@ def make_spec(
                 f"attention: expected {name} of rank >= 3 (..., heads, length, head_dim), got shape {_shape(t)}"
             )
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"attention: expected {name} of dtype float64, float32, bfloat16 or float16, got {t.dtype}"
-            )
+            raise TypeError(f"attention: expected {name} of dtype float64, float32, bfloat16 or float16, got {t.dtype}")
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(
             f"attention: query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
         )
     if not (query.device == key.device == value.device):
         raise ValueError(
-            f"attention: query, key and value must be on one device, got {query.device}, {key.device}, "
-            f"{value.device}"
+            f"attention: query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
     if not (query.ndim == key.ndim == value.ndim):
         raise ValueError(
@@ -184,8 +200,7 @@ def make_spec(
         )
     if key.shape[-2] != value.shape[-2] or key.shape[-3] != value.shape[-3]:
         raise ValueError(
-            f"attention: key {_shape(key)} and value {_shape(value)} must agree in heads (dim -3) and "
-            f"length (dim -2)"
+            f"attention: key {_shape(key)} and value {_shape(value)} must agree in heads (dim -3) and length (dim -2)"
         )
     num_heads, num_kv_heads = query.shape[-3], key.shape[-3]
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
@@ -195,7 +210,7 @@ def make_spec(
             f"(Hkv={num_kv_heads}), got key {_shape(key)}. Valid Hkv: {', '.join(map(str, valid))}."
         )
 
-    target = query.shape[:-1] + (key.shape[-2],)
+    target = (*query.shape[:-1], key.shape[-2])
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attention: expected attn_mask to be a tensor, got {type(attn_mask).__name__}")
@@ -240,6 +255,22 @@ def make_spec(
         raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must lie in [0, 1), got {dropout_p!r}")
+    _check_mod(mask_mod, "mask_mod", ("b", "h", "q_idx", "kv_idx"))
+    _check_mod(score_mod, "score_mod", ("score", "b", "h", "q_idx", "kv_idx"))
+    if block_mask is not None:
+        from attnkit.sparse.block_mask import BlockMask  # lazy: attnkit.sparse builds on this module
+
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(
+                f"attention: expected block_mask to be an attnkit.sparse.BlockMask, got {type(block_mask).__name__}"
+            )
+        if (block_mask.q_len, block_mask.kv_len) != (query.shape[-2], key.shape[-2]):
+            raise ValueError(
+                f"attention: block_mask was built for (Lq, Lk) = ({block_mask.q_len}, {block_mask.kv_len}), "
+                f"but query/key have (Lq, Lk) = ({query.shape[-2]}, {key.shape[-2]}); build it for these lengths"
+            )
+        if block_mask.device != query.device:
+            raise ValueError(f"attention: block_mask is on {block_mask.device}, query on {query.device}")
     return AttentionSpec(
         query=query,
         key=key,
@@ -254,7 +285,87 @@ def make_spec(
         dropout_p=float(dropout_p),
         return_weights=bool(return_weights),
         return_lse=bool(return_lse),
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        block_mask=block_mask,
     )
+
+
+def _check_mod(fn, name: str, params: tuple[str, ...]) -> None:
+    """Raise unless ``fn`` is ``None`` or a callable accepting exactly ``len(params)`` positional arguments."""
+    if fn is None:
+        return
+    expected = f"{name}({', '.join(params)})"
+    if not callable(fn):
+        raise TypeError(f"attention: expected {name} to be a callable {expected}, got {type(fn).__name__}")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: checked when called
+        return
+    kinds = [p.kind for p in sig.parameters.values()]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return
+    positional = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    required = [p for p in positional if p.default is inspect.Parameter.empty]
+    if len(required) > len(params) or len(positional) < len(params):
+        raise TypeError(
+            f"attention: {name} must take {len(params)} positional arguments, {expected} (FlexAttention's "
+            f"signature), got a callable with signature {name}{sig}"
+        )
+
+
+def call_mask_mod(mask_mod, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor, *, name="mask_mod") -> Tensor:
+    """Evaluate ``mask_mod(b, h, q_idx, kv_idx)`` on broadcastable int64 index tensors and check the result.
+
+    Returns:
+        a bool tensor broadcastable to ``broadcast_shapes(b, h, q_idx, kv_idx)`` (True = may attend).
+
+    Raises:
+        TypeError: the result is not a bool tensor.
+        ValueError: its shape does not broadcast to the indices' shape.
+    """
+    out = mask_mod(b, h, q_idx, kv_idx)
+    if not isinstance(out, Tensor) or out.dtype != torch.bool:
+        got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+        raise TypeError(
+            f"attention: {name}(b, h, q_idx, kv_idx) must return a bool tensor (True = may attend), got {got}; "
+            f"it is called on broadcastable int64 index tensors, so use elementwise tensor operations"
+        )
+    _check_mod_shape(name, out, b, h, q_idx, kv_idx)
+    return out
+
+
+def call_score_mod(score_mod, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """Evaluate ``score_mod(score, b, h, q_idx, kv_idx)`` and check that it returns a float tensor like ``score``.
+
+    Raises:
+        TypeError: the result is not a floating tensor.
+        ValueError: its shape does not broadcast to ``score``'s.
+    """
+    out = score_mod(score, b, h, q_idx, kv_idx)
+    if not isinstance(out, Tensor) or not out.dtype.is_floating_point:
+        got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+        raise TypeError(f"attention: score_mod(score, b, h, q_idx, kv_idx) must return a float tensor, got {got}")
+    _check_mod_shape("score_mod", out, score, b, h, q_idx, kv_idx)
+    if out.shape != score.shape:
+        out = out.expand(score.shape)
+    return out.to(score.dtype)
+
+
+def _check_mod_shape(name: str, out: Tensor, *inputs: Tensor) -> None:
+    target = torch.broadcast_shapes(*(t.shape for t in inputs))
+    try:
+        if torch.broadcast_shapes(out.shape, target) != target:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"attention: {name} returned shape {_shape(out)}, which does not broadcast to the tile's shape "
+            f"{tuple(target)}; it must work elementwise on broadcastable index tensors"
+        ) from None
 
 
 def _narrow_tile(t: Tensor, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Tensor:
@@ -286,13 +397,13 @@ def tile_terms(
     """
     q_range = q_range if q_range is not None else (0, spec.q_len)
     kv_range = kv_range if kv_range is not None else (0, spec.kv_len)
-    acc = torch.float64 if spec.query.dtype == torch.float64 else torch.float32
+    acc = lse_dtype(spec.query.dtype)
     bias = None
     if spec.attn_bias is not None:
         bias = _narrow_tile(spec.attn_bias, q_range, kv_range).to(acc)
     if spec.alibi_slopes is not None:
-        alibi = alibi_bias(spec.alibi_slopes, spec.q_len, spec.kv_len, q_range=q_range, kv_range=kv_range)
-        bias = alibi.to(acc) if bias is None else bias + alibi
+        alibi = alibi_bias(spec.alibi_slopes, spec.q_len, spec.kv_len, q_range=q_range, kv_range=kv_range, dtype=acc)
+        bias = alibi if bias is None else bias + alibi
     keep = positional_mask(
         spec.q_len,
         spec.kv_len,

@@ -41,6 +41,7 @@ def _use_cpu_flash(spec: AttentionSpec) -> bool:
         and _CPU_FLASH is not None
         and spec.query.device.type == "cpu"
         and spec.query.shape[-1] == spec.value.shape[-1]
+        and spec.dropout_p == 0.0  # the CPU flash op raises for dropout > 0
         and not any(t is not None and t.requires_grad for t in (spec.attn_mask, spec.attn_bias, spec.alibi_slopes))
     )
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from attnkit.backends import math as _math  # noqa: F401  (registers "math")
 from attnkit.backends import sdpa as _sdpa  # noqa: F401  (registers "sdpa")
+from attnkit.backends import tiled as _tiled  # noqa: F401  (registers "tiled")
 from attnkit.backends.registry import (
     ALL_OPTIONS,
     Backend,

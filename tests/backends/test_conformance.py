@@ -21,7 +21,7 @@ FAST = [name for name in BACKENDS if name != "math"]
 
 @pytest.fixture(params=[*BACKENDS, "sdpa[F.sdpa]"])
 def backend(request, monkeypatch):
-    """Each registered backend; ``sdpa[F.sdpa]`` runs sdpa through F.scaled_dot_product_attention on CPU too."""
+    """Each registered backend; ``sdpa[F.sdpa]`` refuses return_lse, so lse-requesting draws also cover F.sdpa."""
     if request.param == "sdpa[F.sdpa]":
         monkeypatch.setattr(sdpa_module, "use_cpu_flash_op", False)
         return "sdpa"

@@ -7,9 +7,10 @@ What it adds on top of a direct call:
 * ALiBi, ``attn_bias`` and float/bool masks folded into one additive mask;
 * rows with no key to attend to give output 0, lse ``-inf`` and zero gradients on every torch version: such rows
   are unmasked for the kernel (so it never divides by zero) and zeroed afterwards;
-* grouped-query attention without copying K/V, and ``return_lse`` on CPU, through
-  ``aten::_scaled_dot_product_flash_attention_for_cpu`` (the kernel ``F.scaled_dot_product_attention`` runs
-  there), whose log-sum-exp equals ``logsumexp(scale * q @ k^T + mask, -1)``.
+* grouped-query attention without copying K/V (``enable_gqa``, torch >= 2.5);
+* ``return_lse`` on CPU, through ``aten::_scaled_dot_product_flash_attention_for_cpu`` (the kernel
+  ``F.scaled_dot_product_attention`` runs there for large inputs), whose log-sum-exp equals
+  ``logsumexp(scale * q @ k^T + mask, -1)``.
 
 Not supported (``auto`` falls back): ``softcap``, ``return_weights``; in float16/bfloat16, float terms that
 would have to be rounded to the query dtype (ALiBi, or ``attn_bias`` not already in that dtype).
@@ -30,14 +31,18 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-#: Set to False to route CPU calls through ``F.scaled_dot_product_attention`` (used by the tests).
+#: Set to False to refuse ``return_lse`` rather than use the CPU flash op (the tests cover both paths).
 use_cpu_flash_op = True
 
 
 def _use_cpu_flash(spec: AttentionSpec) -> bool:
-    """The CPU flash op serves CPU tensors with equal query/value head sizes and no differentiable mask."""
+    """Use the CPU flash op for ``return_lse`` only (F.sdpa has a lower fixed cost on small inputs).
+
+    It serves CPU tensors with equal query/value head sizes and no differentiable mask.
+    """
     return (
-        use_cpu_flash_op
+        spec.return_lse
+        and use_cpu_flash_op
         and _CPU_FLASH is not None
         and spec.query.device.type == "cpu"
         and spec.query.shape[-1] == spec.value.shape[-1]

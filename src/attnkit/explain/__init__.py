@@ -1,0 +1,26 @@
+"""Where did the model look? Capture attention from any model, and explain with it.
+
+``capture`` records attention maps from attnkit modules, ``torch.nn.functional.scaled_dot_product_attention``
+and ``nn.MultiheadAttention`` without changing the model's outputs; ``rollout``, ``attention_flow`` and
+``relevance`` turn them into token attributions; ``heads`` and ``metrics`` diagnose heads and check
+faithfulness; ``plots`` and ``report`` draw them (matplotlib: ``pip install attnkit[explain]``).
+"""
+
+from attnkit.explain.capture import Recording, capture
+from attnkit.explain.records import AttentionRecord, TokenLayout
+from attnkit.explain.reducers import Entropy, HeadMean, Received, Reducer, Rollout, TopK
+from attnkit.explain.rollout import rollout
+
+__all__ = [
+    "AttentionRecord",
+    "Entropy",
+    "HeadMean",
+    "Received",
+    "Recording",
+    "Reducer",
+    "Rollout",
+    "TokenLayout",
+    "TopK",
+    "capture",
+    "rollout",
+]

@@ -1,0 +1,390 @@
+"""The machinery behind :func:`attnkit.explain.capture`: patches, hooks and record building.
+
+Everything installed in ``__enter__`` is removed in ``__exit__``, also when the block raises.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import attnkit.backends as _backends
+from attnkit.explain._mha import encoder_layer_weights, mha_weights
+from attnkit.explain._recompute import probability_tiles, sdpa_math, spec_from_sdpa
+from attnkit.explain.records import AttentionRecord, TokenLayout
+from attnkit.functional import observe
+from attnkit.functional.spec import AttentionSpec
+
+__all__ = ["Interceptor"]
+
+#: Keyword arguments whose presence marks a module call as cross-attention (transformers, torch, common code).
+_CROSS_KWARGS = ("encoder_hidden_states", "key_value_states", "cross_attention_states", "memory", "context")
+#: Module-path fragments of cross-attention modules (BERT "crossattention", T5 "EncDecAttention", BART
+#: "encoder_attn", annotated-transformer "src_attn").
+_CROSS_NAMES = ("cross", "encdec", "encoder_attn", "src_attn")
+_BACKEND_MODULE = "attnkit.backends.sdpa"
+_MHA_SIG = inspect.signature(nn.MultiheadAttention.forward)
+_ENC_SIG = inspect.signature(nn.TransformerEncoderLayer.forward)
+
+
+def _bind(sig: inspect.Signature, module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    bound = sig.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _layout_from(d: dict) -> TokenLayout | None:
+    if not d:
+        return None
+    known = {k: d[k] for k in ("num_prefix_tokens", "grid", "patch_size", "window") if k in d}
+    for k in ("grid", "patch_size", "window"):
+        if k in known and known[k] is not None:
+            known[k] = tuple(int(v) for v in known[k])
+    extra = {k: v for k, v in d.items() if k not in known}
+    return TokenLayout(**known, extra=extra)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class Interceptor:
+    """Installs the interception for one :func:`capture` block (see there for the options)."""
+
+    def __init__(
+        self,
+        model,
+        rec,
+        *,
+        layers,
+        heads,
+        query_rows,
+        head_mean,
+        reducers,
+        store,
+        layout,
+        differentiable,
+        head_gates: Callable[[int, int], Tensor | None] | None = None,
+    ):
+        self.model, self.rec = model, rec
+        self.layers = None if layers is None else frozenset(layers)
+        self.heads, self.query_rows, self.head_mean = heads, query_rows, head_mean
+        self.reducers, self.store, self.layout, self.differentiable = reducers, store, layout, differentiable
+        self.head_gates = head_gates
+        self.names = {m: n for n, m in reversed(list(model.named_modules()))}
+        self.stack: list[tuple[str, bool | None]] = []
+        self.layer_ids: dict[str, int] = {}
+        self.mha_entries: dict[int, int] = {}
+        self.pending: dict[int, Tensor] = {}
+        self.mha_start: dict[int, int] = {}
+        self.enc_start: dict[int, int] = {}
+        self.auto_layout: TokenLayout | None = None
+        self.handles: list = []
+        self.suspended = False
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_ids)
+
+    # ---------------------------------------------------------------- install / remove
+    def __enter__(self) -> Interceptor:
+        try:
+            for module, _name in self.names.items():
+                self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+                self.handles.append(module.register_forward_hook(self._post, always_call=True))
+                if isinstance(module, nn.MultiheadAttention):
+                    self.handles.append(module.register_forward_pre_hook(self._mha_pre, with_kwargs=True))
+                    self.handles.append(module.register_forward_hook(self._mha_post, with_kwargs=True))
+                elif isinstance(module, nn.TransformerEncoderLayer):
+                    self.handles.append(module.register_forward_pre_hook(self._enc_pre, with_kwargs=True))
+                    self.handles.append(module.register_forward_hook(self._enc_post, with_kwargs=True))
+                elif "PatchEmbed" in type(module).__name__ and hasattr(module, "patch_size"):
+                    self.handles.append(module.register_forward_pre_hook(self._patch_pre))
+            self.prev_sdpa = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = self._sdpa
+            self.prev_dispatch = _backends.dispatch
+            if self.differentiable or self.head_gates is not None:
+                _backends.dispatch = self._dispatch
+            self.observer = observe.observer(self._event)
+            self.observer.__enter__()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.observer.__exit__(*exc)
+        self._remove()
+
+    def _remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        if getattr(self, "prev_sdpa", None) is not None:
+            F.scaled_dot_product_attention = self.prev_sdpa
+            self.prev_sdpa = None
+        if getattr(self, "prev_dispatch", None) is not None:
+            _backends.dispatch = self.prev_dispatch
+            self.prev_dispatch = None
+
+    # ---------------------------------------------------------------- module stack
+    def _pre(self, module, args, kwargs):
+        hint = None
+        if kwargs and any(kwargs.get(k) is not None for k in _CROSS_KWARGS):
+            hint = True
+        self.stack.append((self.names[module], hint))
+
+    def _post(self, module, args, output):
+        if self.stack:
+            self.stack.pop()
+
+    def _where(self) -> tuple[str, bool]:
+        name, cross = self.stack[-1]
+        if any(h for _, h in self.stack[-2:]):
+            cross = True
+        low = name.lower()
+        return name, bool(cross) or any(f in low for f in _CROSS_NAMES)
+
+    def _layer(self, name: str) -> int:
+        return self.layer_ids.setdefault(name, len(self.layer_ids))
+
+    def _patch_pre(self, module, args):
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and x.dim() == 4:
+            ph, pw = _pair(module.patch_size)
+            self.auto_layout = TokenLayout(grid=(x.shape[-2] // ph, x.shape[-1] // pw), patch_size=(ph, pw))
+
+    def _layout(self, reported: dict | None, num_tokens: int) -> TokenLayout | None:
+        if self.layout is not None:
+            return self.layout
+        got = _layout_from(reported or {})
+        if got is not None:
+            return got
+        auto = self.auto_layout
+        if auto is not None and auto.grid is not None:
+            prefix = num_tokens - auto.grid[0] * auto.grid[1]
+            if prefix >= 0:
+                return TokenLayout(num_prefix_tokens=prefix, grid=auto.grid, patch_size=auto.patch_size)
+        return None
+
+    # ---------------------------------------------------------------- producers
+    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__")
+        if self.suspended or not self.stack or caller == _BACKEND_MODULE:
+            return self.prev_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        name, cross = self._where()
+        layer = self._layer(name)
+        wanted = self.layers is None or layer in self.layers
+        gate = self.head_gates(layer, query.shape[-3]) if self.head_gates is not None else None
+        if self.differentiable and wanted:
+            spec = spec_from_sdpa(
+                query, key, value, attn_mask, dropout_p, is_causal, scale, kwargs.get("enable_gqa", False)
+            )
+            spec = _with_dropout(spec, dropout_p)
+            out, probs = sdpa_math(spec)
+            self._record(name, layer, cross, "sdpa", spec=spec, weights=probs)
+            return out if gate is None else out * gate.view(-1, 1, 1).to(out.dtype)
+        out = self.prev_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        if wanted:
+            spec = spec_from_sdpa(
+                query, key, value, attn_mask, dropout_p, is_causal, scale, kwargs.get("enable_gqa", False)
+            )
+            self._record(name, layer, cross, "sdpa", spec=spec)
+        else:
+            self._count()
+        return out if gate is None else out * gate.view(-1, 1, 1).to(out.dtype)
+
+    def _dispatch(self, spec: AttentionSpec, backend: str = "auto"):
+        """Replaces :func:`attnkit.backends.dispatch` in differentiable / head-gate modes."""
+        if self.suspended or not self.stack:
+            return self.prev_dispatch(spec, backend)
+        name, _ = self._where()
+        gate = self.head_gates(self._layer(name), spec.num_heads) if self.head_gates is not None else None
+        if self.differentiable:
+            out, probs = sdpa_math(spec)
+            self.pending[id(spec)] = probs
+            weights = probs.to(spec.query.dtype) if spec.return_weights else None
+            lse = self.prev_dispatch(spec, backend)[2] if spec.return_lse else None
+        else:
+            out, weights, lse = self.prev_dispatch(spec, backend)
+        if gate is not None:
+            out = out * gate.view(-1, 1, 1).to(out.dtype)
+        return out, weights, lse
+
+    def _event(self, event: observe.AttentionEvent) -> None:
+        if self.suspended or not self.stack:
+            return
+        name, cross = self._where()
+        layer = self._layer(name)
+        if self.layers is not None and layer not in self.layers:
+            self._count()
+            return
+        if event.kind == "scaled_dot_product" and event.spec is not None:
+            probs = self.pending.pop(id(event.spec), None)
+            if probs is not None:
+                self._record(name, layer, cross, "attnkit", spec=event.spec, weights=probs, layout=event.layout)
+            else:
+                self._record(
+                    name,
+                    layer,
+                    cross,
+                    "attnkit",
+                    spec=event.spec,
+                    weights=event.weights,
+                    lse=event.lse,
+                    layout=event.layout,
+                )
+        elif event.kind == "token" and event.weights is not None:
+            self._record(name, layer, cross, "attnkit", weights=event.weights, layout=event.layout)
+        elif event.weights is not None:
+            self.rec.num_calls += 1
+            w = event.weights.detach()
+            self.rec.maps.append(
+                AttentionRecord(
+                    name=name,
+                    layer=layer,
+                    call=self.rec.num_calls - 1,
+                    kind=event.kind,
+                    source="attnkit",
+                    shape=tuple(w.shape),
+                    weights=w if self.store else None,
+                    layout=_layout_from(event.layout),
+                )
+            )
+
+    # nn.MultiheadAttention: per-head weights unless an intercepted SDPA call inside it produced them.
+    def _mha_pre(self, module, args, kwargs):
+        self.mha_entries[id(module)] = self.mha_entries.get(id(module), 0) + 1
+        self.mha_start[id(module)] = self.rec.num_calls
+
+    def _mha_post(self, module, args, kwargs, output):
+        start = self.mha_start.pop(id(module), None)
+        if self.suspended or start is None or self.rec.num_calls > start or not self.stack:
+            return None
+        a = _bind(_MHA_SIG, module, args, kwargs)
+        name, _ = self._where()
+        layer = self._layer(name)
+        q, k = a["query"], a["key"]
+        cross = not (q is k or (q.shape == k.shape and q.data_ptr() == k.data_ptr()))
+        if self.layers is not None and layer not in self.layers:
+            self._count()
+            return None
+        w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        dropping = module.training and module.dropout > 0
+        if w is None or a["average_attn_weights"] or dropping or w.dim() not in (3, 4):
+            w = mha_weights(
+                module,
+                a["query"],
+                a["key"],
+                a["value"],
+                key_padding_mask=a["key_padding_mask"],
+                attn_mask=a["attn_mask"],
+                is_causal=a["is_causal"],
+            )
+        elif w.dim() == 3:
+            w = w.unsqueeze(0)
+        self._record(name, layer, cross, "nn.MultiheadAttention", weights=w.detach())
+        return None
+
+    def _enc_pre(self, module, args, kwargs):
+        self.enc_start[id(module)] = self.mha_entries.get(id(module.self_attn), 0)
+
+    def _enc_post(self, module, args, kwargs, output):
+        before = self.enc_start.pop(id(module), None)
+        if self.suspended or before is None or self.mha_entries.get(id(module.self_attn), 0) > before:
+            return None
+        # The native fast path ran: the attention module was never called. Recompute from the layer input.
+        a = _bind(_ENC_SIG, module, args, kwargs)
+        name = self.names[module.self_attn]
+        layer = self._layer(name)
+        if self.layers is not None and layer not in self.layers:
+            self._count()
+            return None
+        w = encoder_layer_weights(module, a["src"], a["src_mask"], a["src_key_padding_mask"], a["is_causal"])
+        self._record(name, layer, False, "nn.MultiheadAttention", weights=w)
+        return None
+
+    # ---------------------------------------------------------------- records
+    def _count(self) -> None:
+        self.rec.num_calls += 1
+
+    def _index(self, sel, size: int, what: str, name: str) -> Tensor | None:
+        if sel is None:
+            return None
+        if isinstance(sel, slice):
+            return torch.arange(size)[sel]
+        bad = [i for i in sel if not -size <= i < size] if what == "query_rows" else [i for i in sel if i >= size]
+        if bad:
+            raise ValueError(f"capture: {what} {bad} out of range for {name!r}, which has {size} {what.split('_')[-1]}")
+        return torch.tensor([i % size for i in sel], dtype=torch.long)
+
+    def _record(self, name, layer, cross, source, *, spec=None, weights=None, lse=None, layout=None):
+        self.rec.num_calls += 1
+        full = weights.reshape((-1, *tuple(weights.shape[-3:]))) if weights is not None else None
+        if spec is not None:
+            b = 1
+            for s in spec.batch_shape:
+                b *= s
+            shape = (b, spec.num_heads, spec.q_len, spec.kv_len)
+        else:
+            shape = tuple(full.shape)
+        num_heads, lq = shape[1], shape[2]
+        heads = self._index(self.heads, num_heads, "heads", name)
+        rows = self._index(self.query_rows, lq, "query_rows", name)
+        rec = AttentionRecord(
+            name=name,
+            layer=layer,
+            call=self.rec.num_calls - 1,
+            kind="cross" if cross else "self",
+            source=source,
+            shape=shape,
+            heads=None if heads is None else tuple(heads.tolist()),
+            query_rows=None if rows is None else tuple(rows.tolist()),
+            head_mean=self.head_mean,
+            layout=self._layout(layout, shape[-1]),
+        )
+        if self.differentiable and full is not None and weights.requires_grad:
+            rec.weights = full
+            self.rec.maps.append(rec)
+            return
+        with torch.no_grad():
+            if full is not None:
+                tiles = [(self._select(full, heads, rows), rows if rows is not None else torch.arange(lq))]
+            else:
+                tiles = probability_tiles(spec, heads=heads, rows=rows, lse=lse)
+            for r in self.reducers:
+                r.start(rec)
+            parts = []
+            for p, r_idx in tiles:
+                for red in self.reducers:
+                    red.add(p, r_idx)
+                if self.store:
+                    parts.append(p.mean(1, keepdim=True) if self.head_mean else p)
+            for red in self.reducers:
+                red.finish(rec)
+        if self.store:
+            rec.weights = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+            if full is not None:
+                rec.weights = rec.weights.float() if rec.weights.dtype != torch.float64 else rec.weights
+        self.rec.maps.append(rec)
+
+    @staticmethod
+    def _select(full: Tensor, heads: Tensor | None, rows: Tensor | None) -> Tensor:
+        acc = torch.float64 if full.dtype == torch.float64 else torch.float32
+        out = full.to(acc)
+        if heads is not None:
+            out = out.index_select(1, heads.to(out.device))
+        if rows is not None:
+            out = out.index_select(2, rows.to(out.device))
+        return out
+
+
+def _with_dropout(spec: AttentionSpec, dropout_p: float) -> AttentionSpec:
+    from dataclasses import replace
+
+    return replace(spec, dropout_p=float(dropout_p)) if dropout_p else spec

@@ -5,16 +5,29 @@ its attention map to :mod:`attnkit.functional.observe`, so :func:`attnkit.explai
 """
 
 from attnkit.vision.cbam import CBAM, ChannelAttention, SpatialAttention
+from attnkit.vision.cross import CrossAttentionBlock
 from attnkit.vision.eca import ECA, eca_kernel_size
+from attnkit.vision.hybrid import BasicBlock, HybridResNet
+from attnkit.vision.mhsa import MHSA2d
 from attnkit.vision.non_local import NonLocal2d
+from attnkit.vision.registry import available_attention, create_attention, register_attention
 from attnkit.vision.squeeze_excite import SqueezeExcite
+from attnkit.vision.window import WindowAttention
 
 __all__ = [
     "CBAM",
     "ECA",
+    "BasicBlock",
     "ChannelAttention",
+    "CrossAttentionBlock",
+    "HybridResNet",
+    "MHSA2d",
     "NonLocal2d",
     "SpatialAttention",
     "SqueezeExcite",
+    "WindowAttention",
+    "available_attention",
+    "create_attention",
     "eca_kernel_size",
+    "register_attention",
 ]

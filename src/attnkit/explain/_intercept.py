@@ -99,10 +99,10 @@ class Interceptor:
                 self.handles.append(module.register_forward_hook(self._post, always_call=True))
                 if isinstance(module, nn.MultiheadAttention):
                     self.handles.append(module.register_forward_pre_hook(self._mha_pre, with_kwargs=True))
-                    self.handles.append(module.register_forward_hook(self._mha_post, with_kwargs=True))
+                    self.handles.append(module.register_forward_hook(self._mha_post, with_kwargs=True, prepend=True))
                 elif isinstance(module, nn.TransformerEncoderLayer):
                     self.handles.append(module.register_forward_pre_hook(self._enc_pre, with_kwargs=True))
-                    self.handles.append(module.register_forward_hook(self._enc_post, with_kwargs=True))
+                    self.handles.append(module.register_forward_hook(self._enc_post, with_kwargs=True, prepend=True))
                 elif "PatchEmbed" in type(module).__name__ and hasattr(module, "patch_size"):
                     self.handles.append(module.register_forward_pre_hook(self._patch_pre))
             self.prev_sdpa = F.scaled_dot_product_attention
@@ -145,10 +145,10 @@ class Interceptor:
 
     def _where(self) -> tuple[str, bool]:
         name, cross = self.stack[-1]
-        if any(h for _, h in self.stack[-2:]):
-            cross = True
+        if cross is not None:
+            return name, cross
         low = name.lower()
-        return name, bool(cross) or any(f in low for f in _CROSS_NAMES)
+        return name, any(f in low for f in _CROSS_NAMES)
 
     def _layer(self, name: str) -> int:
         return self.layer_ids.setdefault(name, len(self.layer_ids))
@@ -261,6 +261,10 @@ class Interceptor:
     def _mha_pre(self, module, args, kwargs):
         self.mha_entries[id(module)] = self.mha_entries.get(id(module), 0) + 1
         self.mha_start[id(module)] = self.rec.num_calls
+        q = args[0] if args else kwargs.get("query")
+        k = args[1] if len(args) > 1 else kwargs.get("key")
+        if self.stack and isinstance(q, Tensor) and isinstance(k, Tensor):
+            self.stack[-1] = (self.stack[-1][0], not _same(q, k))
 
     def _mha_post(self, module, args, kwargs, output):
         start = self.mha_start.pop(id(module), None)
@@ -269,8 +273,7 @@ class Interceptor:
         a = _bind(_MHA_SIG, module, args, kwargs)
         name, _ = self._where()
         layer = self._layer(name)
-        q, k = a["query"], a["key"]
-        cross = not (q is k or (q.shape == k.shape and q.data_ptr() == k.data_ptr()))
+        cross = not _same(a["query"], a["key"])
         if self.layers is not None and layer not in self.layers:
             self._count()
             return None
@@ -382,6 +385,15 @@ class Interceptor:
         if rows is not None:
             out = out.index_select(2, rows.to(out.device))
         return out
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """The same tokens (self-attention): one tensor, or views of the same memory."""
+    if a is b:
+        return True
+    if a.is_nested or b.is_nested:
+        return False
+    return a.shape == b.shape and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 
 
 def _with_dropout(spec: AttentionSpec, dropout_p: float) -> AttentionSpec:

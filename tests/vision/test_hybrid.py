@@ -55,8 +55,9 @@ def test_forward_matches_block_formula(kwargs):
 
 
 def test_digit_canvas_config_channels_last_gradients_and_events():
-    net = HybridResNet(in_chans=1, num_classes=10, attention="se", attention_kwargs={"reduction": 8},
-                       mhsa_last_stage=True)  # fmt: skip
+    net = HybridResNet(
+        in_chans=1, num_classes=10, attention="se", attention_kwargs={"reduction": 8}, mhsa_last_stage=True
+    )
     assert isinstance(net.stages[-1][0].conv2, MHSA2d)
     assert not any(isinstance(b.conv2, MHSA2d) for s in net.stages[:-1] for b in s)
     x = torch.randn(3, 1, 64, 64)

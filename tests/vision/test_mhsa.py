@@ -40,8 +40,9 @@ def mhsa_reference(m, x, scale_pos=False):
     max_size=st.sampled_from([5, 7]),
 )
 def test_matches_formula_with_gradients(h, w, heads, pos, scale_pos, max_size):
-    m = MHSA2d(4 * heads, num_heads=heads, max_size=max_size, pos_embed=pos, scale_pos_embed=scale_pos,
-               dtype=torch.float64)  # fmt: skip
+    m = MHSA2d(
+        4 * heads, num_heads=heads, max_size=max_size, pos_embed=pos, scale_pos_embed=scale_pos, dtype=torch.float64
+    )
     randomize_(m, std=0.4)
     assert_same_grads(m, lambda t: mhsa_reference(m, t, scale_pos), rand(2, 4 * heads, h, w))
 

@@ -10,8 +10,10 @@ from attnkit.vision.eca import ECA, eca_kernel_size
 from attnkit.vision.hybrid import BasicBlock, HybridResNet
 from attnkit.vision.mhsa import MHSA2d
 from attnkit.vision.non_local import NonLocal2d
+from attnkit.vision.patch_embed import PatchEmbed
 from attnkit.vision.registry import available_attention, create_attention, register_attention
 from attnkit.vision.squeeze_excite import SqueezeExcite
+from attnkit.vision.vit import VisionTransformer, interpolate_pos_embed
 from attnkit.vision.window import WindowAttention
 
 __all__ = [
@@ -23,11 +25,14 @@ __all__ = [
     "HybridResNet",
     "MHSA2d",
     "NonLocal2d",
+    "PatchEmbed",
     "SpatialAttention",
     "SqueezeExcite",
+    "VisionTransformer",
     "WindowAttention",
     "available_attention",
     "create_attention",
     "eca_kernel_size",
+    "interpolate_pos_embed",
     "register_attention",
 ]

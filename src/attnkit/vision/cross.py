@@ -102,9 +102,15 @@ class CrossAttentionBlock(nn.Module):
         self.norm1 = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **dd)
         self.norm_context = nn.LayerNorm(context_dim, eps=layer_norm_eps, **dd)
         self.cross_attn = MultiHeadAttention(
-            embed_dim, num_heads, kdim=context_dim, vdim=context_dim, bias=qkv_bias, dropout=attn_drop,
-            backend=backend, **dd,
-        )  # fmt: skip
+            embed_dim,
+            num_heads,
+            kdim=context_dim,
+            vdim=context_dim,
+            bias=qkv_bias,
+            dropout=attn_drop,
+            backend=backend,
+            **dd,
+        )
         self.proj_drop = nn.Dropout(proj_drop)
         hidden = int(embed_dim * mlp_ratio)
         self.norm2 = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **dd) if hidden else None

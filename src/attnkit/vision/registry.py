@@ -62,8 +62,8 @@ def create_attention(name: str | None, channels: int, **kwargs: Any) -> nn.Modul
         ValueError: an unknown name (the message lists the valid ones); the block's own errors.
 
     Example:
-        >>> create_attention("eca", 256)
-        ECA(channels=256, kernel_size=5)
+        >>> create_attention("eca", 256).kernel_size
+        5
     """
     if name is None:
         return nn.Identity()

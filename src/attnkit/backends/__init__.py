@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from attnkit.backends import blocksparse as _blocksparse  # noqa: F401  (registers "blocksparse")
 from attnkit.backends import math as _math  # noqa: F401  (registers "math")
 from attnkit.backends import sdpa as _sdpa  # noqa: F401  (registers "sdpa")
 from attnkit.backends import tiled as _tiled  # noqa: F401  (registers "tiled")

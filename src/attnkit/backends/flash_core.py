@@ -70,10 +70,16 @@ def _pad(t: Tensor, extra: int, dim: int) -> Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
+def _prescaled(setup: TileSetup, q: Tensor) -> bool:
+    """float32/float64 queries are multiplied by ``scale`` once, instead of every tile's scores."""
+    return q.dtype == setup.acc
+
+
 def _scores(setup: TileSetup, qt: Tensor, kt: Tensor, n: int, r: int) -> Tensor:
-    """Scaled scores ``(B, Hkv, N, G, r, c)`` in the accumulation dtype."""
-    s = torch.matmul(qt, kt.transpose(-1, -2)).to(setup.acc)
-    s = s.mul_(setup.scale) if s.dtype == qt.dtype else s * setup.scale
+    """Scaled scores ``(B, Hkv, N, G, r, c)`` in the accumulation dtype (``qt`` pre-scaled if float32/64)."""
+    s = torch.matmul(qt, kt.transpose(-1, -2))
+    if not _prescaled(setup, qt):
+        s = s.to(setup.acc).mul_(setup.scale)
     return s.view(s.shape[0], s.shape[1], n, setup.G, r, s.shape[-1])
 
 
@@ -88,6 +94,8 @@ def _forward(setup: TileSetup, sched: Schedule, q5: Tensor, k4: Tensor, v4: Tens
     B, Hkv, G, Lq, _ = q5.shape
     Dv = v4.shape[-1]
     qp, kp, vp = _pad(q5, sched.q_pad, 3), _pad(k4, sched.kv_pad, 2), _pad(v4, sched.kv_pad, 2)
+    if _prescaled(setup, qp):
+        qp = qp * setup.scale
     out = torch.zeros((B, Hkv, G, qp.shape[3], Dv), dtype=v4.dtype, device=q5.device)
     lse = torch.full((B, Hkv, G, qp.shape[3], 1), float("-inf"), dtype=setup.acc, device=q5.device)
     inv_keep = 1.0 / (1.0 - setup.dropout_p)
@@ -105,8 +113,10 @@ def _forward(setup: TileSetup, sched: Schedule, q5: Tensor, k4: Tensor, v4: Tens
                 keep = extra if keep is None else keep & extra
             if bias is not None:
                 s = s + bias
+            elif setup.score_mod is not None:
+                s = s.clone()  # score_mod's result may alias its inputs; the steps below work in place
             if keep is not None:
-                s = s.masked_fill(~keep, float("-inf"))
+                s = s.masked_fill_(~keep, float("-inf"))
             m_new = s.amax(-1, keepdim=True)
             if m is not None:
                 m_new = torch.maximum(m, m_new)
@@ -144,6 +154,9 @@ def _backward(setup, sched, q5, k4, v4, out5, lse5, dout5, dlse5, seed):
         delta = delta - dlse5.to(acc)
     lse_safe = torch.where(torch.isneginf(lse5), torch.zeros_like(lse5), lse5)
     qp, dop = _pad(q5, sched.q_pad, 3), _pad(dout5.to(q5.dtype), sched.q_pad, 3)
+    prescaled = _prescaled(setup, qp)
+    if prescaled:
+        qp = qp * setup.scale
     lp, deltap = _pad(lse_safe, sched.q_pad, 3), _pad(delta, sched.q_pad, 3)
     kp, vp = _pad(k4, sched.kv_pad, 2), _pad(v4, sched.kv_pad, 2)
     dq = torch.zeros(qp.shape, dtype=acc, device=q5.device)
@@ -191,7 +204,9 @@ def _backward(setup, sched, q5, k4, v4, out5, lse5, dout5, dlse5, seed):
                 (ds,) = torch.autograd.grad(s_mod, s_raw, ds)
             else:
                 ds = setup.transform_grad(s_raw, s_mod, ds)
-            ds = (ds * setup.scale).view(B, Hkv, n, G * r, -1).to(qt.dtype)
+            if not prescaled:  # d(scale q k^T) = scale · ds; with a pre-scaled q, dk = ds^T (scale q) already
+                ds = ds * setup.scale
+            ds = ds.view(B, Hkv, n, G * r, -1).to(qt.dtype)
             part = torch.matmul(ds, kt).to(acc)
             dq_t = part if dq_t is None else dq_t.add_(part)
             sched.add_kv(dk, ch, torch.matmul(ds.transpose(-1, -2), qt).to(acc))
@@ -199,6 +214,8 @@ def _backward(setup, sched, q5, k4, v4, out5, lse5, dout5, dlse5, seed):
         if dq_t is not None:
             sched.store_q(dq, g, dq_t)
     Lk = k4.shape[2]
+    if prescaled:
+        dq.mul_(setup.scale)
     grads = (dq[:, :, :, :Lq].to(q5.dtype), dk[:, :, :Lk].to(k4.dtype), dv[:, :, :Lk].to(v4.dtype))
     return grads, setup.bias_grads(bias_bufs)
 

@@ -25,10 +25,11 @@ from attnkit.functional.spec import AttentionSpec
 
 __all__ = ["TiledSchedule", "tiled_attention"]
 
-#: Target number of score elements per tile (all heads); about 16 MiB of float32.
-TILE_ELEMENTS = 1 << 22
-#: Largest key chunk; wider chunks mean fewer online-softmax rescales.
-MAX_BLOCK_KV = 2048
+#: Target number of score elements per tile (all heads): 4 MiB of float32, about what stays in the caches of
+#: this project's CPU; measured on 2 cores, L = 4096, B·H = 8: 256 x 512 tiles beat 512 x 1024 by ~2x.
+TILE_ELEMENTS = 1 << 20
+#: Largest key chunk.
+MAX_BLOCK_KV = 512
 #: Auto picks "tiled" over "math" once math's float32 score matrix would exceed this many bytes.
 AUTO_MIN_SCORE_BYTES = 32 << 20
 
@@ -51,9 +52,9 @@ def block_sizes(spec: AttentionSpec) -> tuple[int, int]:
     if spec.window_size is not None:
         left, right = spec.window_size
         if left != -1 and right != -1:
-            block_kv = min(block_kv, max(128, left + right + 1))
+            block_kv = min(block_kv, max(64, left + right + 1))
     block_kv = max(block_kv, 1)
-    block_q = max(16, TILE_ELEMENTS // (heads * block_kv))
+    block_q = max(32, TILE_ELEMENTS // (heads * block_kv))
     return min(spec.q_len, block_q), block_kv
 
 

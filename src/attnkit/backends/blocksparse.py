@@ -1,0 +1,180 @@
+"""The ``"blocksparse"`` backend: exact attention over the visited blocks of a :class:`attnkit.sparse.BlockMask`.
+
+Work is proportional to the number of visited blocks. Query blocks that visit the same number of key blocks
+are batched: their visited key blocks are gathered into one ``(B, Hkv, N, n · block, D)`` operand, the scores
+``(B, Hkv, N, G, block, n · block)`` come from one batched matmul over all heads, the layout's cached element
+masks are applied to partial blocks only where needed, and FlashAttention's online softmax
+(:mod:`attnkit.backends.flash_core`) merges chunks when a row visits many blocks (global tokens). Backward
+recomputes the same tiles from the saved log-sum-exp and scatter-adds key/value gradients per block.
+
+The layout is ``block_mask`` and-ed with ``is_causal``/``window_size`` (cached on the mask); with no
+``block_mask`` the backend builds the causal/window layout itself. All other options of
+:func:`attnkit.attention` (biases, ALiBi, softcap, ``score_mod``, ``mask_mod``, bool masks, dropout, GQA,
+``return_lse``) are applied per tile exactly as in the ``"tiled"`` backend.
+
+References:
+    Child et al. 2019 (Sparse Transformers); Beltagy et al. 2020 (Longformer); Zaheer et al. 2020 (BigBird);
+    Dao 2023 (FlashAttention-2, Alg. 1-2) for the per-tile forward/backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnkit.backends.flash_core import Chunk, Group, flash_attention
+from attnkit.backends.flash_terms import TileIndex, TileSetup
+from attnkit.backends.registry import ALL_OPTIONS, Backend, register
+from attnkit.functional.spec import AttentionSpec
+from attnkit.sparse.block_mask import BlockMask
+from attnkit.sparse.layouts import sliding_window
+
+__all__ = ["BlockSparseSchedule", "blocksparse_attention", "effective_block_mask"]
+
+#: Target score elements per tile (all heads, all batched query blocks).
+TILE_ELEMENTS = 1 << 21
+#: Largest number of key columns gathered per query block and tile.
+MAX_TILE_COLS = 1024
+#: ``auto`` picks blocksparse for a plain sliding window when it visits at most this fraction of blocks ...
+AUTO_MAX_DENSITY = 0.25
+#: ... and the score matrix has at least this many entries per head.
+AUTO_MIN_SCORES = 1 << 22
+
+_POSITIONAL_CACHE: dict[tuple, BlockMask] = {}
+
+
+def _default_block(spec: AttentionSpec) -> int:
+    if spec.window_size is not None and -1 not in spec.window_size and sum(spec.window_size) < 256:
+        return 64
+    return 128
+
+
+def effective_block_mask(spec: AttentionSpec) -> BlockMask:
+    """``spec.block_mask`` and-ed with the call's causal/window mask (cached), or that mask alone."""
+    bm = spec.block_mask
+    if not (spec.is_causal or spec.window_size is not None):
+        return bm
+    window = spec.window_size if spec.window_size is not None else (-1, -1)
+    bs = bm.block_size if bm is not None else _default_block(spec)
+    key = (spec.q_len, spec.kv_len, spec.is_causal, window, bs, str(spec.query.device))
+    pos = _POSITIONAL_CACHE.get(key)
+    if pos is None:
+        if len(_POSITIONAL_CACHE) > 32:
+            _POSITIONAL_CACHE.clear()
+        pos = sliding_window(
+            spec.q_len, spec.kv_len, window, is_causal=spec.is_causal, block_size=bs, device=spec.query.device
+        )
+        _POSITIONAL_CACHE[key] = pos
+    if bm is None:
+        return pos
+    combined = bm.derived.get(key)
+    if combined is None:
+        combined = bm.derived[key] = bm & pos
+    return combined
+
+
+class BlockSparseSchedule:
+    """Tiles of a :class:`BlockMask`: batches of query blocks with equal visit counts, gathered key blocks."""
+
+    def __init__(self, spec: AttentionSpec, mask: BlockMask):
+        self.mask, self.bs = mask, mask.block_size
+        self.G = spec.num_heads // spec.num_kv_heads
+        nq, nk = mask.visited.shape
+        self.nq, self.nk = nq, nk
+        self.q_pad, self.kv_pad = nq * self.bs - spec.q_len, nk * self.bs - spec.kv_len
+        self.heads = max(1, spec.query[..., 0, 0].numel())
+        self._groups: list[Group] | None = None
+
+    def groups(self) -> list[Group]:
+        if self._groups is not None:
+            return self._groups
+        bs, out = self.bs, []
+        offs = torch.arange(bs, device=self.mask.device)
+        for lg in self.mask.groups():
+            n_total = lg.kv_blocks.shape[1]
+            per_chunk = max(1, min(n_total, MAX_TILE_COLS // bs))
+            n_sub = max(1, TILE_ELEMENTS // (self.heads * bs * per_chunk * bs))
+            for i0 in range(0, len(lg.q_blocks), n_sub):
+                qb = lg.q_blocks[i0 : i0 + n_sub]
+                q_idx = qb[:, None] * bs + offs  # (N, bs)
+                g = Group(where=qb, q_idx=q_idx, q_range=None)
+                for c0 in range(0, n_total, per_chunk):
+                    kb = lg.kv_blocks[i0 : i0 + n_sub, c0 : c0 + per_chunk]
+                    kv_idx = (kb[:, :, None] * bs + offs).flatten(1)
+                    keep = None if lg.keep is None else lg.keep[i0 : i0 + n_sub, :, c0 * bs : c0 * bs + kv_idx.shape[1]]
+                    g.chunks.append(Chunk(TileIndex(q_idx, kv_idx), where=kb, keep=keep))
+                out.append(g)
+        self._groups = out
+        return out
+
+    def load_q(self, x5: Tensor, group: Group) -> Tensor:
+        B, Hkv, G, _, X = x5.shape
+        t = x5.unflatten(3, (self.nq, self.bs)).index_select(3, group.where)  # (B, Hkv, G, N, bs, X)
+        return t.transpose(2, 3).reshape(B, Hkv, len(group.where), G * self.bs, X)
+
+    def store_q(self, dst5: Tensor, group: Group, val: Tensor) -> None:
+        B, Hkv, G, _, X = dst5.shape
+        src = val.view(B, Hkv, len(group.where), G, self.bs, X).transpose(2, 3)
+        dst5.view(B, Hkv, G, self.nq, self.bs, X).index_copy_(3, group.where, src)
+
+    def load_kv(self, x4: Tensor, chunk: Chunk) -> Tensor:
+        B, Hkv, _, X = x4.shape
+        kb = chunk.where
+        t = x4.unflatten(2, (self.nk, self.bs)).index_select(2, kb.flatten())
+        return t.view(B, Hkv, kb.shape[0], kb.shape[1] * self.bs, X)
+
+    def add_kv(self, dst4: Tensor, chunk: Chunk, val: Tensor) -> None:
+        B, Hkv, _, X = dst4.shape
+        kb = chunk.where
+        src = val.reshape(B, Hkv, kb.numel(), self.bs, X)
+        dst4.view(B, Hkv, self.nk, self.bs, X).index_add_(2, kb.flatten(), src)
+
+
+def blocksparse_attention(spec: AttentionSpec) -> tuple[Tensor, None, Tensor | None]:
+    """Run ``spec`` over the visited blocks of its layout (see the module docstring).
+
+    Returns:
+        ``(output, None, lse or None)``.
+    """
+    mask = effective_block_mask(spec)
+    setup = TileSetup(spec, positional=False, block_mask_elements=False)
+    out, lse = flash_attention(setup, BlockSparseSchedule(spec, mask))
+    return out, None, (lse if spec.return_lse else None)
+
+
+def _check(spec: AttentionSpec) -> str | None:
+    if spec.block_mask is None and not spec.is_causal and spec.window_size is None:
+        return "blocksparse needs a block_mask, is_causal or window_size (a layout with blocks to skip)"
+    if spec.alibi_slopes is not None and spec.alibi_slopes.requires_grad and torch.is_grad_enabled():
+        return "alibi_slopes that require grad (the tiled backward does not differentiate ALiBi slopes)"
+    return None
+
+
+def _fit(spec: AttentionSpec) -> str | None:
+    if spec.block_mask is not None:
+        return None
+    if spec.window_size is None or (spec.window_size[0] == -1 and not spec.is_causal) or spec.window_size[1] == -1:
+        return "no block_mask and no bounded sliding window: the fused dense kernels are faster for this mask"
+    left, right = spec.window_size
+    width = left + (0 if spec.is_causal else right) + 1 + 2 * _default_block(spec)
+    density = min(1.0, width / spec.kv_len)
+    if density > AUTO_MAX_DENSITY or spec.q_len * spec.kv_len < AUTO_MIN_SCORES:
+        return (
+            f"the sliding window covers ~{density:.0%} of a {spec.q_len} x {spec.kv_len} score matrix; "
+            f"skipping blocks pays off below {AUTO_MAX_DENSITY:.0%} and from {AUTO_MIN_SCORES} scores per head"
+        )
+    return None
+
+
+BLOCKSPARSE = register(
+    Backend(
+        name="blocksparse",
+        forward=blocksparse_attention,
+        options=ALL_OPTIONS - {"return_weights"},
+        priority=5,
+        description="computes only the visited blocks of a BlockMask (and of causal/window masks); auto picks "
+        "it for a block_mask, or a narrow sliding window over long sequences",
+        check=_check,
+        fit=_fit,
+    )
+)

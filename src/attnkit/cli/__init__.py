@@ -1,0 +1,1 @@
+"""The ``attnkit`` command: one module per subcommand, registered in :mod:`attnkit.cli.registry`."""

@@ -7,8 +7,10 @@ faithfulness; ``plots`` and ``report`` draw them (matplotlib: ``pip install attn
 """
 
 from attnkit.explain.capture import Recording, capture
+from attnkit.explain.flow import attention_flow
 from attnkit.explain.records import AttentionRecord, TokenLayout
 from attnkit.explain.reducers import Entropy, HeadMean, Received, Reducer, Rollout, TopK
+from attnkit.explain.relevance import Relevance, relevance
 from attnkit.explain.rollout import rollout
 
 __all__ = [
@@ -18,9 +20,12 @@ __all__ = [
     "Received",
     "Recording",
     "Reducer",
+    "Relevance",
     "Rollout",
     "TokenLayout",
     "TopK",
+    "attention_flow",
     "capture",
+    "relevance",
     "rollout",
 ]

@@ -82,6 +82,8 @@ class Interceptor:
         self.mha_entries: dict[int, int] = {}
         self.pending: dict[int, Tensor] = {}
         self.mha_start: dict[int, int] = {}
+        self.seen_cross: dict[str, bool] = {}
+        self.mha_wants: dict[int, tuple[bool, bool]] = {}
         self.enc_start: dict[int, int] = {}
         self.auto_layout: TokenLayout | None = None
         self.handles: list = []
@@ -143,12 +145,22 @@ class Interceptor:
         if self.stack:
             self.stack.pop()
 
-    def _where(self) -> tuple[str, bool]:
+    def _where(self, q_len: int | None = None, kv_len: int | None = None) -> tuple[str, bool]:
+        """Innermost module path, and whether the call is cross-attention.
+
+        Cross when the module got a cross-attention keyword (``encoder_hidden_states``, ...) or query and key
+        tensors that differ (``nn.MultiheadAttention``), or its path names cross-attention; otherwise, when
+        ``Lq != Lk``, cross unless the same module ran self-attention before (KV-cache decoding).
+        """
         name, cross = self.stack[-1]
-        if cross is not None:
-            return name, cross
-        low = name.lower()
-        return name, any(f in low for f in _CROSS_NAMES)
+        if cross is None:
+            low = name.lower()
+            cross = any(f in low for f in _CROSS_NAMES)
+            if not cross and q_len is not None and q_len != kv_len:
+                cross = self.seen_cross.get(name, True)
+        if q_len is not None:
+            self.seen_cross.setdefault(name, cross)
+        return name, cross
 
     def _layer(self, name: str) -> int:
         return self.layer_ids.setdefault(name, len(self.layer_ids))
@@ -177,7 +189,7 @@ class Interceptor:
         caller = sys._getframe(1).f_globals.get("__name__")
         if self.suspended or not self.stack or caller == _BACKEND_MODULE:
             return self.prev_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
-        name, cross = self._where()
+        name, cross = self._where(query.shape[-2], key.shape[-2])
         layer = self._layer(name)
         wanted = self.layers is None or layer in self.layers
         gate = self.head_gates(layer, query.shape[-3]) if self.head_gates is not None else None
@@ -219,7 +231,8 @@ class Interceptor:
     def _event(self, event: observe.AttentionEvent) -> None:
         if self.suspended or not self.stack:
             return
-        name, cross = self._where()
+        spec = event.spec
+        name, cross = self._where(*((spec.q_len, spec.kv_len) if spec is not None else (None, None)))
         layer = self._layer(name)
         if self.layers is not None and layer not in self.layers:
             self._count()
@@ -261,13 +274,35 @@ class Interceptor:
     def _mha_pre(self, module, args, kwargs):
         self.mha_entries[id(module)] = self.mha_entries.get(id(module), 0) + 1
         self.mha_start[id(module)] = self.rec.num_calls
+        if self.differentiable and not self.suspended and self.stack:
+            a = _bind(_MHA_SIG, module, args, kwargs)
+            if a["need_weights"]:
+                # Run the SDPA path (intercepted, differentiable) and hand the weights back in _mha_post.
+                self.mha_wants[id(module)] = (a["average_attn_weights"], a["query"].dim() == 2)
+                kwargs = {**kwargs, "need_weights": False}
+                if len(args) > 4:
+                    args = (*args[:4], False, *args[5:])
+                    kwargs.pop("need_weights")
+                result = (args, kwargs)
+            else:
+                result = None
+        else:
+            result = None
         q = args[0] if args else kwargs.get("query")
         k = args[1] if len(args) > 1 else kwargs.get("key")
         if self.stack and isinstance(q, Tensor) and isinstance(k, Tensor):
             self.stack[-1] = (self.stack[-1][0], not _same(q, k))
+        return result
 
     def _mha_post(self, module, args, kwargs, output):
         start = self.mha_start.pop(id(module), None)
+        wants = self.mha_wants.pop(id(module), None)
+        if wants is not None and start is not None:
+            made = [m for m in self.rec.maps if m.call >= start and m.weights is not None]
+            if made and isinstance(output, tuple):
+                w = made[-1].weights
+                w = w.mean(1) if wants[0] else w
+                return (output[0], w.squeeze(0) if wants[1] else w)
         if self.suspended or start is None or self.rec.num_calls > start or not self.stack:
             return None
         a = _bind(_MHA_SIG, module, args, kwargs)
@@ -352,7 +387,7 @@ class Interceptor:
             layout=self._layout(layout, shape[-1]),
         )
         if self.differentiable and full is not None and weights.requires_grad:
-            rec.weights = full
+            rec.weights = weights  # the tensor on the autograd path (a reshaped view would get no gradient)
             self.rec.maps.append(rec)
             return
         with torch.no_grad():

@@ -150,6 +150,8 @@ def sdpa_math(spec: AttentionSpec) -> tuple[Tensor, Tensor]:
         keep = grouped(_pad(keep, q.ndim), hkv)
     p, _ = masked_softmax(s, keep)
     probs = p.flatten(-4, -3)  # (*batch, H, Lq, Lk)
+    if torch.is_grad_enabled() and not probs.requires_grad:
+        probs.requires_grad_()  # inputs without grad: make the probabilities a leaf so their gradient exists
     used = probs
     if spec.dropout_p > 0:
         used = torch.nn.functional.dropout(probs, p=spec.dropout_p, training=True)

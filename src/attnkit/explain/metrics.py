@@ -1,0 +1,172 @@
+"""Faithfulness of a saliency map, generic over model, input and saliency.
+
+* :func:`pointing_game` (Zhang et al. 2016): does the saliency peak fall on the annotated object?
+* :func:`deletion` / :func:`insertion` (Petsiuk, Das & Saenko 2018, RISE, Sec. 4.1): remove (or insert) the
+  input units in order of decreasing saliency and integrate the model's score; a faithful saliency makes the
+  deletion curve drop fast (low AUC) and the insertion curve rise fast (high AUC).
+
+Saliency ``(B, *S)`` is over *units* of the input ``x`` ``(B, ...)``: the trailing dims of ``x`` (image pixels
+``(Hi, Wi)`` of ``(B, C, Hi, Wi)``, token ids ``(B, L)``), the dims right after the batch (token embeddings
+``(B, L, E)`` with ``S = (L,)``), or a coarser grid whose cells tile the trailing dims exactly (a ViT patch grid
+``(Gh, Gw)`` over ``(Hi, Wi)``: each patch is one unit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["CurveResult", "deletion", "insertion", "pointing_game", "random_saliency"]
+
+
+class CurveResult(NamedTuple):
+    """A deletion or insertion curve.
+
+    Attributes:
+        auc: ``(B,)`` area under the curve over the fraction of units changed, in ``[0, 1]`` on the x axis
+            (trapezoid rule), in the units of the score.
+        curve: ``(B, steps + 1)`` scores after changing ``fractions[k]`` of the units.
+        fractions: ``(steps + 1,)`` from 0 to 1.
+    """
+
+    auc: Tensor
+    curve: Tensor
+    fractions: Tensor
+
+
+def random_saliency(like: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """A uniform random saliency shaped like ``like`` (the baseline a real saliency must beat)."""
+    return torch.rand(like.shape, generator=generator, dtype=torch.float32).to(like.device)
+
+
+def pointing_game(saliency: Tensor, target: Tensor, *, tolerance: float = 0.0) -> Tensor:
+    """Hit (True) when the saliency maximum lies within ``tolerance`` units of a target unit (Zhang et al. 2016).
+
+    Args:
+        saliency: ``(B, *S)`` scores.
+        target: ``(B, *S)`` bool, True on the annotated object (e.g. a box mask on the patch grid).
+        tolerance: Euclidean distance in units (the paper uses 15 pixels); 0 = the maximum must be on target.
+
+    Returns:
+        ``(B,)`` bool hits; ``hits.float().mean()`` is the pointing accuracy.
+
+    Raises:
+        ValueError: shapes differ, or an item has no target unit.
+        TypeError: ``target`` is not bool.
+
+    References:
+        Zhang et al. 2016/2018, "Top-down Neural Attention by Excitation Backprop", Sec. 5.1.
+    """
+    if target.dtype != torch.bool:
+        raise TypeError(f"pointing_game: target must be a bool mask, got {target.dtype}")
+    if saliency.shape != target.shape or saliency.ndim < 2:
+        raise ValueError(
+            f"pointing_game: saliency {tuple(saliency.shape)} and target {tuple(target.shape)} must both be (B, *S)"
+        )
+    empty = [i for i in range(target.shape[0]) if not bool(target[i].any())]
+    if empty:
+        raise ValueError(f"pointing_game: items {empty} have no target unit")
+    spatial = saliency.shape[1:]
+    coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in spatial], indexing="ij"), -1)
+    coords = coords.reshape(-1, len(spatial)).double()  # (N, ndim)
+    peak = saliency.reshape(saliency.shape[0], -1).argmax(-1).cpu()  # (B,)
+    dist = torch.cdist(coords[peak], coords)  # (B, N)
+    dist = dist.masked_fill(~target.reshape(target.shape[0], -1).cpu(), float("inf"))
+    return (dist.amin(-1) <= tolerance).to(saliency.device)
+
+
+def _unit_map(x: Tensor, saliency: Tensor) -> Callable[[Tensor], Tensor]:
+    """A function turning a unit mask ``(B, *S)`` into a mask broadcastable to ``x``."""
+    s = tuple(saliency.shape[1:])
+    n = len(s)
+    if saliency.shape[0] != x.shape[0]:
+        raise ValueError(f"faithfulness: saliency batch {saliency.shape[0]} != input batch {x.shape[0]}")
+    if tuple(x.shape[-n:]) == s and x.ndim > n:
+        lead = x.ndim - 1 - n
+        return lambda m: m.reshape(m.shape[:1] + (1,) * lead + s)
+    if tuple(x.shape[1 : 1 + n]) == s:
+        trail = x.ndim - 1 - n
+        return lambda m: m.reshape(m.shape + (1,) * trail)
+    tail = tuple(x.shape[-n:])
+    if x.ndim > n and all(t % u == 0 for t, u in zip(tail, s)):
+        factors = [t // u for t, u in zip(tail, s)]
+        lead = x.ndim - 1 - n
+
+        def up(m: Tensor) -> Tensor:
+            for d, f in enumerate(factors):
+                m = m.repeat_interleave(f, dim=1 + d)
+            return m.reshape(m.shape[:1] + (1,) * lead + tail)
+
+        return up
+    raise ValueError(
+        f"faithfulness: saliency units {s} match neither the trailing dims {tuple(x.shape[-n:])} nor the dims "
+        f"after the batch {tuple(x.shape[1 : 1 + n])} of the input {tuple(x.shape)}, nor tile the trailing dims; "
+        "resample the saliency (torch.nn.functional.interpolate)"
+    )
+
+
+def _curve(model_fn, x, saliency, *, steps, baseline, insert) -> CurveResult:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"faithfulness: steps must be a positive int, got {steps!r}")
+    expand = _unit_map(x, saliency)
+    base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
+    if base.ndim and base.shape != x.shape:
+        raise ValueError(
+            f"faithfulness: baseline {tuple(base.shape)} must be a scalar or shaped like x {tuple(x.shape)}"
+        )
+    b = x.shape[0]
+    flat = saliency.reshape(b, -1)
+    units = flat.shape[1]
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(units, device=order.device).expand(b, units))
+    fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    scores = []
+    with torch.no_grad():
+        for f in fractions:
+            changed = (rank < round(float(f) * units)).reshape(saliency.shape)
+            keep_x = ~changed if not insert else changed
+            xm = torch.where(expand(keep_x), x, base)
+            score = model_fn(xm)
+            if not isinstance(score, Tensor) or score.shape != (b,):
+                raise ValueError(f"faithfulness: model_fn must return (B,) = ({b},) scores, got {score!r:.80}")
+            scores.append(score.detach().double().cpu())
+    curve = torch.stack(scores, 1)
+    return CurveResult(torch.trapezoid(curve, fractions), curve, fractions)
+
+
+def deletion(
+    model_fn: Callable[[Tensor], Tensor], x: Tensor, saliency: Tensor, *, steps: int = 20, baseline=0.0
+) -> CurveResult:
+    """Deletion curve: replace the most salient units by ``baseline`` first (Petsiuk et al. 2018, RISE).
+
+    Args:
+        model_fn: ``x -> (B,)`` scores, e.g. the probability of the explained class.
+        x: ``(B, ...)`` input (float images, embeddings, or integer token ids with a pad/mask id baseline).
+        saliency: ``(B, *S)`` unit scores (see the module docstring for how units map onto ``x``).
+        steps: number of deletion steps (``steps + 1`` forwards of the batch).
+        baseline: scalar or tensor shaped like ``x`` that replaces deleted units (0 = black image; a mask id).
+
+    Returns:
+        :class:`CurveResult`; lower ``auc`` = more faithful.
+
+    Raises:
+        ValueError: saliency units that do not fit ``x``; bad ``steps``/``baseline``; wrong score shape.
+
+    References:
+        Petsiuk, Das & Saenko 2018, "RISE: Randomized Input Sampling for Explanation of Black-box Models",
+        BMVC, Sec. 4.1 (deletion and insertion metrics).
+    """
+    return _curve(model_fn, x, saliency, steps=steps, baseline=baseline, insert=False)
+
+
+def insertion(
+    model_fn: Callable[[Tensor], Tensor], x: Tensor, saliency: Tensor, *, steps: int = 20, baseline=0.0
+) -> CurveResult:
+    """Insertion curve: start from ``baseline`` (RISE uses a blurred image) and insert the most salient units
+    first. Same arguments as :func:`deletion`; higher ``auc`` = more faithful.
+    """
+    return _curve(model_fn, x, saliency, steps=steps, baseline=baseline, insert=True)

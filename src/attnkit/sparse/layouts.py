@@ -13,12 +13,13 @@ import torch
 from torch import Tensor
 
 from attnkit.functional.masks import normalize_window_size
-from attnkit.sparse.block_mask import BlockMask
+from attnkit.sparse.block_mask import BlockMask, _check_len
 
 __all__ = ["bigbird", "causal", "document", "global_tokens", "longformer", "sliding_window"]
 
 
 def _block_bounds(length: int, block_size: int, device) -> tuple[Tensor, Tensor]:
+    _check_len("length", length), _check_len("block_size", block_size)
     start = torch.arange(0, length, block_size, device=device)
     return start, (start + block_size).clamp(max=length) - 1
 
@@ -107,6 +108,7 @@ def global_tokens(seq_len: int, tokens, *, block_size: int = 128, device=None) -
     Raises:
         ValueError: positions outside ``[0, L)``.
     """
+    _check_len("seq_len", seq_len), _check_len("block_size", block_size)
     flags = _as_flags(tokens, seq_len, "global_tokens", device)
     nb = -(-seq_len // block_size)
     padded = torch.cat([flags, flags.new_zeros(nb * block_size - seq_len)]).view(nb, block_size)
@@ -155,6 +157,7 @@ def bigbird(
             raise ValueError(f"bigbird: expected {name} >= 0, got {n}")
     if num_random_blocks < 0:
         raise ValueError(f"bigbird: expected num_random_blocks >= 0, got {num_random_blocks}")
+    _check_len("seq_len", seq_len), _check_len("block_size", block_size)
     nb = -(-seq_len // block_size)
     i = torch.arange(nb)
     table = (i[:, None] - i[None, :]).abs() <= num_window_blocks // 2

@@ -6,6 +6,7 @@ and ``nn.MultiheadAttention`` without changing the model's outputs; ``rollout``,
 faithfulness; ``plots`` and ``report`` draw them (matplotlib: ``pip install attnkit[explain]``).
 """
 
+from attnkit.explain import plots
 from attnkit.explain.capture import Recording, capture
 from attnkit.explain.flow import attention_flow
 from attnkit.explain.heads import attention_distance, head_entropy, head_importance
@@ -13,18 +14,21 @@ from attnkit.explain.metrics import CurveResult, deletion, insertion, pointing_g
 from attnkit.explain.records import AttentionRecord, TokenLayout
 from attnkit.explain.reducers import Entropy, HeadMean, Received, Reducer, Rollout, TopK
 from attnkit.explain.relevance import Relevance, relevance
+from attnkit.explain.report import HeadMaps, Section, report
 from attnkit.explain.rollout import rollout
 
 __all__ = [
     "AttentionRecord",
     "CurveResult",
     "Entropy",
+    "HeadMaps",
     "HeadMean",
     "Received",
     "Recording",
     "Reducer",
     "Relevance",
     "Rollout",
+    "Section",
     "TokenLayout",
     "TopK",
     "attention_distance",
@@ -34,8 +38,10 @@ __all__ = [
     "head_entropy",
     "head_importance",
     "insertion",
+    "plots",
     "pointing_game",
     "random_saliency",
     "relevance",
+    "report",
     "rollout",
 ]

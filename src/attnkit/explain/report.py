@@ -1,0 +1,263 @@
+"""``report()``: one self-contained HTML file with text, tables, figures and an interactive layer/head selector.
+
+Everything is inlined: figures as base64 PNG ``<img>``, attention maps as base64 bytes drawn on a ``<canvas>``
+by a few lines of plain JavaScript. The page loads nothing from the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnkit.explain._io import atomic_write
+
+__all__ = ["HeadMaps", "Section", "report"]
+
+
+@dataclass
+class HeadMaps:
+    """A layer x head set of attention maps for one example, browsed with the report's selector.
+
+    Attributes:
+        maps: ``(layers, H, Lq, Lk)`` probabilities (e.g. ``rec.stack()[:, b]``).
+        query_tokens: ``Lq`` labels of the rows, optional.
+        key_tokens: ``Lk`` labels of the columns, optional (default: the query labels when ``Lq == Lk``).
+        layer_names: ``layers`` labels, optional.
+    """
+
+    maps: Tensor
+    query_tokens: Sequence[str] | None = None
+    key_tokens: Sequence[str] | None = None
+    layer_names: Sequence[str] | None = None
+
+    def check(self) -> None:
+        """Raise ValueError when shapes and labels disagree."""
+        if not isinstance(self.maps, Tensor) or self.maps.ndim != 4:
+            raise ValueError(
+                f"HeadMaps: maps must be a (layers, H, Lq, Lk) tensor, got {getattr(self.maps, 'shape', self.maps)!r}"
+            )
+        layers, _, lq, lk = self.maps.shape
+        for name, labels, n in (
+            ("query_tokens", self.query_tokens, lq),
+            ("key_tokens", self.key_tokens, lk),
+            ("layer_names", self.layer_names, layers),
+        ):
+            if labels is not None and len(labels) != n:
+                raise ValueError(f"HeadMaps: {name} has {len(labels)} labels, maps need {n}")
+
+
+@dataclass
+class Section:
+    """One part of a report.
+
+    Attributes:
+        title: heading.
+        text: plain text (HTML-escaped; blank lines separate paragraphs).
+        table: rows of cells (rendered with ``str``), optional; ``table_header`` labels its columns.
+        figures: matplotlib figures or PNG bytes, inlined in order.
+        head_maps: maps browsed with the interactive layer/head selector.
+    """
+
+    title: str
+    text: str | None = None
+    table: Sequence[Sequence[Any]] | None = None
+    table_header: Sequence[str] | None = None
+    figures: Sequence[Any] = field(default_factory=list)
+    head_maps: HeadMaps | None = None
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}
+.selector label{margin-right:1em}canvas{border:1px solid #ccc;image-rendering:pixelated;margin-top:.5em}
+.hover{font-family:monospace;min-height:1.4em}
+"""
+
+_JS = """
+(function () {
+  function decode(b64) {
+    const s = atob(b64);
+    const a = new Uint8Array(s.length);
+    for (let i = 0; i < s.length; i++) a[i] = s.charCodeAt(i);
+    return a;
+  }
+  function color(v) {  // white -> blue
+    const t = v / 255;
+    return [Math.round(255 * (1 - t)), Math.round(255 * (1 - 0.6 * t)), Math.round(255 * (1 - 0.15 * t))];
+  }
+  document.querySelectorAll(".headmaps").forEach(function (box) {
+    const meta = JSON.parse(box.querySelector('script[type="application/json"]').textContent);
+    const data = decode(meta.data);
+    const H = meta.heads, Q = meta.lq, K = meta.lk, n = Q * K;
+    const layerSel = box.querySelector("select.layer"), headSel = box.querySelector("select.head");
+    const canvas = box.querySelector("canvas"), hover = box.querySelector(".hover");
+    const ctx = canvas.getContext("2d");
+    const cell = Math.max(2, Math.min(16, Math.floor(560 / Math.max(Q, K))));
+    canvas.width = K * cell;
+    canvas.height = Q * cell;
+    let current = new Float32Array(n);
+    function addMap(l, h, weight) {
+      const o = (l * H + h) * n, s = meta.scale[l * H + h] / 255 * weight;
+      for (let i = 0; i < n; i++) current[i] += data[o + i] * s;
+    }
+    function draw() {
+      const l = +layerSel.value, h = headSel.value;
+      current = new Float32Array(n);
+      if (h === "mean") { for (let k = 0; k < H; k++) addMap(l, k, 1 / H); } else { addMap(l, +h, 1); }
+      let mx = 0;
+      for (let i = 0; i < n; i++) mx = Math.max(mx, current[i]);
+      const scale = mx > 0 ? 255 / mx : 0;
+      const img = ctx.createImageData(K * cell, Q * cell);
+      for (let q = 0; q < Q; q++) {
+        for (let k = 0; k < K; k++) {
+          const c = color(current[q * K + k] * scale);
+          for (let dy = 0; dy < cell; dy++) {
+            for (let dx = 0; dx < cell; dx++) {
+              const p = ((q * cell + dy) * K * cell + k * cell + dx) * 4;
+              img.data[p] = c[0]; img.data[p + 1] = c[1]; img.data[p + 2] = c[2]; img.data[p + 3] = 255;
+            }
+          }
+        }
+      }
+      ctx.putImageData(img, 0, 0);
+      box.dataset.drawn = l + ":" + h;
+    }
+    canvas.addEventListener("mousemove", function (e) {
+      const r = canvas.getBoundingClientRect();
+      const k = Math.floor((e.clientX - r.left) * canvas.width / r.width / cell);
+      const q = Math.floor((e.clientY - r.top) * canvas.height / r.height / cell);
+      if (q < 0 || q >= Q || k < 0 || k >= K) return;
+      const qt = meta.qtok ? meta.qtok[q] : q, kt = meta.ktok ? meta.ktok[k] : k;
+      hover.textContent = qt + " \\u2192 " + kt + ": " + current[q * K + k].toFixed(4);
+    });
+    layerSel.addEventListener("change", draw);
+    headSel.addEventListener("change", draw);
+    draw();
+  });
+})();
+"""
+
+
+def _figure_b64(fig: Any) -> str:
+    if isinstance(fig, (bytes, bytearray)):
+        if not bytes(fig[:8]) == b"\x89PNG\r\n\x1a\n":
+            raise ValueError("report: figure bytes must be a PNG image")
+        data = bytes(fig)
+    elif hasattr(fig, "savefig"):
+        from attnkit.explain.plots import figure_png
+
+        data = figure_png(fig)
+    else:
+        raise TypeError(f"report: figures must be matplotlib figures or PNG bytes, got {type(fig).__name__}")
+    return base64.b64encode(data).decode("ascii")
+
+
+def _head_maps_html(hm: HeadMaps, index: int) -> str:
+    hm.check()
+    maps = hm.maps.detach().float().cpu().clamp_min(0)
+    layers, heads, lq, lk = maps.shape
+    flat = maps.reshape(layers * heads, -1)
+    peak = flat.amax(-1).clamp_min(1e-30)
+    quant = torch.round(flat / peak[:, None] * 255).to(torch.uint8)
+    key_tokens = hm.key_tokens if hm.key_tokens is not None else (hm.query_tokens if lq == lk else None)
+    meta = {
+        "layers": layers,
+        "heads": heads,
+        "lq": lq,
+        "lk": lk,
+        "scale": [float(p) for p in peak],
+        "qtok": None if hm.query_tokens is None else [str(t) for t in hm.query_tokens],
+        "ktok": None if key_tokens is None else [str(t) for t in key_tokens],
+        "data": base64.b64encode(quant.numpy().tobytes()).decode("ascii"),
+    }
+    names = hm.layer_names if hm.layer_names is not None else [f"layer {i}" for i in range(layers)]
+    layer_opts = "".join(f'<option value="{i}">{html.escape(str(n))}</option>' for i, n in enumerate(names))
+    head_opts = '<option value="mean">mean of heads</option>' + "".join(
+        f'<option value="{h}">head {h}</option>' for h in range(heads)
+    )
+    payload = json.dumps(meta).replace("</", "<\\/")
+    return (
+        f'<div class="headmaps" id="headmaps-{index}"><div class="selector">'
+        f'<label>Layer <select class="layer">{layer_opts}</select></label>'
+        f'<label>Head <select class="head">{head_opts}</select></label></div>'
+        f'<canvas></canvas><div class="hover"></div>'
+        f'<script type="application/json">{payload}</script></div>'
+    )
+
+
+def _section_html(sec: Section, index: int) -> str:
+    if not isinstance(sec, Section):
+        raise TypeError(f"report: sections must be Section objects, got {type(sec).__name__}")
+    parts = [f"<section><h2>{html.escape(sec.title)}</h2>"]
+    if sec.text:
+        parts += [f"<p>{html.escape(p.strip())}</p>" for p in sec.text.split("\n\n") if p.strip()]
+    if sec.table is not None:
+        rows = []
+        if sec.table_header is not None:
+            rows.append("<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in sec.table_header) + "</tr>")
+        for row in sec.table:
+            rows.append("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>")
+        parts.append("<table>" + "".join(rows) + "</table>")
+    for fig in sec.figures:
+        parts.append(f'<img alt="{html.escape(sec.title)}" src="data:image/png;base64,{_figure_b64(fig)}">')
+    if sec.head_maps is not None:
+        parts.append(_head_maps_html(sec.head_maps, index))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _cell(c: Any) -> str:
+    if isinstance(c, float):
+        return f"{c:.4g}"
+    if isinstance(c, Tensor) and c.numel() == 1:
+        return f"{float(c):.4g}"
+    return str(c)
+
+
+def report(
+    path: str | os.PathLike,
+    sections: Sequence[Section],
+    *,
+    title: str = "attnkit report",
+    overwrite: bool = False,
+) -> Path:
+    """Write one self-contained HTML page: the attention dashboard to attach to a bug report.
+
+    Args:
+        path: the ``.html`` file to write.
+        sections: :class:`Section` objects in order (text, tables, figures, layer x head map sets).
+        title: page title and top heading.
+        overwrite: replace an existing file (otherwise it is left untouched and an error raised).
+
+    Returns:
+        the path written.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        TypeError: a section is not a :class:`Section`, or a figure is neither a figure nor PNG bytes.
+        ValueError: no sections, or head maps with inconsistent shapes/labels.
+
+    The file is written atomically (temporary file + ``os.replace``). Images are inlined as base64 PNG;
+    the layer/head selector is plain JavaScript drawing on a canvas; nothing is fetched from the network.
+    """
+    sections = list(sections)
+    if not sections:
+        raise ValueError("report: got no sections; pass at least one Section")
+    body = "".join(_section_html(s, i) for i, s in enumerate(sections))
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>{body}<script>{_JS}</script></body></html>\n"
+    )
+    return atomic_write(path, page.encode("utf-8"), overwrite=overwrite, who="report")

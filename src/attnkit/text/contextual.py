@@ -57,7 +57,7 @@ def find_word(tokens: list[str], word: str) -> int:
     """
     target = word.lower()
     for i, tok in enumerate(tokens):
-        if tok.lower().lstrip("Ġ▁").removeprefix("##") == target:
+        if tok.lstrip("Ġ▁").removeprefix("##").lower() == target:
             return i
     raise ValueError(f"the word {word!r} is not a token of the sentence; tokens: {tokens}")
 

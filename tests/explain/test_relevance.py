@@ -159,3 +159,31 @@ def test_errors():
     a = torch.rand(1, 1, 3, 3)
     with pytest.raises(ValueError, match="mismatched token counts"):
         propagate_relevance([a, torch.rand(1, 1, 4, 4)], [a, None], ["self", "self"], ["l.0", "l.1"])
+
+
+def test_hf_bert_relevance_matches_eager_attentions_reference(hf_pair):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        vocab_size=60,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    sdpa, eager = hf_pair(BertForSequenceClassification, cfg)
+    ids = torch.randint(0, 60, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    got = relevance(sdpa, {"input_ids": ids, "attention_mask": mask}, target=torch.tensor([2, 0]))
+    # Reference: transformers' eager attentions are the probabilities on the autograd path of the logits.
+    out = eager(input_ids=ids, attention_mask=mask, output_attentions=True)
+    score = out.logits[torch.arange(2), torch.tensor([2, 0])].sum()
+    grads = torch.autograd.grad(score, out.attentions)
+    r = torch.eye(9).expand(2, 9, 9)
+    for a, g in zip(out.attentions, grads):
+        r = r + (g * a).clamp_min(0).mean(1) @ r
+    torch.testing.assert_close(got.get(), r.detach(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.output.logits, out.logits.detach(), atol=1e-5, rtol=0)

@@ -7,6 +7,7 @@ from attnkit.nn.additive import AdditiveAttention
 from attnkit.nn.decoder_layer import TransformerDecoderLayer
 from attnkit.nn.encoder_layer import TransformerEncoderLayer
 from attnkit.nn.kv_cache import KVCache
+from attnkit.nn.local_attention import LocalAttention, LongformerAttention
 from attnkit.nn.luong import LuongAttention
 from attnkit.nn.multihead import MultiHeadAttention
 from attnkit.nn.rotary import RotaryEmbedding
@@ -16,6 +17,8 @@ __all__ = [
     "ACTIVATIONS",
     "AdditiveAttention",
     "KVCache",
+    "LocalAttention",
+    "LongformerAttention",
     "LuongAttention",
     "MultiHeadAttention",
     "RotaryEmbedding",

@@ -9,6 +9,12 @@ from pathlib import Path
 __all__ = ["atomic_write"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = False, who: str = "write") -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``.
 
@@ -30,7 +36,15 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        if overwrite:
+            os.replace(tmp, path)
+        else:  # link fails if the path appeared meanwhile: never clobber, even in a race
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{who}: {str(path)!r} exists; pass overwrite=True to replace it") from None
+            os.unlink(tmp)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

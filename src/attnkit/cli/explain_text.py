@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     where = "[CLS]" if tm.summary_row == "first" else "the last token"
-    print(f"{args.method}: tokens that {where} draws on ({tm.path.name}, {len(maps)} layers)")
+    print(f"{args.method}: tokens that {where} draws on ({tm.name}, {len(maps)} layers)")
     for b, text in enumerate(args.text):
         tokens = tm.tokens(batch["input_ids"][b])
         top = top_tokens(tokens, scores[b], k=args.top)

@@ -10,6 +10,8 @@ from torch import Tensor
 
 from attnkit.cli.registry import UserError
 
+SPECIAL_TOKENS = frozenset({"[CLS]", "[SEP]", "[PAD]", "<|endoftext|>"})
+
 
 def text_sections(tm, batch: dict[str, Tensor], maps: list[Tensor], scores: Tensor, texts: Sequence[str], method: str):
     """Sections for a text explanation: token heatmaps, a top-token table, a layer x head browser per text."""
@@ -19,7 +21,12 @@ def text_sections(tm, batch: dict[str, Tensor], maps: list[Tensor], scores: Tens
 
     mask = batch["attention_mask"].bool()
     tokens = [tm.tokens(batch["input_ids"][b][mask[b]]) for b in range(len(texts))]
-    fig = plots.token_heatmaps(tokens, scores, titles=[f"{method}: {t}" for t in texts])
+    shown = scores.clone()  # special tokens ([CLS] keeps most of its own rollout) would wash out the colours
+    for b, toks in enumerate(tokens):
+        for i, tok in enumerate(toks):
+            if tok in SPECIAL_TOKENS:
+                shown[b, i] = 0.0
+    fig = plots.token_heatmaps(tokens, shown, titles=[f"{method}: {t}" for t in texts])
     rows = [
         [t, ", ".join(f"{tok} ({s:.3f})" for tok, s in top_tokens(tokens[b], scores[b], k=6))]
         for b, t in enumerate(texts)
@@ -64,4 +71,4 @@ def write_report(path: Path, sections, *, title: str, overwrite: bool) -> Path:
 def text_report(tm, batch, maps, scores, texts, *, method: str, out: Path, overwrite: bool) -> Path:
     """The ``explain-text --out`` page."""
     sections = text_sections(tm, batch, maps, scores, texts, method)
-    return write_report(out, sections, title=f"attnkit explain-text: {tm.path.name}", overwrite=overwrite)
+    return write_report(out, sections, title=f"attnkit explain-text: {tm.name}", overwrite=overwrite)

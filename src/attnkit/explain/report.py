@@ -103,7 +103,7 @@ _JS = """
     const layerSel = box.querySelector("select.layer"), headSel = box.querySelector("select.head");
     const canvas = box.querySelector("canvas"), hover = box.querySelector(".hover");
     const ctx = canvas.getContext("2d");
-    const cell = Math.max(2, Math.min(16, Math.floor(560 / Math.max(Q, K))));
+    const cell = Math.max(2, Math.min(36, Math.floor(560 / Math.max(Q, K))));
     canvas.width = K * cell;
     canvas.height = Q * cell;
     let current = new Float32Array(n);

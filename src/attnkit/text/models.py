@@ -44,6 +44,18 @@ class TextModel:
     model: torch.nn.Module
 
     @property
+    def name(self) -> str:
+        """A readable model name: the checkpoint's ``_name_or_path``, else its directory name."""
+        try:
+            config = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        name = config.get("_name_or_path") or ""
+        if self.path == default_model_dir():
+            return "all-MiniLM-L6-v2"
+        return Path(name).name or self.path.name
+
+    @property
     def summary_row(self) -> str:
         """Which query row summarises the sequence: BERT's [CLS] (first), GPT-2's last real token."""
         return "first" if self.family == "bert" else "last"

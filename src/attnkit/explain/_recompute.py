@@ -107,7 +107,12 @@ def probability_tiles(
         r = row_index[start : start + step]
         contiguous = rows is None
         qt = q[:, :, start : start + step] if contiguous else q.index_select(2, r.to(q.device))
-        s = torch.matmul(qt.to(acc), kt).mul_(spec.scale)  # (B, H', t, Lk), scaled as eager code does
+        # (B, H', t, Lk) = scale * (q @ k^T): one GEMM with alpha, bit-identical to (q @ k^T) * scale as eager
+        # implementations compute it, and one pass over the scores cheaper.
+        b_, h_, t_ = qt.shape[0], qt.shape[1], qt.shape[2]
+        q3 = qt.to(acc).reshape(b_ * h_, t_, qt.shape[-1])
+        k3 = kt.reshape(b_ * h_, kt.shape[-2], lk)
+        s = torch.baddbmm(q3.new_empty(1, 1, 1), q3, k3, beta=0.0, alpha=spec.scale).view(b_, h_, t_, lk)
         if spec.softcap is not None:
             s = spec.softcap * torch.tanh(s / spec.softcap)
         b = None if bias is None else (bias[..., start : start + step, :] if contiguous else _take(bias, -2, r))

@@ -10,7 +10,7 @@ from attnkit.cli.registry import UserError, subcommand
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="short lengths and budget (seconds, not minutes)")
     parser.add_argument(
-        "--length", type=int, default=None, help="sequence length for the long case (default 4096; quick: 1024)"
+        "--length", type=int, default=None, help="sequence length for the long case (default 4096; quick: 2048)"
     )
 
 
@@ -18,7 +18,7 @@ def cases(quick: bool, length: int | None = None):
     """The demo/bench cases: dense, causal and sliding window at one long length, float32."""
     from attnkit.benchmark import AttentionCase
 
-    length = length or (1024 if quick else 4096)
+    length = length or (2048 if quick else 4096)
     if length < 16:
         raise UserError(f"--length must be at least 16, got {length}")
     return [AttentionCase(length=length, mask=m, window=min(256, length // 4)) for m in ("dense", "causal", "window")]

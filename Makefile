@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# The demo replaces its own previous report (attnkit-demo/report.html); `attnkit demo` alone refuses to.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m attnkit.cli.main demo $(DEMO_ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/attnkit demo --overwrite $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

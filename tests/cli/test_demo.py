@@ -3,9 +3,9 @@
 import re
 
 import pytest
-from browser import FLAGS, chromium_or_skip
 
 from attnkit.cli.main import main
+from report_browser import FLAGS, chromium_or_skip
 
 
 @pytest.fixture(scope="module")

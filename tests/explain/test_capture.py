@@ -167,6 +167,42 @@ def test_attnkit_attention_is_recorded():
     torch.testing.assert_close(m.weights, want, atol=1e-6, rtol=0)
 
 
+def test_extra_batch_dims_and_broadcast_masks_like_window_attention():
+    class Windows(nn.Module):
+        def forward(self, q, k, v, mask):
+            return attnkit.attention(q, k, v, attn_mask=mask, window_size=(3, 1))
+
+    q, k, v = torch.randn(3, 2, 4, 2, 9, 8).unbind(0)  # (B, nW, H, N, D)
+    mask = torch.rand(4, 1, 9, 9) > 0.3  # (nW, 1, N, N), broadcast over B and H
+    model = Windows()
+    with capture(model) as rec:
+        model(q, k, v, mask)
+    want = attnkit.attention(q, k, v, attn_mask=mask, window_size=(3, 1), return_weights=True, backend="math")
+    (m,) = rec.maps
+    assert m.shape == (8, 2, 9, 9)
+    torch.testing.assert_close(m.weights, want.weights.reshape(8, 2, 9, 9), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_attnkit_vision_models_publish_their_layout():
+    from attnkit.vision.vit import VisionTransformer
+    from attnkit.vision.window import WindowAttention
+
+    vit = VisionTransformer(image_size=(32, 48), patch_size=8, num_classes=3, embed_dim=32, depth=2, num_heads=4)
+    x = torch.randn(2, 3, 32, 48)
+    ref = vit.eval()(x)
+    with capture(vit) as rec:
+        out = vit(x)
+    assert torch.equal(out, ref)
+    assert [m.layout for m in rec.maps] == [TokenLayout(num_prefix_tokens=1, grid=(4, 6), patch_size=(8, 8))] * 2
+    win = WindowAttention(16, 2, window_size=4, shift_size=2)
+    with capture(win) as rec:
+        win(torch.randn(2, 8, 8, 16))
+    (m,) = rec.maps
+    assert m.shape == (8, 2, 16, 16) and m.layout.window == (4, 4) and m.layout.num_tokens == 16
+    torch.testing.assert_close(m.weights.sum(-1), torch.ones(8, 2, 16))
+
+
 def test_cross_attention_is_labelled():
     dec = nn.TransformerDecoderLayer(16, 4, 32, batch_first=True).eval()
     tgt, mem = torch.randn(2, 3, 16), torch.randn(2, 8, 16)

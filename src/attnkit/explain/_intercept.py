@@ -5,7 +5,6 @@ Everything installed in ``__enter__`` is removed in ``__exit__``, also when the 
 
 from __future__ import annotations
 
-import inspect
 import sys
 from collections.abc import Callable
 
@@ -14,9 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import attnkit.backends as _backends
-from attnkit.explain._mha import encoder_layer_weights, mha_weights
-from attnkit.explain._recompute import probability_tiles, sdpa_math, spec_from_sdpa
-from attnkit.explain.records import AttentionRecord, TokenLayout
+from attnkit.explain._mha import ModuleHooks
+from attnkit.explain._recompute import (
+    probability_tiles,
+    sdpa_math,
+    select_index,
+    select_weights,
+    spec_from_sdpa,
+)
+from attnkit.explain.records import AttentionRecord, TokenLayout, layout_from_dict
 from attnkit.functional import observe
 from attnkit.functional.spec import AttentionSpec
 
@@ -28,32 +33,9 @@ _CROSS_KWARGS = ("encoder_hidden_states", "key_value_states", "cross_attention_s
 #: "encoder_attn", annotated-transformer "src_attn").
 _CROSS_NAMES = ("cross", "encdec", "encoder_attn", "src_attn")
 _BACKEND_MODULE = "attnkit.backends.sdpa"
-_MHA_SIG = inspect.signature(nn.MultiheadAttention.forward)
-_ENC_SIG = inspect.signature(nn.TransformerEncoderLayer.forward)
 
 
-def _bind(sig: inspect.Signature, module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    bound = sig.bind(module, *args, **kwargs)
-    bound.apply_defaults()
-    return bound.arguments
-
-
-def _layout_from(d: dict) -> TokenLayout | None:
-    if not d:
-        return None
-    known = {k: d[k] for k in ("num_prefix_tokens", "grid", "patch_size", "window") if k in d}
-    for k in ("grid", "patch_size", "window"):
-        if k in known and known[k] is not None:
-            known[k] = tuple(int(v) for v in known[k])
-    extra = {k: v for k, v in d.items() if k not in known}
-    return TokenLayout(**known, extra=extra)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-class Interceptor:
+class Interceptor(ModuleHooks):
     """Installs the interception for one :func:`capture` block (see there for the options)."""
 
     def __init__(
@@ -77,7 +59,7 @@ class Interceptor:
         self.reducers, self.store, self.layout, self.differentiable = reducers, store, layout, differentiable
         self.head_gates = head_gates
         self.names = {m: n for n, m in reversed(list(model.named_modules()))}
-        self.stack: list[tuple[str, bool | None]] = []
+        self.stack: list[tuple[str, bool | None, nn.Module]] = []
         self.layer_ids: dict[str, int] = {}
         self.mha_entries: dict[int, int] = {}
         self.pending: dict[int, Tensor] = {}
@@ -139,7 +121,7 @@ class Interceptor:
         hint = None
         if kwargs and any(kwargs.get(k) is not None for k in _CROSS_KWARGS):
             hint = True
-        self.stack.append((self.names[module], hint))
+        self.stack.append((self.names[module], hint, module))
 
     def _post(self, module, args, output):
         if self.stack:
@@ -152,7 +134,7 @@ class Interceptor:
         tensors that differ (``nn.MultiheadAttention``), or its path names cross-attention; otherwise, when
         ``Lq != Lk``, cross unless the same module ran self-attention before (KV-cache decoding).
         """
-        name, cross = self.stack[-1]
+        name, cross, _ = self.stack[-1]
         if cross is None:
             low = name.lower()
             cross = any(f in low for f in _CROSS_NAMES)
@@ -168,15 +150,19 @@ class Interceptor:
     def _patch_pre(self, module, args):
         x = args[0] if args else None
         if isinstance(x, Tensor) and x.dim() == 4:
-            ph, pw = _pair(module.patch_size)
+            ph, pw = (module.patch_size,) * 2 if isinstance(module.patch_size, int) else module.patch_size[:2]
             self.auto_layout = TokenLayout(grid=(x.shape[-2] // ph, x.shape[-1] // pw), patch_size=(ph, pw))
 
     def _layout(self, reported: dict | None, num_tokens: int) -> TokenLayout | None:
         if self.layout is not None:
             return self.layout
-        got = _layout_from(reported or {})
+        got = layout_from_dict(reported or {})
         if got is not None:
             return got
+        for _, _, module in reversed(self.stack):  # attnkit.vision modules publish `token_layout` before attending
+            published = getattr(module, "token_layout", None)
+            if isinstance(published, dict) and published:
+                return layout_from_dict(published)
         auto = self.auto_layout
         if auto is not None and auto.grid is not None:
             prefix = num_tokens - auto.grid[0] * auto.grid[1]
@@ -266,100 +252,13 @@ class Interceptor:
                     source="attnkit",
                     shape=tuple(w.shape),
                     weights=w if self.store else None,
-                    layout=_layout_from(event.layout),
+                    layout=layout_from_dict(event.layout),
                 )
             )
-
-    # nn.MultiheadAttention: per-head weights unless an intercepted SDPA call inside it produced them.
-    def _mha_pre(self, module, args, kwargs):
-        self.mha_entries[id(module)] = self.mha_entries.get(id(module), 0) + 1
-        self.mha_start[id(module)] = self.rec.num_calls
-        if self.differentiable and not self.suspended and self.stack:
-            a = _bind(_MHA_SIG, module, args, kwargs)
-            if a["need_weights"]:
-                # Run the SDPA path (intercepted, differentiable) and hand the weights back in _mha_post.
-                self.mha_wants[id(module)] = (a["average_attn_weights"], a["query"].dim() == 2)
-                kwargs = {**kwargs, "need_weights": False}
-                if len(args) > 4:
-                    args = (*args[:4], False, *args[5:])
-                    kwargs.pop("need_weights")
-                result = (args, kwargs)
-            else:
-                result = None
-        else:
-            result = None
-        q = args[0] if args else kwargs.get("query")
-        k = args[1] if len(args) > 1 else kwargs.get("key")
-        if self.stack and isinstance(q, Tensor) and isinstance(k, Tensor):
-            self.stack[-1] = (self.stack[-1][0], not _same(q, k))
-        return result
-
-    def _mha_post(self, module, args, kwargs, output):
-        start = self.mha_start.pop(id(module), None)
-        wants = self.mha_wants.pop(id(module), None)
-        if wants is not None and start is not None:
-            made = [m for m in self.rec.maps if m.call >= start and m.weights is not None]
-            if made and isinstance(output, tuple):
-                w = made[-1].weights
-                w = w.mean(1) if wants[0] else w
-                return (output[0], w.squeeze(0) if wants[1] else w)
-        if self.suspended or start is None or self.rec.num_calls > start or not self.stack:
-            return None
-        a = _bind(_MHA_SIG, module, args, kwargs)
-        name, _ = self._where()
-        layer = self._layer(name)
-        cross = not _same(a["query"], a["key"])
-        if self.layers is not None and layer not in self.layers:
-            self._count()
-            return None
-        w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        dropping = module.training and module.dropout > 0
-        if w is None or a["average_attn_weights"] or dropping or w.dim() not in (3, 4):
-            w = mha_weights(
-                module,
-                a["query"],
-                a["key"],
-                a["value"],
-                key_padding_mask=a["key_padding_mask"],
-                attn_mask=a["attn_mask"],
-                is_causal=a["is_causal"],
-            )
-        elif w.dim() == 3:
-            w = w.unsqueeze(0)
-        self._record(name, layer, cross, "nn.MultiheadAttention", weights=w.detach())
-        return None
-
-    def _enc_pre(self, module, args, kwargs):
-        self.enc_start[id(module)] = self.mha_entries.get(id(module.self_attn), 0)
-
-    def _enc_post(self, module, args, kwargs, output):
-        before = self.enc_start.pop(id(module), None)
-        if self.suspended or before is None or self.mha_entries.get(id(module.self_attn), 0) > before:
-            return None
-        # The native fast path ran: the attention module was never called. Recompute from the layer input.
-        a = _bind(_ENC_SIG, module, args, kwargs)
-        name = self.names[module.self_attn]
-        layer = self._layer(name)
-        if self.layers is not None and layer not in self.layers:
-            self._count()
-            return None
-        w = encoder_layer_weights(module, a["src"], a["src_mask"], a["src_key_padding_mask"], a["is_causal"])
-        self._record(name, layer, False, "nn.MultiheadAttention", weights=w)
-        return None
 
     # ---------------------------------------------------------------- records
     def _count(self) -> None:
         self.rec.num_calls += 1
-
-    def _index(self, sel, size: int, what: str, name: str) -> Tensor | None:
-        if sel is None:
-            return None
-        if isinstance(sel, slice):
-            return torch.arange(size)[sel]
-        bad = [i for i in sel if not -size <= i < size] if what == "query_rows" else [i for i in sel if i >= size]
-        if bad:
-            raise ValueError(f"capture: {what} {bad} out of range for {name!r}, which has {size} {what.split('_')[-1]}")
-        return torch.tensor([i % size for i in sel], dtype=torch.long)
 
     def _record(self, name, layer, cross, source, *, spec=None, weights=None, lse=None, layout=None):
         self.rec.num_calls += 1
@@ -372,8 +271,8 @@ class Interceptor:
         else:
             shape = tuple(full.shape)
         num_heads, lq = shape[1], shape[2]
-        heads = self._index(self.heads, num_heads, "heads", name)
-        rows = self._index(self.query_rows, lq, "query_rows", name)
+        heads = select_index(self.heads, num_heads, "heads", name)
+        rows = select_index(self.query_rows, lq, "query_rows", name)
         rec = AttentionRecord(
             name=name,
             layer=layer,
@@ -395,7 +294,7 @@ class Interceptor:
             return
         with torch.no_grad():
             if full is not None:
-                tiles = [(self._select(full, heads, rows), rows if rows is not None else torch.arange(lq))]
+                tiles = [(select_weights(full, heads, rows), rows if rows is not None else torch.arange(lq))]
             else:
                 tiles = probability_tiles(spec, heads=heads, rows=rows, lse=lse)
             for r in self.reducers:
@@ -413,25 +312,6 @@ class Interceptor:
             if full is not None:
                 rec.weights = rec.weights.float() if rec.weights.dtype != torch.float64 else rec.weights
         self.rec.maps.append(rec)
-
-    @staticmethod
-    def _select(full: Tensor, heads: Tensor | None, rows: Tensor | None) -> Tensor:
-        acc = torch.float64 if full.dtype == torch.float64 else torch.float32
-        out = full.to(acc)
-        if heads is not None:
-            out = out.index_select(1, heads.to(out.device))
-        if rows is not None:
-            out = out.index_select(2, rows.to(out.device))
-        return out
-
-
-def _same(a: Tensor, b: Tensor) -> bool:
-    """The same tokens (self-attention): one tensor, or views of the same memory."""
-    if a is b:
-        return True
-    if a.is_nested or b.is_nested:
-        return False
-    return a.shape == b.shape and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 
 
 def _with_dropout(spec: AttentionSpec, dropout_p: float) -> AttentionSpec:

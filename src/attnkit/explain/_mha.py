@@ -8,11 +8,16 @@ dropout), without touching the model's outputs.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["encoder_layer_weights", "mha_weights"]
+__all__ = ["ModuleHooks", "encoder_layer_weights", "mha_weights"]
+
+_MHA_SIG = inspect.signature(nn.MultiheadAttention.forward)
+_ENC_SIG = inspect.signature(nn.TransformerEncoderLayer.forward)
 
 
 def _padded(x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -111,3 +116,99 @@ def encoder_layer_weights(
         attn_mask=src_mask,
         is_causal=is_causal,
     )
+
+
+def _bind(sig: inspect.Signature, module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    bound = sig.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """The same tokens (self-attention): one tensor, or views of the same memory."""
+    if a is b:
+        return True
+    if a.is_nested or b.is_nested:
+        return False
+    return a.shape == b.shape and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
+
+
+class ModuleHooks:
+    """Forward hooks of :class:`attnkit.explain._intercept.Interceptor` for the two torch modules above."""
+
+    # nn.MultiheadAttention: per-head weights unless an intercepted SDPA call inside it produced them.
+    def _mha_pre(self, module, args, kwargs):
+        self.mha_entries[id(module)] = self.mha_entries.get(id(module), 0) + 1
+        self.mha_start[id(module)] = self.rec.num_calls
+        if self.differentiable and not self.suspended and self.stack:
+            a = _bind(_MHA_SIG, module, args, kwargs)
+            if a["need_weights"]:
+                # Run the SDPA path (intercepted, differentiable) and hand the weights back in _mha_post.
+                self.mha_wants[id(module)] = (a["average_attn_weights"], a["query"].dim() == 2)
+                kwargs = {**kwargs, "need_weights": False}
+                if len(args) > 4:
+                    args = (*args[:4], False, *args[5:])
+                    kwargs.pop("need_weights")
+                result = (args, kwargs)
+            else:
+                result = None
+        else:
+            result = None
+        q = args[0] if args else kwargs.get("query")
+        k = args[1] if len(args) > 1 else kwargs.get("key")
+        if self.stack and isinstance(q, Tensor) and isinstance(k, Tensor):
+            self.stack[-1] = (self.stack[-1][0], not _same(q, k), module)
+        return result
+
+    def _mha_post(self, module, args, kwargs, output):
+        start = self.mha_start.pop(id(module), None)
+        wants = self.mha_wants.pop(id(module), None)
+        if wants is not None and start is not None:
+            made = [m for m in self.rec.maps if m.call >= start and m.weights is not None]
+            if made and isinstance(output, tuple):
+                w = made[-1].weights
+                w = w.mean(1) if wants[0] else w
+                return (output[0], w.squeeze(0) if wants[1] else w)
+        if self.suspended or start is None or self.rec.num_calls > start or not self.stack:
+            return None
+        a = _bind(_MHA_SIG, module, args, kwargs)
+        name, _ = self._where()
+        layer = self._layer(name)
+        cross = not _same(a["query"], a["key"])
+        if self.layers is not None and layer not in self.layers:
+            self._count()
+            return None
+        w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        dropping = module.training and module.dropout > 0
+        if w is None or a["average_attn_weights"] or dropping or w.dim() not in (3, 4):
+            w = mha_weights(
+                module,
+                a["query"],
+                a["key"],
+                a["value"],
+                key_padding_mask=a["key_padding_mask"],
+                attn_mask=a["attn_mask"],
+                is_causal=a["is_causal"],
+            )
+        elif w.dim() == 3:
+            w = w.unsqueeze(0)
+        self._record(name, layer, cross, "nn.MultiheadAttention", weights=w.detach())
+        return None
+
+    def _enc_pre(self, module, args, kwargs):
+        self.enc_start[id(module)] = self.mha_entries.get(id(module.self_attn), 0)
+
+    def _enc_post(self, module, args, kwargs, output):
+        before = self.enc_start.pop(id(module), None)
+        if self.suspended or before is None or self.mha_entries.get(id(module.self_attn), 0) > before:
+            return None
+        # The native fast path ran: the attention module was never called. Recompute from the layer input.
+        a = _bind(_ENC_SIG, module, args, kwargs)
+        name = self.names[module.self_attn]
+        layer = self._layer(name)
+        if self.layers is not None and layer not in self.layers:
+            self._count()
+            return None
+        w = encoder_layer_weights(module, a["src"], a["src_mask"], a["src_key_padding_mask"], a["is_causal"])
+        self._record(name, layer, False, "nn.MultiheadAttention", weights=w)
+        return None

@@ -14,7 +14,7 @@ from torch import Tensor
 from attnkit.backends.math import grouped, masked_softmax
 from attnkit.functional.spec import AttentionSpec, make_spec, tile_terms
 
-__all__ = ["probability_tiles", "sdpa_math", "spec_from_sdpa"]
+__all__ = ["probability_tiles", "sdpa_math", "select_index", "select_weights", "spec_from_sdpa"]
 
 #: Scores per tile (float32): 2**24 = 64 MiB.
 _TILE_ELEMENTS = 1 << 24
@@ -55,6 +55,16 @@ def _pad(t: Tensor | None, ndim: int) -> Tensor | None:
     return t.reshape((1,) * (ndim - t.ndim) + tuple(t.shape))
 
 
+def _flat_batch(t: Tensor | None, batch_shape: torch.Size) -> Tensor | None:
+    """``(*batch or 1s, H|1, Lq|1, Lk|1)`` -> ``(B|1, H|1, Lq|1, Lk|1)`` with the batch dims of the scores flattened."""
+    if t is None:
+        return None
+    lead, tail = t.shape[:-3], tuple(t.shape[-3:])
+    if all(s == 1 for s in lead):
+        return t.reshape((1, *tail))
+    return t.expand(tuple(batch_shape) + tail).reshape((-1, *tail))
+
+
 def probability_tiles(
     spec: AttentionSpec,
     *,
@@ -82,12 +92,8 @@ def probability_tiles(
     q = q.reshape((-1, *tuple(q.shape[-3:])))  # (B, H, Lq, D)
     k = k.reshape((-1, *tuple(k.shape[-3:])))  # (B, Hkv, Lk, D)
     bias, keep = tile_terms(spec)
-    bias = _pad(bias, ndim)
-    keep = _pad(keep, ndim)
-    if bias is not None and ndim != 4:
-        bias = bias.reshape((-1, *tuple(bias.shape[-3:])))
-    if keep is not None and ndim != 4:
-        keep = keep.reshape((-1, *tuple(keep.shape[-3:])))
+    bias = _flat_batch(_pad(bias, ndim), spec.batch_shape)
+    keep = _flat_batch(_pad(keep, ndim), spec.batch_shape)
     if lse is not None:
         lse = lse.reshape((-1, num_heads, lq))
     group = num_heads // spec.num_kv_heads
@@ -162,3 +168,26 @@ def sdpa_math(spec: AttentionSpec) -> tuple[Tensor, Tensor]:
         used = torch.nn.functional.dropout(probs, p=spec.dropout_p, training=True)
     out = torch.matmul(grouped(used, hkv), v.unsqueeze(-3).to(acc)).flatten(-4, -3)
     return out.to(v.dtype), probs
+
+
+def select_index(sel, size: int, what: str, name: str) -> Tensor | None:
+    """Long index for a heads / query_rows selection (``None`` = all); ValueError when out of range."""
+    if sel is None:
+        return None
+    if isinstance(sel, slice):
+        return torch.arange(size)[sel]
+    bad = [i for i in sel if not -size <= i < size] if what == "query_rows" else [i for i in sel if i >= size]
+    if bad:
+        raise ValueError(f"capture: {what} {bad} out of range for {name!r}, which has {size} {what.split('_')[-1]}")
+    return torch.tensor([i % size for i in sel], dtype=torch.long)
+
+
+def select_weights(full: Tensor, heads: Tensor | None, rows: Tensor | None) -> Tensor:
+    """The selected heads and rows of full ``(B, H, Lq, Lk)`` weights, in float32 (float64 kept)."""
+    acc = torch.float64 if full.dtype == torch.float64 else torch.float32
+    out = full.to(acc)
+    if heads is not None:
+        out = out.index_select(1, heads.to(out.device))
+    if rows is not None:
+        out = out.index_select(2, rows.to(out.device))
+    return out

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["AttentionRecord", "TokenLayout", "maps_of"]
+__all__ = ["AttentionRecord", "TokenLayout", "layout_from_dict", "maps_of"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,10 @@ class TokenLayout:
 
     @property
     def num_tokens(self) -> int | None:
-        """``num_prefix_tokens + Gh * Gw`` for image layouts, else ``None``."""
+        """Tokens per map: ``num_prefix_tokens + Gh * Gw`` (``wh * ww`` per window for windowed maps), or
+        ``None`` for layouts without a grid."""
+        if self.window is not None:
+            return self.num_prefix_tokens + self.window[0] * self.window[1]
         if self.grid is None:
             return None
         return self.num_prefix_tokens + self.grid[0] * self.grid[1]
@@ -152,3 +155,19 @@ def maps_of(maps, *, who: str, square: bool = True) -> list[Tensor]:
                     f"{tuple(first)}, map {i} is {tuple(m.shape)} (mismatched token counts or cross-attention)"
                 )
     return out
+
+
+def layout_from_dict(d: dict) -> TokenLayout | None:
+    """A :class:`TokenLayout` from a producer's layout dict (``num_prefix_tokens``, ``grid``, ``patch_size``,
+    ``window``/``window_size``; other keys go to ``extra``), or ``None`` for an empty dict."""
+    if not d:
+        return None
+    known: dict[str, Any] = {}
+    if "num_prefix_tokens" in d:
+        known["num_prefix_tokens"] = int(d["num_prefix_tokens"])
+    for key, src in (("grid", "grid"), ("patch_size", "patch_size"), ("window", "window"), ("window", "window_size")):
+        v = d.get(src)
+        if v is not None and key not in known:
+            known[key] = (int(v), int(v)) if isinstance(v, int) else tuple(int(x) for x in v)[:2]
+    used = {"num_prefix_tokens", "grid", "patch_size", "window", "window_size"}
+    return TokenLayout(**known, extra={k: v for k, v in d.items() if k not in used})

@@ -203,6 +203,18 @@ def test_attnkit_vision_models_publish_their_layout():
     torch.testing.assert_close(m.weights.sum(-1), torch.ones(8, 2, 16))
 
 
+def test_channel_gate_maps_are_recorded():
+    from attnkit.vision.squeeze_excite import SqueezeExcite
+
+    se = SqueezeExcite(16)
+    x = torch.randn(2, 16, 5, 5)
+    with capture(se) as rec:
+        out = se(x)
+    (m,) = rec.maps
+    assert m.kind == "channel" and m.weights.shape == (2, 16) and m.shape == (2, 16)
+    torch.testing.assert_close(out, x * m.weights[:, :, None, None])
+
+
 def test_cross_attention_is_labelled():
     dec = nn.TransformerDecoderLayer(16, 4, 32, batch_first=True).eval()
     tgt, mem = torch.randn(2, 3, 16), torch.randn(2, 8, 16)

@@ -32,7 +32,8 @@ _CROSS_KWARGS = ("encoder_hidden_states", "key_value_states", "cross_attention_s
 #: Module-path fragments of cross-attention modules (BERT "crossattention", T5 "EncDecAttention", BART
 #: "encoder_attn", annotated-transformer "src_attn").
 _CROSS_NAMES = ("cross", "encdec", "encoder_attn", "src_attn")
-_BACKEND_MODULE = "attnkit.backends.sdpa"
+#: Callers whose F.scaled_dot_product_attention calls are attnkit backends (reported through the observer).
+_BACKEND_PREFIXES = ("attnkit.backends.", "attnkit.functional.")
 
 
 class Interceptor(ModuleHooks):
@@ -173,7 +174,7 @@ class Interceptor(ModuleHooks):
     # ---------------------------------------------------------------- producers
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         caller = sys._getframe(1).f_globals.get("__name__")
-        if self.suspended or not self.stack or caller == _BACKEND_MODULE:
+        if self.suspended or not self.stack or (caller or "").startswith(_BACKEND_PREFIXES):
             return self.prev_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
         name, cross = self._where(query.shape[-2], key.shape[-2])
         layer = self._layer(name)

@@ -1,6 +1,6 @@
 """Capture overhead on a real model: all-MiniLM-L6-v2 (transformers, sdpa), batch 16 x 128 tokens.
 
-Times, as medians over repeated forwards under ``torch.no_grad()``:
+Times, as medians over repeated forwards under ``torch.no_grad()`` (wall clock and process CPU time):
 
 * ``sdpa``: the model alone;
 * ``sdpa + capture``: inside ``attnkit.explain.capture`` storing every per-head map (and with ``head_mean``);
@@ -34,18 +34,20 @@ def load(impl: str):
     return AutoModel.from_pretrained(minilm_dir(), attn_implementation=impl).eval()
 
 
-def median_ms(fn, repeats: int, warmup: int = 2) -> float:
+def measure(fn, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Median wall-clock and process-CPU milliseconds of ``fn()`` (CPU time is steadier on a shared machine)."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return statistics.median(wall), statistics.median(cpu)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     from attnkit.explain import capture
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -85,17 +87,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         results = {name: [] for name in runs}
         for _ in range(3):
             for name, fn in runs.items():
-                results[name].append(median_ms(fn, max(1, args.repeats // 3), warmup=1))
-    times = {name: statistics.median(v) for name, v in results.items()}
-    base = times["sdpa"]
+                results[name].append(measure(fn, max(1, args.repeats // 3)))
+    times = {name: statistics.median(w for w, _ in v) for name, v in results.items()}
+    cpu = {name: statistics.median(c for _, c in v) for name, v in results.items()}
     print(
         f"MiniLM-L6 (transformers sdpa), batch {args.batch} x {args.tokens} tokens, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    print(f"{'variant':<28}{'median ms':>10}{'ratio':>8}")
-    for name, ms in times.items():
-        print(f"{name:<28}{ms:>10.1f}{ms / base:>8.2f}")
-    return times
+    print(f"{'variant':<28}{'wall ms':>10}{'ratio':>8}{'cpu ms':>10}{'ratio':>8}")
+    for name in runs:
+        print(
+            f"{name:<28}{times[name]:>10.1f}{times[name] / times['sdpa']:>8.2f}"
+            f"{cpu[name]:>10.1f}{cpu[name] / cpu['sdpa']:>8.2f}"
+        )
+    return {"wall_ms": times, "cpu_ms": cpu}
 
 
 if __name__ == "__main__":

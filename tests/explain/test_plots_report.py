@@ -137,6 +137,28 @@ def test_report_no_clobber_overwrite_and_atomic_failure(tmp_path, monkeypatch):
     assert target.read_text().startswith("<!DOCTYPE html>")
 
 
+def test_written_files_follow_the_umask_and_never_clobber_a_racing_writer(tmp_path, monkeypatch):
+    _, sections = _sections()
+    mask = os.umask(0o022)
+    try:
+        path = report(tmp_path / "p.html", sections)
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    target = tmp_path / "race.html"
+    real_fsync = os.fsync
+
+    def racing_fsync(fd):  # another writer creates the file after our existence check
+        target.write_text("theirs")
+        real_fsync(fd)
+
+    monkeypatch.setattr(_io.os, "fsync", racing_fsync)
+    with pytest.raises(FileExistsError):
+        report(target, sections)
+    assert target.read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.html", "race.html"]
+
+
 def test_report_errors(tmp_path):
     with pytest.raises(ValueError, match="no sections"):
         report(tmp_path / "a.html", [])

@@ -44,7 +44,12 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
                 os.link(tmp, path)
             except FileExistsError:
                 raise FileExistsError(f"{who}: {str(path)!r} exists; pass overwrite=True to replace it") from None
-            os.unlink(tmp)
+            except OSError:  # no hard links on this file system: check, then replace (a tiny race window)
+                if path.exists():
+                    raise FileExistsError(f"{who}: {str(path)!r} exists; pass overwrite=True to replace it") from None
+                os.replace(tmp, path)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnkit.functional.masks import positional_mask
+from attnkit.functional.masks import band_keep, effective_window, positional_mask
 from attnkit.functional.spec import AttentionSpec, call_mask_mod, call_score_mod, lse_dtype
 
 __all__ = ["TileIndex", "TileSetup"]
@@ -162,16 +162,8 @@ class TileSetup:
         return bias, keep
 
     def _positional_gathered(self, ti: TileIndex) -> Tensor:
-        left, right = self.spec.window_size if self.spec.window_size is not None else (-1, -1)
-        if self.spec.is_causal:
-            right = 0 if right == -1 else min(right, 0)
-        diff = ti.kv_idx[:, None, :] - (ti.q_idx[:, :, None] + self.offset)
-        keep = torch.ones_like(diff, dtype=torch.bool)
-        if left != -1:
-            keep &= diff >= -left
-        if right != -1:
-            keep &= diff <= right
-        return keep
+        left, right = effective_window(self.spec.is_causal, self.spec.window_size)
+        return band_keep(ti.kv_idx[:, None, :] - (ti.q_idx[:, :, None] + self.offset), left, right)
 
     # ----------------------------------------------------------------------------------------------------
     def bias_grad_buffers(self) -> list[Tensor | None]:

@@ -21,6 +21,7 @@ from torch import Tensor
 from attnkit.backends.flash_core import Chunk, Group, flash_attention
 from attnkit.backends.flash_terms import TileIndex, TileSetup
 from attnkit.backends.registry import ALL_OPTIONS, Backend, register
+from attnkit.functional.masks import effective_window
 from attnkit.functional.spec import AttentionSpec
 
 __all__ = ["TiledSchedule", "tiled_attention"]
@@ -38,9 +39,7 @@ AUTO_MIN_SCORE_BYTES = 32 << 20
 
 def kv_bounds(spec: AttentionSpec, q0: int, q1: int) -> tuple[int, int]:
     """Key range ``[lo, hi)`` that query rows ``[q0, q1)`` may attend under ``is_causal``/``window_size``."""
-    left, right = spec.window_size if spec.window_size is not None else (-1, -1)
-    if spec.is_causal:
-        right = 0 if right == -1 else min(right, 0)
+    left, right = effective_window(spec.is_causal, spec.window_size)
     off = spec.kv_len - spec.q_len
     lo = 0 if left == -1 else max(0, q0 + off - left)
     hi = spec.kv_len if right == -1 else min(spec.kv_len, q1 - 1 + off + right + 1)

@@ -25,8 +25,10 @@ from torch import Tensor
 __all__ = [
     "alibi_bias",
     "alibi_slopes",
+    "band_keep",
     "block_diagonal",
     "causal",
+    "effective_window",
     "from_key_padding_mask",
     "normalize_window_size",
     "padding",
@@ -91,9 +93,7 @@ def positional_mask(
     Returns:
         ``None`` when nothing is masked in the requested tile, else a bool tensor, True = may attend.
     """
-    left, right = window_size if window_size is not None else (-1, -1)
-    if is_causal:
-        right = 0 if right == -1 else min(right, 0)
+    left, right = effective_window(is_causal, window_size)
     q0, q1 = q_range if q_range is not None else (0, q_len)
     k0, k1 = kv_range if kv_range is not None else (0, kv_len)
     offset = kv_len - q_len
@@ -104,7 +104,19 @@ def positional_mask(
         return None
     rows = torch.arange(q0 + offset, q1 + offset, device=device).unsqueeze(-1)
     cols = torch.arange(k0, k1, device=device)
-    diff = cols - rows
+    return band_keep(cols - rows, left, right)
+
+
+def effective_window(is_causal: bool, window_size: tuple[int, int] | None) -> tuple[int, int]:
+    """``(left, right)`` combining ``is_causal`` (``right <= 0``) with ``window_size``; ``-1`` = unbounded."""
+    left, right = window_size if window_size is not None else (-1, -1)
+    if is_causal:
+        right = 0 if right == -1 else min(right, 0)
+    return left, right
+
+
+def band_keep(diff: Tensor, left: int, right: int) -> Tensor:
+    """``-left <= diff <= right`` elementwise (``-1`` = unbounded side), where ``diff = j - (i + Lk - Lq)``."""
     keep = torch.ones_like(diff, dtype=torch.bool)
     if left != -1:
         keep &= diff >= -left

@@ -1,0 +1,177 @@
+"""Write an :class:`~attnkit.ablation.results.AblationResult`: Markdown and CSV tables, an accuracy-vs-latency
+plot, alignment heatmaps (seq2seq) and a section of the self-contained HTML report (:func:`attnkit.explain.report`).
+
+Every file is written atomically (temporary file + rename), and nothing existing is replaced unless
+``overwrite=True``: :func:`planned_files` lists the paths up front so a caller can refuse before hours of training.
+Needs matplotlib (``pip install 'attnkit[explain]'``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from attnkit.ablation.results import AblationResult, Alignment
+from attnkit.ablation.stats import mean_std
+
+__all__ = ["alignment_figure", "check_writable", "planned_files", "tradeoff_figure", "write_atomic", "write_report"]
+
+_FIXED = ("results.md", "results.csv", "accuracy_vs_latency.png", "report.html")
+
+
+def planned_files(out_dir: str | os.PathLike, alignment_models: list[str] | tuple[str, ...] = ()) -> list[Path]:
+    """The paths :func:`write_report` writes (``alignments_<model>.png`` for each model with alignments)."""
+    out = Path(out_dir)
+    return [out / name for name in _FIXED] + [out / f"alignments_{m}.png" for m in alignment_models]
+
+
+def check_writable(paths: list[Path], *, overwrite: bool) -> None:
+    """Raise ``FileExistsError`` naming the first existing path, unless ``overwrite``."""
+    if overwrite:
+        return
+    existing = [p for p in paths if p.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise FileExistsError(f"{existing[0]} exists{more}; pass --overwrite to replace, or choose another --out")
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str, *, overwrite: bool = False) -> Path:
+    """Write ``data`` (str as UTF-8) to ``path`` via a temporary file in the same directory and ``os.replace``.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace, or choose another --out")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def tradeoff_figure(result: AblationResult, *, batch: int = 1):
+    """Accuracy (mean ± std over seeds, %) against median latency at ``batch`` (ms, log scale), one point per
+    variant, labelled. Returns a ``matplotlib.figure.Figure``."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("ablation plots need matplotlib: pip install 'attnkit[explain]'") from err
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    for v in result.variants:
+        if batch not in v.latency:
+            continue
+        mean, std = mean_std(v.scores)
+        ms = 1000 * v.latency[batch]
+        ax.errorbar(ms, 100 * mean, yerr=100 * std, fmt="o", capsize=3)
+        ax.annotate(v.name, (ms, 100 * mean), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"CPU latency at batch {batch} (ms, median)")
+    ax.set_ylabel(f"test accuracy (%, mean ± std over {len(result.seeds)} seeds)")
+    ax.set_title(f"{result.task}: accuracy vs latency", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def alignment_figure(alignments: list[Alignment]):
+    """Source characters (columns) x emitted target tokens (rows) heatmaps, one panel per example, via
+    :func:`attnkit.explain.plots.alignment_plot` (examples padded to a common width with zeros)."""
+    import torch
+
+    from attnkit.explain.plots import alignment_plot
+
+    width = max(len(a.source) for a in alignments)
+    steps = max(len(a.target) for a in alignments)
+    weights = torch.zeros(len(alignments), steps, width)
+    for i, a in enumerate(alignments):
+        w = torch.tensor(a.weights)
+        weights[i, : w.shape[0], : w.shape[1]] = w
+    keys = [[*("␣" if c == " " else c for c in a.source), *[""] * (width - len(a.source))] for a in alignments]
+    queries = [
+        [*(t if t != "<eos>" else "</s>" for t in a.target), *[""] * (steps - len(a.target))] for a in alignments
+    ]
+    fig = alignment_plot(weights, query_tokens=queries, key_tokens=keys, ncols=min(3, len(alignments)))
+    for ax, a in zip(fig.axes, alignments):
+        ax.set_title(
+            f"{a.model}: {a.source!r} -> {''.join(a.target).replace('<eos>', '')}"
+            f" ({'correct' if a.correct else 'wrong'})",
+            fontsize=8,
+        )
+    return fig
+
+
+def write_report(result: AblationResult, out_dir: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
+    """Write ``results.md``, ``results.csv``, ``accuracy_vs_latency.png``, ``alignments_<model>.png`` (attentive
+    seq2seq models) and ``report.html`` into ``out_dir`` (created if missing).
+
+    Returns:
+        the paths written.
+
+    Raises:
+        FileExistsError: one of the files exists and ``overwrite`` is False (checked before writing anything).
+        ImportError: matplotlib is missing.
+    """
+    from attnkit.explain.plots import figure_png
+    from attnkit.explain.report import Section, report
+
+    out = Path(out_dir)
+    models = list(dict.fromkeys(a.model for a in result.alignments))
+    paths = planned_files(out, models)
+    check_writable(paths, overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [
+        write_atomic(out / "results.md", result.to_markdown(), overwrite=overwrite),
+        write_atomic(out / "results.csv", result.to_csv(), overwrite=overwrite),
+    ]
+    batch = min((b for v in result.variants for b in v.latency), default=1)
+    plot_png = figure_png(tradeoff_figure(result, batch=batch))
+    written.append(write_atomic(out / "accuracy_vs_latency.png", plot_png, overwrite=overwrite))
+    alignment_pngs = []
+    for m in models:
+        png = figure_png(alignment_figure([a for a in result.alignments if a.model == m]))
+        alignment_pngs.append((m, png))
+        written.append(write_atomic(out / f"alignments_{m}.png", png, overwrite=overwrite))
+
+    rows = result.rows()
+    keep = [k for k in rows[0] if not k.startswith("accuracy_pct[") and k != "accuracy_per_seed_pct"]
+    sections = [
+        Section(
+            title=f"Does attention help? {result.task} ablation",
+            text=result.title + "\n\n" + result.to_markdown().split("\n\n", 2)[1],
+            table=[[row[k] for k in keep] for row in rows],
+            table_header=keep,
+            figures=[plot_png],
+        )
+    ]
+    if result.group_table():
+        groups = list(result.variants[0].groups)
+        table = [
+            [v.name, *(f"{100 * mean_std(v.groups[g])[0]:.1f} ± {100 * mean_std(v.groups[g])[1]:.1f}" for g in groups)]
+            for v in result.variants
+        ]
+        sections.append(
+            Section(title=f"Accuracy (%) by {result.group_title}", table=table, table_header=["variant", *groups])
+        )
+    for m, png in alignment_pngs:
+        sections.append(
+            Section(
+                title=f"Alignments: {m}",
+                text="Rows: emitted target characters; columns: source characters; colour: attention weight "
+                "(model trained with the first seed).",
+                figures=[png],
+            )
+        )
+    written.append(report(out / "report.html", sections, title=f"attnkit ablate {result.task}", overwrite=overwrite))
+    return written

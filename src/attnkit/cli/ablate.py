@@ -1,0 +1,189 @@
+"""``attnkit ablate``: does attention help my model? Train every variant under one budget, report accuracy and cost.
+
+``attnkit ablate vision`` trains one small ResNet with each attention block (and a ViT) on the built-in cluttered
+digits or on the user's images; ``attnkit ablate seq2seq`` compares GRU encoder-decoders without attention, with
+Bahdanau or Luong attention, and a small Transformer on date normalisation. Both write ``results.md``,
+``results.csv``, ``accuracy_vs_latency.png`` and ``report.html`` (plus alignment heatmaps for seq2seq) into
+``--out``. Launched with ``torchrun --nproc-per-node N``, training runs under DistributedDataParallel (gloo).
+
+Default budgets (2 CPU cores, one thread per process, shared machine): see ``benchmarks/ablation_results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from attnkit.cli.registry import UserError, subcommand
+
+VISION_EPOCHS, SEQ2SEQ_EPOCHS = 15, 8
+
+
+def _names(text: str, valid: tuple[str, ...], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise UserError(f"unknown {what} {', '.join(map(repr, unknown)) or '(none given)'}; valid: {','.join(valid)}")
+    return list(dict.fromkeys(names))
+
+
+def _common(p: argparse.ArgumentParser, epochs: int) -> None:
+    p.add_argument("--seeds", type=int, default=3, help="runs per variant, seeds 0..N-1 (default 3)")
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs per run (default {epochs}; --quick: 1)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate, one-cycle (default 3e-3)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: small models)")
+    p.add_argument("--latency-rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default ./ablation-<task>)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quick", action="store_true", help="tiny budget: a smoke test in seconds, not a result")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from attnkit.ablation.seq2seq import SEQ2SEQ_MODELS
+    from attnkit.ablation.vision import VISION_VARIANTS
+
+    sub = parser.add_subparsers(dest="task", metavar="TASK")
+    sub.required = True
+    v = sub.add_parser("vision", help="attention blocks in a small ResNet (and a ViT) on images")
+    v.add_argument("--data", default="digits", help="'digits' (built-in), an image folder, or an .npz with x/y")
+    v.add_argument("--attention", default=",".join(VISION_VARIANTS), help="comma-separated variants (default: all)")
+    v.add_argument("--train-canvases", type=int, default=None, help="digits: training canvases (default 1 per scan)")
+    _common(v, VISION_EPOCHS)
+    s = sub.add_parser("seq2seq", help="GRU without / with attention and a Transformer on date normalisation")
+    s.add_argument("--models", default=",".join(SEQ2SEQ_MODELS), help="comma-separated models (default: all)")
+    s.add_argument("--languages", default=None, help="comma-separated CLDR locales (default: 10 European ones)")
+    s.add_argument("--train-size", type=int, default=None, help="training pairs (default 4000; --quick: 256)")
+    s.add_argument("--test-per-bucket", type=int, default=None, help="test pairs per length bucket (default 300)")
+    s.add_argument("--train-max-length", type=int, default=28, help="longest training source in chars (default 28)")
+    _common(s, SEQ2SEQ_EPOCHS)
+
+
+def _config(args: argparse.Namespace, default_epochs: int):
+    from attnkit.ablation.train import TrainConfig
+
+    epochs = args.epochs if args.epochs is not None else (1 if args.quick else default_epochs)
+    for name, value in (
+        ("--seeds", args.seeds),
+        ("--epochs", epochs),
+        ("--batch-size", args.batch_size),
+        ("--threads", args.threads),
+        ("--latency-rounds", args.latency_rounds),
+    ):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr)
+
+
+def _progress(line: str) -> None:
+    print(f"... {line}", file=sys.stderr, flush=True)
+
+
+def _vision(args: argparse.Namespace):
+    from attnkit.ablation.images import DataError, load_digits, load_image_data, stratified_split
+    from attnkit.ablation.vision import VISION_VARIANTS, run_vision_ablation
+
+    variants = _names(args.attention, VISION_VARIANTS, "attention")
+    config = _config(args, VISION_EPOCHS)
+    if args.data == "digits":
+        n = args.train_canvases or (128 if args.quick else None)
+        train, test = load_digits(train_canvases=n, test_canvases=64 if args.quick else None)
+    else:
+        try:
+            data = load_image_data(args.data)
+            train_idx, test_idx = stratified_split(data.labels, test_fraction=0.2, seed=0)
+        except DataError as err:
+            raise UserError(str(err)) from None
+        train, test = data.subset(train_idx), data.subset(test_idx)
+    if len(train.labels) < config.batch_size:
+        raise UserError(
+            f"{len(train.labels)} training images are fewer than one batch (--batch-size {config.batch_size})"
+        )
+    return lambda: run_vision_ablation(
+        train,
+        test,
+        variants=variants,
+        seeds=range(args.seeds),
+        config=config,
+        latency_rounds=2 if args.quick else args.latency_rounds,
+        progress=_progress,
+    )
+
+
+def _seq2seq(args: argparse.Namespace):
+    from attnkit.ablation.dates import LANGUAGES, make_date_task
+    from attnkit.ablation.seq2seq import SEQ2SEQ_MODELS
+    from attnkit.ablation.translation import run_seq2seq_ablation
+
+    models = _names(args.models, SEQ2SEQ_MODELS, "model")
+    config = _config(args, SEQ2SEQ_EPOCHS)
+    languages = [x.strip() for x in args.languages.split(",")] if args.languages else list(LANGUAGES)
+    train_size = args.train_size or (256 if args.quick else 4000)
+    per_bucket = args.test_per_bucket or (16 if args.quick else 300)
+    for name, value in (("--train-size", train_size), ("--test-per-bucket", per_bucket)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    try:
+        task = make_date_task(
+            num_train=train_size,
+            num_test_per_bucket=per_bucket,
+            train_max_length=args.train_max_length,
+            languages=languages,
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if len(task.train) < config.batch_size:
+        raise UserError(f"{len(task.train)} training pairs are fewer than one batch (--batch-size {config.batch_size})")
+    return lambda: run_seq2seq_ablation(
+        task,
+        models=models,
+        seeds=range(args.seeds),
+        config=config,
+        latency_rounds=2 if args.quick else args.latency_rounds,
+        progress=_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from attnkit.ablation.report import check_writable, planned_files, write_report
+    from attnkit.ablation.seq2seq import SEQ2SEQ_MODELS
+    from attnkit.ablation.train import init_distributed
+
+    out = args.out or Path(f"ablation-{args.task}")
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    alignment_models = []
+    if args.task == "seq2seq":
+        alignment_models = [m for m in _names(args.models, SEQ2SEQ_MODELS, "model") if m != "none"]
+    try:  # before any work: never train for minutes and then refuse to write
+        check_writable(planned_files(out, alignment_models), overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise UserError(str(err)) from None
+    torch.set_num_threads(args.threads)
+    job = (_vision if args.task == "vision" else _seq2seq)(args)
+    _, world = init_distributed()
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not a multiple of the {world} processes")
+    try:
+        result = job()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if result is None:  # not the main process of a distributed run
+        return 0
+    try:
+        paths = write_report(result, out, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise UserError(str(err)) from None
+    print(result.to_markdown())
+    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+subcommand("ablate", "does attention help? train variants under one budget; report accuracy, cost, significance")(
+    add_arguments, run
+)

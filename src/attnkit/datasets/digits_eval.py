@@ -1,0 +1,163 @@
+"""Measurements of the digit models on held-out canvases: accuracy, saliency maps, pointing game, deletion AUC.
+
+Saliency maps are ``(B, Hi, Wi)`` over the canvas pixels:
+
+* ``"rollout"`` (ViT): attention rollout (:func:`attnkit.explain.rollout`, Abnar & Zuidema 2020) of the maps
+  captured with :func:`attnkit.explain.capture`; the class-token row over the patch grid, ``R[:, 0, 1:]``;
+* ``"relevance"`` (ViT): gradient-weighted relevance (:func:`attnkit.explain.relevance.relevance`, Chefer et al.
+  2021) for the predicted class, same row;
+* ``"cbam"`` (CNN): the spatial map ``M_s`` of a CBAM block (by default the last one, 8x8 on 64x64 canvases);
+* ``"random"``: uniform noise per pixel (the baseline).
+
+Grid maps are upsampled to the image bilinearly (``align_corners=False``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from attnkit.explain.capture import capture
+from attnkit.explain.rollout import rollout
+
+__all__ = [
+    "METHODS",
+    "accuracy",
+    "cbam_maps",
+    "deletion_auc",
+    "pointing_game",
+    "predict",
+    "random_maps",
+    "relevance_maps",
+    "rollout_maps",
+    "saliency",
+    "upsample",
+]
+
+METHODS = ("rollout", "relevance", "cbam", "random")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> Tensor:
+    """``(B,)`` predicted classes of ``images`` ``(B, 1, Hi, Wi)``."""
+    return torch.cat([model(images[i : i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
+
+
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int = 256) -> float:
+    """Fraction of ``images`` classified as ``labels``."""
+    return (predict(model, images, batch_size=batch_size) == labels).float().mean().item()
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of ``(B, h, w)`` maps to ``(B, *size)``."""
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _grid(model: nn.Module, images: Tensor) -> tuple[int, int, int]:
+    layout = model.token_layout
+    return layout["num_prefix_tokens"], *layout["grid"]
+
+
+@torch.no_grad()
+def rollout_maps(model: nn.Module, images: Tensor) -> Tensor:
+    """``(B, Gh, Gw)`` attention rollout of the class token over the patch grid of a :class:`VisionTransformer`."""
+    with capture(model) as rec:
+        model(images)
+    prefix, gh, gw = _grid(model, images)
+    return rollout(rec.maps)[:, 0, prefix:].reshape(-1, gh, gw)
+
+
+def relevance_maps(model: nn.Module, images: Tensor, target: Tensor | None = None) -> Tensor:
+    """``(B, Gh, Gw)`` Chefer et al. relevance of the class token for ``target`` (default: the prediction)."""
+    from attnkit.explain.relevance import relevance
+
+    if target is None:
+        target = predict(model, images)
+    result = relevance(model, images, target)
+    prefix, gh, gw = _grid(model, images)
+    return result.get()[:, 0, prefix:].reshape(-1, gh, gw)
+
+
+@torch.no_grad()
+def cbam_maps(model: nn.Module, images: Tensor, *, block: int = -1) -> Tensor:
+    """``(B, h, w)`` CBAM spatial map of one block of a :class:`HybridResNet` (default the last block)."""
+    with capture(model) as rec:
+        model(images)
+    spatial = [m.weights for m in rec.maps if m.kind == "spatial"]
+    if not spatial:
+        raise ValueError("cbam_maps: the model has no CBAM spatial attention")
+    return spatial[block][:, 0]
+
+
+def random_maps(images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """``(B, Hi, Wi)`` uniform noise: the baseline saliency."""
+    return torch.rand(images.shape[0], *images.shape[-2:], generator=generator)
+
+
+def saliency(
+    method: str, model: nn.Module, images: Tensor, *, batch_size: int = 128, generator: torch.Generator | None = None
+) -> Tensor:
+    """``(B, Hi, Wi)`` saliency of ``method`` (one of :data:`METHODS`) upsampled to the image size."""
+    if method not in METHODS:
+        raise ValueError(f"saliency: unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if method == "random":
+        return random_maps(images, generator=generator)
+    fn: Callable[[nn.Module, Tensor], Tensor] = {
+        "rollout": rollout_maps,
+        "relevance": relevance_maps,
+        "cbam": cbam_maps,
+    }[method]
+    size = tuple(images.shape[-2:])
+    return torch.cat([upsample(fn(model, images[i : i + batch_size]), size) for i in range(0, len(images), batch_size)])
+
+
+def pointing_game(maps: Tensor, boxes: Tensor, *, tolerance: int = 0) -> Tensor:
+    """``(B,)`` bool hits: does the peak of each ``(Hi, Wi)`` map fall in its ``(x0, y0, x1, y1)`` box?
+
+    Zhang et al. 2018 ("Top-down Neural Attention by Excitation Backprop", IJCV, Sec. 5.1): a hit when the
+    maximum of the map lies on the object, within ``tolerance`` pixels (their 15 px for 224+ px images; 0 here
+    by default, the strict game). Boxes are half-open; the score is ``hits.float().mean()``. Ties: the first
+    maximum in row-major order.
+    """
+    b, _, w = maps.shape
+    peak = maps.reshape(b, -1).argmax(-1)
+    y, x = peak // w, peak % w
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return (x >= x0 - tolerance) & (x < x1 + tolerance) & (y >= y0 - tolerance) & (y < y1 + tolerance)
+
+
+@torch.no_grad()
+def deletion_auc(
+    model: nn.Module, images: Tensor, maps: Tensor, labels: Tensor, *, step: int = 64, batch_size: int = 256
+) -> Tensor:
+    """``(B,)`` deletion AUC (Petsiuk et al. 2018, RISE, Sec. 4.1): lower is better.
+
+    Pixels are set to the background (0) ``step`` at a time in decreasing order of ``maps`` ``(B, Hi, Wi)``,
+    from the intact image to the empty one; the curve is the softmax probability of ``labels`` after each step,
+    and the AUC its trapezoidal area over the removed fraction in ``[0, 1]``.
+    """
+    b, h, w = maps.shape
+    order = maps.reshape(b, -1).argsort(dim=-1, descending=True, stable=True)  # (B, Hi*Wi)
+    num_steps = -(-(h * w) // step)
+    flat = images.reshape(b, images.shape[1], -1)
+    keep = torch.ones(b, h * w, dtype=images.dtype)
+    curve = torch.empty(b, num_steps + 1)
+    for k in range(num_steps + 1):
+        removed = order[:, max(0, (k - 1) * step) : k * step]
+        keep.scatter_(1, removed, 0.0)
+        # Only re-run canvases whose image changed (removing background pixels, already 0, changes nothing).
+        changed = (flat.gather(2, removed[:, None].expand(-1, flat.shape[1], -1)) != 0).flatten(1).any(1)
+        todo = torch.arange(b) if k == 0 else changed.nonzero()[:, 0]
+        if k > 0:
+            curve[:, k] = curve[:, k - 1]
+        if len(todo):
+            masked = (flat[todo] * keep[todo, None]).reshape(len(todo), *images.shape[1:])
+            probs = torch.cat(
+                [model(masked[i : i + batch_size]).softmax(-1) for i in range(0, len(todo), batch_size)]
+            )  # (B', classes)
+            curve[todo, k] = probs.gather(1, labels[todo, None])[:, 0]
+    xs = torch.clamp(torch.arange(num_steps + 1) * step, max=h * w) / (h * w)
+    return torch.trapezoid(curve, xs, dim=1)

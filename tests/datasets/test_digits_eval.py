@@ -1,0 +1,107 @@
+"""digits_eval: pointing game and deletion AUC against their definitions; saliency maps of small random models."""
+
+import pytest
+import torch
+from torch import nn
+
+from attnkit.datasets import DigitCanvases
+from attnkit.datasets import digits_eval as ev
+from attnkit.datasets.digits_models import DEFAULT_CONFIGS, build_model
+
+
+def test_pointing_game_half_open_boxes_and_tolerance():
+    maps = torch.zeros(4, 10, 10)
+    for i, (y, x) in enumerate([(2, 3), (5, 5), (4, 6), (9, 0)]):
+        maps[i, y, x] = 1.0
+    boxes = torch.tensor([[3, 2, 4, 3], [0, 0, 5, 5], [2, 2, 6, 5], [0, 0, 10, 10]])
+    assert ev.pointing_game(maps, boxes).tolist() == [True, False, False, True]
+    assert ev.pointing_game(maps, boxes, tolerance=1).tolist() == [True, True, True, True]
+
+
+def test_pointing_game_ties_take_the_first_maximum():
+    maps = torch.ones(1, 4, 4)
+    assert ev.pointing_game(maps, torch.tensor([[0, 0, 1, 1]])).item()
+    assert not ev.pointing_game(maps, torch.tensor([[1, 1, 4, 4]])).item()
+
+
+class _InkModel(nn.Module):
+    """Class 0's probability grows with the ink in the left half of the image."""
+
+    def forward(self, x):
+        left = x[..., :, : x.shape[-1] // 2].sum((1, 2, 3))
+        return torch.stack([left, torch.full_like(left, 2.0)], -1)
+
+
+def _naive_deletion(model, images, maps, labels, step):
+    b, h, w = maps.shape
+    order = maps.reshape(b, -1).argsort(dim=-1, descending=True, stable=True)
+    curve = []
+    for k in range(-(-(h * w) // step) + 1):
+        keep = torch.ones(b, h * w)
+        keep.scatter_(1, order[:, : k * step], 0.0)
+        with torch.no_grad():
+            probs = model((images.reshape(b, 1, -1) * keep[:, None]).reshape(images.shape)).softmax(-1)
+        curve.append(probs.gather(1, labels[:, None])[:, 0])
+    xs = torch.clamp(torch.arange(len(curve)) * step, max=h * w) / (h * w)
+    return torch.trapezoid(torch.stack(curve, 1), xs, dim=1)
+
+
+def test_deletion_auc_matches_the_definition_and_ranks_maps():
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(6, 1, 12, 12, generator=gen) > 0.7).float()
+    labels = torch.zeros(6, dtype=torch.long)
+    model = _InkModel()
+    good = images[:, 0].clone()
+    good[..., 6:] = 0  # the pixels that support class 0 first
+    bad = -good
+    rand = torch.rand(6, 12, 12, generator=gen)
+    for maps in (good, bad, rand):
+        for step in (1, 5, 16):
+            torch.testing.assert_close(
+                ev.deletion_auc(model, images, maps, labels, step=step),
+                _naive_deletion(model, images, maps, labels, step),
+            )
+    auc_good = ev.deletion_auc(model, images, good, labels, step=4)
+    auc_bad = ev.deletion_auc(model, images, bad, labels, step=4)
+    assert (auc_good < auc_bad).all()
+    blank = ev.deletion_auc(model, torch.zeros(1, 1, 12, 12), rand[:1], labels[:1], step=7)
+    torch.testing.assert_close(blank, torch.tensor([torch.tensor([0.0, 2.0]).softmax(0)[0].item()]))
+
+
+@pytest.fixture(scope="module")
+def canvases():
+    return DigitCanvases("val", num_canvases=6, seed=0)
+
+
+def test_saliency_maps_of_the_vit(canvases):
+    torch.manual_seed(0)
+    vit = build_model("vit").eval()
+    roll = ev.rollout_maps(vit, canvases.images)
+    assert roll.shape == (6, 8, 8) and (roll >= 0).all()
+    rel = ev.relevance_maps(vit, canvases.images, canvases.labels)
+    assert rel.shape == (6, 8, 8) and (rel >= 0).all()
+    up = ev.saliency("rollout", vit, canvases.images, batch_size=4)
+    assert up.shape == (6, 64, 64)
+    torch.testing.assert_close(up, ev.upsample(roll, (64, 64)))
+
+
+def test_saliency_maps_of_the_cnn(canvases):
+    torch.manual_seed(0)
+    cnn = build_model("cnn").eval()
+    sizes = [ev.cbam_maps(cnn, canvases.images, block=b).shape for b in range(len(DEFAULT_CONFIGS["cnn"]["depths"]))]
+    assert sizes == [(6, 32, 32), (6, 16, 16), (6, 8, 8)]
+    maps = ev.saliency("cbam", cnn, canvases.images)
+    assert maps.shape == (6, 64, 64) and ((maps >= 0) & (maps <= 1)).all()
+    plain = build_model("cnn", {**DEFAULT_CONFIGS["cnn"], "attention": None, "attention_kwargs": None})
+    with pytest.raises((ValueError, RuntimeError)):
+        ev.cbam_maps(plain.eval(), canvases.images)
+
+
+def test_random_maps_and_errors(canvases):
+    a = ev.saliency("random", None, canvases.images, generator=torch.Generator().manual_seed(1))
+    b = ev.saliency("random", None, canvases.images, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (6, 64, 64) and torch.equal(a, b)
+    with pytest.raises(ValueError, match="unknown method"):
+        ev.saliency("gradcam", None, canvases.images)
+    with pytest.raises(ValueError, match="unknown name"):
+        build_model("resnet")

@@ -176,8 +176,8 @@ _METHOD_NOTE = (
     "Accuracy: top-1 (vision) or exact match of the whole ISO date (seq2seq) on the held-out test split. "
     "MACs: multiply-accumulates of one batch-1 inference, counted with torch.utils.flop_counter.FlopCounterMode "
     "(matrix products, convolutions, attention; element-wise ops not counted) / 2. Latency: median of interleaved "
-    "repeated runs of every variant in one process, CPU, this machine's thread count. Lift: mean over seeds of "
-    "the per-seed difference to the baseline (runs pair up by seed: same batch order and augmentation draws); "
+    "repeated runs of every variant in one process, on CPU with the torch threads listed above. Lift: mean over "
+    "seeds of the per-seed difference to the baseline (runs pair up by seed: same batch order and augmentation draws); "
     "significance: two-sided paired t-test over seeds (scipy.stats.ttest_rel), alpha 0.05."
 )
 

@@ -84,6 +84,8 @@ def paired_lift(variant: Sequence[float], baseline: Sequence[float]) -> Lift:
     diffs = [float(a) - float(b) for a, b in zip(variant, baseline)]
     mean, std = mean_std(diffs)
     p = math.nan
+    if std < 1e-12 * max(1.0, abs(mean)):  # rounding noise of equal differences (scores are multiples of 1/N)
+        std = 0.0
     if len(diffs) > 1 and std > 0:
         try:
             from scipy.stats import ttest_rel

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from attnkit.ablation.cost import count_macs, count_parameters, interleaved_latency
 from attnkit.ablation.images import ImageData
 from attnkit.ablation.results import AblationResult, VariantResult
-from attnkit.ablation.train import TrainConfig, fit, is_main_process, predict, seeded
+from attnkit.ablation.train import TrainConfig, fit, is_main_process, predict, seeded, world
 
 __all__ = ["VISION_VARIANTS", "build_vision_model", "random_translate", "run_vision_ablation"]
 
@@ -194,6 +194,8 @@ def run_vision_ablation(
             "batch": config.batch_size,
             "optimizer": f"AdamW lr {config.lr:g} one-cycle",
             "weight decay": config.weight_decay,
+            "processes": world()[1],
+            "torch threads per process": torch.get_num_threads(),
             "augmentation": f"random shift ±{max_shift} px",
         },
         wall_time_s=time.perf_counter() - start,

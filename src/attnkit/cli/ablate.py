@@ -150,9 +150,8 @@ def _seq2seq(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from attnkit.ablation.report import check_writable, planned_files, write_report
+    from attnkit.ablation.report import check_writable, planned_files
     from attnkit.ablation.seq2seq import SEQ2SEQ_MODELS
-    from attnkit.ablation.train import init_distributed
 
     out = args.out or Path(f"ablation-{args.task}")
     if args.threads < 1:
@@ -164,23 +163,41 @@ def run(args: argparse.Namespace) -> int:
         check_writable(planned_files(out, alignment_models), overwrite=args.overwrite)
     except FileExistsError as err:
         raise UserError(str(err)) from None
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args, out)
+    finally:  # in-process callers (tests, notebooks) get their thread count back
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    import torch.distributed
+
+    from attnkit.ablation.report import write_report
+    from attnkit.ablation.train import init_distributed
+
     job = (_vision if args.task == "vision" else _seq2seq)(args)
     _, world = init_distributed()
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is not a multiple of the {world} processes")
     try:
-        result = job()
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    if result is None:  # not the main process of a distributed run
-        return 0
-    try:
-        paths = write_report(result, out, overwrite=args.overwrite)
-    except FileExistsError as err:
-        raise UserError(str(err)) from None
-    print(result.to_markdown())
-    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+        if args.batch_size % world:
+            raise UserError(f"--batch-size {args.batch_size} is not a multiple of the {world} processes")
+        try:
+            result = job()
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if result is not None:  # None: not the main process of a distributed run
+            try:
+                paths = write_report(result, out, overwrite=args.overwrite)
+            except FileExistsError as err:
+                raise UserError(str(err)) from None
+            print(result.to_markdown())
+            print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+        if world > 1:
+            torch.distributed.barrier()  # the other ranks wait for rank 0's report
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -61,27 +61,33 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, overwrite: bool 
     return path
 
 
-def tradeoff_figure(result: AblationResult, *, batch: int = 1):
-    """Accuracy (mean ± std over seeds, %) against median latency at ``batch`` (ms, log scale), one point per
-    variant, labelled. Returns a ``matplotlib.figure.Figure``."""
+def tradeoff_figure(result: AblationResult):
+    """Accuracy (mean ± std over seeds, %) against median latency (ms, log scale), one panel per timed batch size,
+    one labelled point per variant. Returns a ``matplotlib.figure.Figure``."""
     try:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import LogLocator, ScalarFormatter
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("ablation plots need matplotlib: pip install 'attnkit[explain]'") from err
-    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
-    ax = fig.add_subplot()
-    for v in result.variants:
-        if batch not in v.latency:
-            continue
-        mean, std = mean_std(v.scores)
-        ms = 1000 * v.latency[batch]
-        ax.errorbar(ms, 100 * mean, yerr=100 * std, fmt="o", capsize=3)
-        ax.annotate(v.name, (ms, 100 * mean), textcoords="offset points", xytext=(5, 4), fontsize=9)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"CPU latency at batch {batch} (ms, median)")
-    ax.set_ylabel(f"test accuracy (%, mean ± std over {len(result.seeds)} seeds)")
-    ax.set_title(f"{result.task}: accuracy vs latency", fontsize=10)
-    ax.grid(True, alpha=0.3)
+    batches = sorted({b for v in result.variants for b in v.latency}) or [1]
+    fig = Figure(figsize=(5.0 * len(batches), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(batches), squeeze=False)[0]
+    for ax, batch in zip(axes, batches):
+        for v in result.variants:
+            if batch not in v.latency:
+                continue
+            mean, std = mean_std(v.scores)
+            ms = 1000 * v.latency[batch]
+            ax.errorbar(ms, 100 * mean, yerr=100 * std, fmt="o", capsize=3)
+            ax.annotate(v.name, (ms, 100 * mean), textcoords="offset points", xytext=(5, 4), fontsize=9)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter("")
+        ax.set_xlabel(f"CPU latency at batch {batch} (ms, median)")
+        ax.set_ylabel(f"test accuracy (%, mean ± std over {len(result.seeds)} seeds)")
+        ax.set_title(f"{result.task}: accuracy vs latency, batch {batch}", fontsize=10)
+        ax.grid(True, alpha=0.3)
     return fig
 
 
@@ -102,7 +108,7 @@ def alignment_figure(alignments: list[Alignment]):
     queries = [
         [*(t if t != "<eos>" else "</s>" for t in a.target), *[""] * (steps - len(a.target))] for a in alignments
     ]
-    fig = alignment_plot(weights, query_tokens=queries, key_tokens=keys, ncols=min(3, len(alignments)))
+    fig = alignment_plot(weights, query_tokens=queries, key_tokens=keys, ncols=1)
     for ax, a in zip(fig.axes, alignments):
         ax.set_title(
             f"{a.model}: {a.source!r} -> {''.join(a.target).replace('<eos>', '')}"
@@ -135,8 +141,7 @@ def write_report(result: AblationResult, out_dir: str | os.PathLike, *, overwrit
         write_atomic(out / "results.md", result.to_markdown(), overwrite=overwrite),
         write_atomic(out / "results.csv", result.to_csv(), overwrite=overwrite),
     ]
-    batch = min((b for v in result.variants for b in v.latency), default=1)
-    plot_png = figure_png(tradeoff_figure(result, batch=batch))
+    plot_png = figure_png(tradeoff_figure(result))
     written.append(write_atomic(out / "accuracy_vs_latency.png", plot_png, overwrite=overwrite))
     alignment_pngs = []
     for m in models:

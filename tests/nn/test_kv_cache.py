@@ -43,8 +43,7 @@ def test_incremental_decoding_with_padding_mask():
         full, _ = m(x, is_causal=True, key_padding_mask=kpm)
         cache = KVCache()
         steps = [
-            m(x[:, t : t + 1], is_causal=True, kv_cache=cache, key_padding_mask=kpm[:, : t + 1])[0]
-            for t in range(6)
+            m(x[:, t : t + 1], is_causal=True, kv_cache=cache, key_padding_mask=kpm[:, : t + 1])[0] for t in range(6)
         ]
     torch.testing.assert_close(torch.cat(steps, dim=1)[1, 2:], full[1, 2:], **TOL)
     torch.testing.assert_close(torch.cat(steps, dim=1)[0], full[0], **TOL)

@@ -70,9 +70,7 @@ def reference_mha(m: MultiHeadAttention, query, key, value, *, keep=None, is_cau
 
 def torch_pair(embed_dim=24, num_heads=4, kdim=None, vdim=None, bias=True, batch_first=True):
     torch.manual_seed(0)
-    ref = nn.MultiheadAttention(
-        embed_dim, num_heads, bias=bias, kdim=kdim, vdim=vdim, batch_first=batch_first
-    )
+    ref = nn.MultiheadAttention(embed_dim, num_heads, bias=bias, kdim=kdim, vdim=vdim, batch_first=batch_first)
     with torch.no_grad():  # non-zero biases so that a lost bias is detected
         for param in ref.parameters():
             param.normal_(0.0, 0.3)
@@ -231,9 +229,7 @@ def test_gqa_equals_repeated_kv_heads():
             dst.bias.copy_(src.bias.unflatten(0, (2, 4)).repeat_interleave(3, dim=0).flatten())
     x = torch.randn(2, 7, 24)
     with torch.no_grad():
-        torch.testing.assert_close(
-            gqa(x, is_causal=True)[0], full(x, is_causal=True)[0], atol=1e-6, rtol=1e-5
-        )
+        torch.testing.assert_close(gqa(x, is_causal=True)[0], full(x, is_causal=True)[0], atol=1e-6, rtol=1e-5)
 
 
 def test_dropout_only_in_training():
@@ -265,9 +261,7 @@ def test_every_call_goes_through_attnkit_attention(backend):
 
 
 def test_constructor_errors():
-    with pytest.raises(
-        ValueError, match=r"embed_dim \(E=30\) to be a multiple of num_heads \(H=4\).*1, 2, 3, 5"
-    ):
+    with pytest.raises(ValueError, match=r"embed_dim \(E=30\) to be a multiple of num_heads \(H=4\).*1, 2, 3, 5"):
         MultiHeadAttention(30, 4)
     with pytest.raises(ValueError, match=r"num_heads \(H=6\) to be a multiple of num_kv_heads \(Hkv=4\)"):
         MultiHeadAttention(24, 6, num_kv_heads=4)
@@ -283,9 +277,7 @@ def test_constructor_errors():
 
 def test_forward_errors():
     m = MultiHeadAttention(24, 4, kdim=10)
-    with pytest.raises(
-        ValueError, match=r"expected query of shape \(B, L, width\) with width=24, got \(2, 3, 20\)"
-    ):
+    with pytest.raises(ValueError, match=r"expected query of shape \(B, L, width\) with width=24, got \(2, 3, 20\)"):
         m(torch.randn(2, 3, 20), torch.randn(2, 3, 10))
     with pytest.raises(ValueError, match="expected key"):
         m(torch.randn(2, 3, 24), torch.randn(2, 3, 24))

@@ -34,9 +34,7 @@ def checkpoint_dir(path: str | Path) -> Path:
     """
     directory = Path(path)
     if not directory.exists():
-        raise FileNotFoundError(
-            f"checkpoint: {str(directory)!r} does not exist; expected a checkpoint directory"
-        )
+        raise FileNotFoundError(f"checkpoint: {str(directory)!r} does not exist; expected a checkpoint directory")
     if not directory.is_dir():
         raise NotADirectoryError(
             f"checkpoint: {str(directory)!r} is a file; expected the directory that holds config.json and "
@@ -60,9 +58,7 @@ def read_config(directory: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"checkpoint: {str(path)!r} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
-        raise CheckpointError(
-            f"checkpoint: {str(path)!r} must hold a JSON object, got {type(config).__name__}"
-        )
+        raise CheckpointError(f"checkpoint: {str(path)!r} must hold a JSON object, got {type(config).__name__}")
     return config
 
 
@@ -104,9 +100,7 @@ def read_tensors(directory: str | Path) -> dict[str, Tensor]:
         for shard in shards:
             tensors.update(_load_file(directory / shard))
         return tensors
-    hint = (
-        " (pickle checkpoints such as pytorch_model.bin are not read)" if any(directory.glob("*.bin")) else ""
-    )
+    hint = " (pickle checkpoints such as pytorch_model.bin are not read)" if any(directory.glob("*.bin")) else ""
     raise FileNotFoundError(f"checkpoint: no {WEIGHTS_NAME} or {INDEX_NAME} in {str(directory)!r}{hint}")
 
 

@@ -75,8 +75,7 @@ class BertConfig:
         out = cls(**{k: v for k, v in config.items() if k in known})
         if out.hidden_act not in HF_ACTIVATIONS:
             raise ValueError(
-                f"BertConfig: unsupported hidden_act {out.hidden_act!r}; valid: "
-                f"{', '.join(map(repr, HF_ACTIVATIONS))}"
+                f"BertConfig: unsupported hidden_act {out.hidden_act!r}; valid: {', '.join(map(repr, HF_ACTIVATIONS))}"
             )
         if out.position_embedding_type != "absolute":
             raise ValueError(
@@ -202,9 +201,7 @@ class BertModel(nn.Module):
             )
             for _ in range(config.num_hidden_layers)
         )
-        self.pooler = (
-            nn.Linear(config.hidden_size, config.hidden_size, **factory) if add_pooling_layer else None
-        )
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size, **factory) if add_pooling_layer else None
 
     @property
     def backend(self) -> str:
@@ -234,11 +231,7 @@ class BertModel(nn.Module):
             TypeError: ``input_ids`` is not an integer tensor.
             ValueError: wrong ranks or shapes, or ``L > max_position_embeddings``.
         """
-        if (
-            not isinstance(input_ids, Tensor)
-            or input_ids.dtype.is_floating_point
-            or input_ids.dtype == torch.bool
-        ):
+        if not isinstance(input_ids, Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
             raise TypeError("BertModel: expected input_ids to be an integer tensor of shape (B, L)")
         if input_ids.ndim != 2:
             raise ValueError(f"BertModel: expected input_ids of shape (B, L), got {tuple(input_ids.shape)}")
@@ -250,8 +243,7 @@ class BertModel(nn.Module):
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if t is not None and tuple(t.shape) != tuple(input_ids.shape):
                 raise ValueError(
-                    f"BertModel: expected {name} of shape {tuple(input_ids.shape)} like input_ids, got "
-                    f"{tuple(t.shape)}"
+                    f"BertModel: expected {name} of shape {tuple(input_ids.shape)} like input_ids, got {tuple(t.shape)}"
                 )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)

@@ -12,9 +12,7 @@ from torch import Tensor
 __all__ = ["mean_pooling"]
 
 
-def mean_pooling(
-    last_hidden_state: Tensor, attention_mask: Tensor | None = None, *, normalize: bool = True
-) -> Tensor:
+def mean_pooling(last_hidden_state: Tensor, attention_mask: Tensor | None = None, *, normalize: bool = True) -> Tensor:
     """Average the token embeddings of the real (non-padding) tokens, then optionally L2-normalise.
 
     ``e = Σ_t m_t h_t / max(Σ_t m_t, 1e-9)``, then ``e / max(||e||_2, 1e-12)`` when ``normalize``.
@@ -38,8 +36,7 @@ def mean_pooling(
     """
     if last_hidden_state.ndim != 3:
         raise ValueError(
-            f"mean_pooling: expected last_hidden_state of shape (B, L, E), "
-            f"got {tuple(last_hidden_state.shape)}"
+            f"mean_pooling: expected last_hidden_state of shape (B, L, E), got {tuple(last_hidden_state.shape)}"
         )
     if attention_mask is None:
         attention_mask = torch.ones(last_hidden_state.shape[:2], device=last_hidden_state.device)

@@ -11,9 +11,7 @@ from attnkit.functional import observe
 __all__ = ["check_inputs", "softmax_context"]
 
 
-def check_inputs(
-    owner: str, query: Tensor, key: Tensor, value: Tensor | None, query_dim: int, key_dim: int
-) -> Tensor:
+def check_inputs(owner: str, query: Tensor, key: Tensor, value: Tensor | None, query_dim: int, key_dim: int) -> Tensor:
     """Validate ``(B, Lq, query_dim)``, ``(B, Lk, key_dim)``, ``(B, Lk, Dv)`` inputs; return ``value``."""
     value = key if value is None else value
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -34,9 +32,7 @@ def check_inputs(
     return value
 
 
-def softmax_context(
-    owner: str, scores: Tensor, value: Tensor, attn_mask: Tensor | None
-) -> tuple[Tensor, Tensor]:
+def softmax_context(owner: str, scores: Tensor, value: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Masked softmax of ``(B, Lq, Lk)`` scores over keys, and the context ``weights @ value``.
 
     Rows with no key left give zero weights and a zero context. The weights are announced on the
@@ -44,9 +40,7 @@ def softmax_context(
     """
     keep = None
     if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor) or not (
-            attn_mask.dtype == torch.bool or attn_mask.is_floating_point()
-        ):
+        if not isinstance(attn_mask, Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
             raise TypeError(f"{owner}: attn_mask must be a bool (True = may attend) or float tensor")
         try:
             torch.broadcast_shapes(attn_mask.shape, scores.shape)

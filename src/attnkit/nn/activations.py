@@ -62,6 +62,4 @@ def get_activation(name: str) -> Callable[[Tensor], Tensor]:
     try:
         return ACTIVATIONS[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"activation: unknown name {name!r}; valid: {', '.join(map(repr, ACTIVATIONS))}"
-        ) from None
+        raise ValueError(f"activation: unknown name {name!r}; valid: {', '.join(map(repr, ACTIVATIONS))}") from None

@@ -90,9 +90,7 @@ class TransformerDecoderLayer(nn.Module):
             "backend": backend,
             **factory,
         }
-        self.self_attn = MultiHeadAttention(
-            embed_dim, num_heads, num_kv_heads=num_kv_heads, rope=rope, **common
-        )
+        self.self_attn = MultiHeadAttention(embed_dim, num_heads, num_kv_heads=num_kv_heads, rope=rope, **common)
         self.cross_attn = MultiHeadAttention(embed_dim, num_heads, kdim=memory_dim, vdim=memory_dim, **common)
         self.linear1 = nn.Linear(embed_dim, ffn_dim, bias=bias, **factory)
         self.linear2 = nn.Linear(ffn_dim, embed_dim, bias=bias, **factory)
@@ -147,9 +145,7 @@ class TransformerDecoderLayer(nn.Module):
             return self.dropout1(out)
 
         def ca(h: Tensor) -> Tensor:
-            out, _ = self.cross_attn(
-                h, memory, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask
-            )
+            out, _ = self.cross_attn(h, memory, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask)
             return self.dropout2(out)
 
         def ff(h: Tensor) -> Tensor:

@@ -61,9 +61,7 @@ class LuongAttention(nn.Module):
         key_dim = query_dim if key_dim is None else key_dim
         hidden_dim = query_dim if hidden_dim is None else hidden_dim
         if score not in SCORES:
-            raise ValueError(
-                f"LuongAttention: unknown score {score!r}; valid: {', '.join(map(repr, SCORES))}"
-            )
+            raise ValueError(f"LuongAttention: unknown score {score!r}; valid: {', '.join(map(repr, SCORES))}")
         for name, val in (("query_dim", query_dim), ("key_dim", key_dim), ("hidden_dim", hidden_dim)):
             if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
                 raise ValueError(f"LuongAttention: expected {name} to be a positive int, got {val!r}")

@@ -136,8 +136,7 @@ class MultiHeadAttention(nn.Module):
         if rope is not None:
             if not isinstance(rope, RotaryEmbedding):
                 raise TypeError(
-                    f"MultiHeadAttention: expected rope to be an attnkit.nn.RotaryEmbedding, got "
-                    f"{type(rope).__name__}"
+                    f"MultiHeadAttention: expected rope to be an attnkit.nn.RotaryEmbedding, got {type(rope).__name__}"
                 )
             if rope.head_dim != head_dim:
                 raise ValueError(
@@ -177,8 +176,7 @@ class MultiHeadAttention(nn.Module):
         layout = "(L, width)" if unbatched else ("(B, L, width)" if self.batch_first else "(L, B, width)")
         if x.ndim != expected_ndim or x.shape[-1] != width:
             raise ValueError(
-                f"MultiHeadAttention: expected {name} of shape {layout} with width={width}, "
-                f"got {tuple(x.shape)}"
+                f"MultiHeadAttention: expected {name} of shape {layout} with width={width}, got {tuple(x.shape)}"
             )
         if unbatched:
             return x.unsqueeze(0)
@@ -240,12 +238,8 @@ class MultiHeadAttention(nn.Module):
             )
         batch, q_len = q_in.shape[:2]
         q = self.q_proj(q_in).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, Lq, D)
-        k = (
-            self.k_proj(k_in).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        )  # (B, Hkv, Lk, D)
-        v = (
-            self.v_proj(v_in).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        )  # (B, Hkv, Lk, D)
+        k = self.k_proj(k_in).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, Lk, D)
+        v = self.v_proj(v_in).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, Lk, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         past = len(kv_cache) if kv_cache is not None else 0
@@ -260,11 +254,7 @@ class MultiHeadAttention(nn.Module):
         if mask is not None and mask.ndim == 3 and not unbatched and mask.shape[0] == batch * self.num_heads:
             mask = mask.unflatten(0, (batch, self.num_heads))  # (B·H, Lq, Lk) -> (B, H, Lq, Lk)
         if key_padding_mask is not None:
-            kpm = (
-                key_padding_mask.unsqueeze(0)
-                if unbatched and key_padding_mask.ndim == 1
-                else key_padding_mask
-            )
+            kpm = key_padding_mask.unsqueeze(0) if unbatched and key_padding_mask.ndim == 1 else key_padding_mask
             mask = merge_masks(mask, from_key_padding_mask(kpm))
         result = attention(
             q,
@@ -304,9 +294,7 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"from_torch: expected an nn.MultiheadAttention, got {type(module).__name__}")
         if module.bias_k is not None or module.add_zero_attn:
-            raise ValueError(
-                "from_torch: add_bias_kv and add_zero_attn are not supported; expected them False"
-            )
+            raise ValueError("from_torch: add_bias_kv and add_zero_attn are not supported; expected them False")
         ref = module.out_proj.weight
         new = cls(
             module.embed_dim,
@@ -368,9 +356,7 @@ class MultiHeadAttention(nn.Module):
             if module._qkv_same_embed_dim:
                 module.in_proj_weight.copy_(torch.cat(weights))
             else:
-                for dst, w in zip(
-                    (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight), weights
-                ):
+                for dst, w in zip((module.q_proj_weight, module.k_proj_weight, module.v_proj_weight), weights):
                     dst.copy_(w)
             if bias:
                 module.in_proj_bias.copy_(torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)))

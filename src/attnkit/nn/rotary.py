@@ -34,14 +34,10 @@ class RotaryEmbedding(nn.Module):
         torch.Size([2, 3, 5, 8])
     """
 
-    def __init__(
-        self, head_dim: int, *, base: float = 10000.0, interleaved: bool = True, device=None
-    ) -> None:
+    def __init__(self, head_dim: int, *, base: float = 10000.0, interleaved: bool = True, device=None) -> None:
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
-            raise ValueError(
-                f"RotaryEmbedding: expected head_dim to be a positive even int, got {head_dim!r}"
-            )
+            raise ValueError(f"RotaryEmbedding: expected head_dim to be a positive even int, got {head_dim!r}")
         if not base > 1:
             raise ValueError(f"RotaryEmbedding: expected base > 1, got {base!r}")
         self.head_dim = head_dim
@@ -66,9 +62,7 @@ class RotaryEmbedding(nn.Module):
             ValueError: ``x.shape[-1] != head_dim`` or ``positions`` does not match ``L``.
         """
         if x.shape[-1] != self.head_dim:
-            raise ValueError(
-                f"RotaryEmbedding: expected x of shape (..., L, {self.head_dim}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"RotaryEmbedding: expected x of shape (..., L, {self.head_dim}), got {tuple(x.shape)}")
         if positions.ndim not in (1, 2) or positions.shape[-1] != x.shape[-2]:
             raise ValueError(
                 f"RotaryEmbedding: expected positions (L,) or (B, L) with L={x.shape[-2]}, got shape "

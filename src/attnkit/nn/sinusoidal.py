@@ -35,13 +35,9 @@ def sinusoidal_positions(
         [0.0, 1.0, 0.0, 1.0]
     """
     if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0 or embed_dim % 2:
-        raise ValueError(
-            f"sinusoidal_positions: expected embed_dim to be a positive even int, got {embed_dim!r}"
-        )
+        raise ValueError(f"sinusoidal_positions: expected embed_dim to be a positive even int, got {embed_dim!r}")
     if length < 0 or offset < 0:
-        raise ValueError(
-            f"sinusoidal_positions: expected length >= 0 and offset >= 0, got {length}, {offset}"
-        )
+        raise ValueError(f"sinusoidal_positions: expected length >= 0 and offset >= 0, got {length}, {offset}")
     pos = torch.arange(offset, offset + length, dtype=torch.float64, device=device).unsqueeze(-1)
     inv_freq = base ** (-torch.arange(0, embed_dim, 2, dtype=torch.float64, device=device) / embed_dim)
     angles = pos * inv_freq  # (L, E/2)
@@ -79,11 +75,8 @@ class SinusoidalPositionalEncoding(nn.Module):
         """
         if x.ndim != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(
-                f"SinusoidalPositionalEncoding: expected x of shape (B, L, {self.embed_dim}), "
-                f"got {tuple(x.shape)}"
+                f"SinusoidalPositionalEncoding: expected x of shape (B, L, {self.embed_dim}), got {tuple(x.shape)}"
             )
         length = x.shape[1] if self.batch_first else x.shape[0]
-        pe = sinusoidal_positions(
-            length, self.embed_dim, base=self.base, offset=offset, device=x.device, dtype=x.dtype
-        )
+        pe = sinusoidal_positions(length, self.embed_dim, base=self.base, offset=offset, device=x.device, dtype=x.dtype)
         return x + (pe if self.batch_first else pe.unsqueeze(1))

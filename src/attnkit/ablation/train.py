@@ -56,6 +56,17 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"TrainConfig: expected lr > 0, got {self.lr!r}")
 
+    def describe(self) -> dict[str, object]:
+        """The budget as a report shows it (same for every variant), with the process and thread counts."""
+        return {
+            "epochs": self.epochs,
+            "batch": self.batch_size,
+            "optimizer": f"AdamW lr {self.lr:g} one-cycle",
+            "weight decay": self.weight_decay,
+            "processes": world()[1],
+            "torch threads per process": torch.get_num_threads(),
+        }
+
 
 def init_distributed() -> tuple[int, int]:
     """Join the gloo process group when launched by ``torchrun`` with ``WORLD_SIZE > 1``; return ``(rank, world)``.

@@ -16,7 +16,7 @@ from attnkit.ablation.cost import count_macs, count_parameters, interleaved_late
 from attnkit.ablation.dates import TARGET_LENGTH, DateTask, bucket_label, encode_sources, encode_targets
 from attnkit.ablation.results import AblationResult, Alignment, VariantResult
 from attnkit.ablation.seq2seq import SEQ2SEQ_MODELS, build_seq2seq
-from attnkit.ablation.train import TrainConfig, fit, is_main_process, predict, seeded, world
+from attnkit.ablation.train import TrainConfig, fit, is_main_process, predict, seeded
 
 __all__ = ["run_seq2seq_ablation"]
 
@@ -169,16 +169,7 @@ def run_seq2seq_ablation(
         baseline="none",
         seeds=list(seeds),
         variants=[results[name] for name in models],
-        budget={
-            "epochs": config.epochs,
-            "batch": config.batch_size,
-            "optimizer": f"AdamW lr {config.lr:g} one-cycle",
-            "weight decay": config.weight_decay,
-            "processes": world()[1],
-            "torch threads per process": torch.get_num_threads(),
-            "grad clip": config.grad_clip,
-            "decoding": "greedy, 11 steps",
-        },
+        budget={**config.describe(), "grad clip": config.grad_clip, "decoding": "greedy, 11 steps"},
         group_title=f"source length in characters (training sources: at most {task.train_max_length})",
         alignments=alignments,
         wall_time_s=time.perf_counter() - start,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from attnkit.ablation.cost import count_macs, count_parameters, interleaved_latency
 from attnkit.ablation.images import ImageData
 from attnkit.ablation.results import AblationResult, VariantResult
-from attnkit.ablation.train import TrainConfig, fit, is_main_process, predict, seeded, world
+from attnkit.ablation.train import TrainConfig, fit, is_main_process, predict, seeded
 
 __all__ = ["VISION_VARIANTS", "build_vision_model", "random_translate", "run_vision_ablation"]
 
@@ -189,14 +189,6 @@ def run_vision_ablation(
         baseline="none",
         seeds=list(seeds),
         variants=[results[name] for name in variants],
-        budget={
-            "epochs": config.epochs,
-            "batch": config.batch_size,
-            "optimizer": f"AdamW lr {config.lr:g} one-cycle",
-            "weight decay": config.weight_decay,
-            "processes": world()[1],
-            "torch threads per process": torch.get_num_threads(),
-            "augmentation": f"random shift ±{max_shift} px",
-        },
+        budget={**config.describe(), "augmentation": f"random shift ±{max_shift} px"},
         wall_time_s=time.perf_counter() - start,
     )

@@ -104,8 +104,11 @@ _JS = """
     const canvas = box.querySelector("canvas"), hover = box.querySelector(".hover");
     const ctx = canvas.getContext("2d");
     const cell = Math.max(2, Math.min(36, Math.floor(560 / Math.max(Q, K))));
-    canvas.width = K * cell;
-    canvas.height = Q * cell;
+    // Token labels are drawn for maps small enough to read: keys under the map, queries to its right.
+    const kLabels = meta.ktok && K <= 80 ? meta.ktok : null, qLabels = meta.qtok && Q <= 80 ? meta.qtok : null;
+    const labelPad = 70;
+    canvas.width = K * cell + (qLabels ? labelPad + 30 : 0);
+    canvas.height = Q * cell + (kLabels ? labelPad : 0);
     let current = new Float32Array(n);
     function addMap(l, h, weight) {
       const o = (l * H + h) * n, s = meta.scale[l * H + h] / 255 * weight;
@@ -130,7 +133,22 @@ _JS = """
           }
         }
       }
+      ctx.clearRect(0, 0, canvas.width, canvas.height);
       ctx.putImageData(img, 0, 0);
+      ctx.fillStyle = "#333";
+      ctx.font = Math.min(12, Math.max(8, cell - 2)) + "px sans-serif";
+      if (kLabels) {
+        for (let k = 0; k < K; k++) {
+          ctx.save();
+          ctx.translate(k * cell + cell / 2 + 3, Q * cell + 4);
+          ctx.rotate(Math.PI / 3);
+          ctx.fillText(String(kLabels[k]).slice(0, 12), 0, 0);
+          ctx.restore();
+        }
+      }
+      if (qLabels) {
+        for (let q = 0; q < Q; q++) ctx.fillText(String(qLabels[q]).slice(0, 14), K * cell + 4, q * cell + cell / 2 + 4);
+      }
       box.dataset.drawn = l + ":" + h;
     }
     canvas.addEventListener("mousemove", function (e) {

@@ -53,7 +53,7 @@ def test_shapes_dtypes_and_range(canvases):
     assert data.labels.shape == (n,) and data.labels.dtype == torch.int64
     assert data.boxes.shape == (n, 4) and data.boxes.dtype == torch.int64
     assert data.ink.shape == (n, 64, 64) and data.ink.dtype == torch.bool
-    assert data.distractor_ids.shape == (n, 4)
+    assert data.distractor_ids.shape == (n, 9)
     assert data.images.min() >= 0 and data.images.max() <= 1
     image, label, box = data[5]
     assert image.shape == (1, 64, 64) and label.ndim == 0 and box.shape == (4,)
@@ -92,15 +92,27 @@ def test_box_is_tight_around_the_digit_ink_and_holds_only_it(canvases):
 def test_distractors_are_other_scans_of_other_classes(canvases):
     labels = torch.as_tensor(load_scans()[1].copy())
     for data in canvases.values():
-        assert not (data.distractor_ids == data.scan_ids[:, None]).any()
-        assert not (labels[data.distractor_ids] == data.labels[:, None]).any()
+        ids = data.distractor_ids
+        assert (ids >= 0).all()  # every fragment found room on 64x64 canvases
+        assert not (ids == data.scan_ids[:, None]).any()
+        assert not (labels[ids] == data.labels[:, None]).any()
+        decoys = ids.reshape(len(data), 3, 3)
+        assert all(len(set(d.tolist())) == 3 for d in decoys.reshape(-1, 3))  # different scans within a decoy
         outside = (data.images[:, 0] > 0) & ~data.ink
-        assert outside.flatten(1).any(1).float().mean() > 0.95  # the clutter is there
+        assert outside.flatten(1).any(1).all()  # the clutter is there
+
+
+def test_decoys_carry_as_much_ink_as_the_digit(canvases):
+    """The most ink is not where the digit is: a digit-sized box filter rarely points at it."""
+    from attnkit.datasets.digits_eval import ink_maps, pointing_game
+
+    data = canvases["test"]
+    assert pointing_game(ink_maps(data.images), data.boxes).float().mean() < 0.3
 
 
 def test_fragments_are_partial():
     """No fragment's connected extent is as large as a whole digit: each covers at most 5x5 source pixels."""
-    data = DigitCanvases("train", num_canvases=50, seed=1, num_distractors=1)
+    data = DigitCanvases("train", num_canvases=50, seed=1, num_decoys=1, decoy_fragments=1)
     for i in range(len(data)):
         clutter = (data.images[i, 0] > 0) & ~data.ink[i]
         if clutter.any():
@@ -118,7 +130,8 @@ def test_deterministic_for_a_seed():
 
 
 def test_options():
-    data = DigitCanvases("val", num_canvases=10, canvas_size=48, scale=3, num_distractors=0)
+    data = DigitCanvases("val", num_canvases=10, canvas_size=48, scale=3, num_decoys=0)
+    assert data.distractor_ids.shape == (10, 0)
     assert data.images.shape == (10, 1, 48, 48)
     assert torch.equal(data.images[:, 0] > 0, data.ink)
     assert ((data.boxes[:, 2:] - data.boxes[:, :2]) <= 24).all()
@@ -132,7 +145,8 @@ def test_options():
         ({"split": "dev"}, "split must be one of"),
         ({"num_canvases": 0}, "num_canvases"),
         ({"scale": 0}, "scale"),
-        ({"num_distractors": -1}, "num_distractors"),
+        ({"num_decoys": -1}, "num_decoys"),
+        ({"decoy_fragments": 1.5}, "decoy_fragments"),
         ({"canvas_size": 16}, "canvas_size"),
         ({"fractions": (0.5, 0.5)}, "three positive fractions"),
     ],

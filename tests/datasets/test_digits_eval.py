@@ -97,6 +97,39 @@ def test_saliency_maps_of_the_cnn(canvases):
         ev.cbam_maps(plain.eval(), canvases.images)
 
 
+def test_ink_maps_are_local_ink_mass():
+    images = torch.zeros(1, 1, 32, 32)
+    images[0, 0, 3, 4] = 1.0
+    maps = ev.ink_maps(images, size=5)
+    assert maps.shape == (1, 32, 32)
+    torch.testing.assert_close(maps[0, 1:6, 2:7], torch.full((5, 5), 1 / 25))
+    torch.testing.assert_close(maps.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(ev.saliency("ink", None, images), ev.ink_maps(images))
+
+
+def test_conv_patch_embedding_is_centred_on_its_cells(canvases):
+    torch.manual_seed(0)
+    vit = build_model("vit", {**DEFAULT_CONFIGS["vit"], "patch_embed": "conv"}).eval()
+    assert type(vit).__name__ == "VisionTransformer" and type(vit.patch_embed).__name__ == "ConvPatchEmbed"
+    assert vit(canvases.images).shape == (6, 10)
+    assert vit.token_layout == {"grid": (8, 8), "num_prefix_tokens": 1, "patch_size": (8, 8)}
+    # Receptive field of token (row 1, col 1), whose cell is pixels [8, 16): 22 px centred on it.
+    x = torch.rand(1, 1, 64, 64, requires_grad=True)
+    vit.patch_embed(x)[0, 9].sum().backward()
+    ys, xs = (x.grad[0, 0] != 0).nonzero(as_tuple=True)
+    span = (ys.min().item(), ys.max().item(), xs.min().item(), xs.max().item())
+    assert span == (1, 22, 1, 22)
+    assert (span[0] + span[1]) / 2 == (8 + 15) / 2
+    linear = build_model("vit", {**DEFAULT_CONFIGS["vit"], "patch_embed": "linear"})
+    assert type(linear.patch_embed).__name__ == "PatchEmbed"
+    with pytest.raises(ValueError, match="patch_embed"):
+        build_model("vit", {**DEFAULT_CONFIGS["vit"], "patch_embed": "mlp"})
+    with pytest.raises(ValueError, match="power-of-two"):
+        build_model("vit", {**DEFAULT_CONFIGS["vit"], "patch_size": 6})
+    with pytest.raises(ValueError, match="multiple"):
+        vit(torch.rand(1, 1, 60, 64))
+
+
 def test_random_maps_and_errors(canvases):
     a = ev.saliency("random", None, canvases.images, generator=torch.Generator().manual_seed(1))
     b = ev.saliency("random", None, canvases.images, generator=torch.Generator().manual_seed(1))

@@ -32,6 +32,7 @@ def trained(script, tmp_path_factory):
 
 def test_writes_weights_and_metadata(trained):
     names = sorted(p.name for p in trained.iterdir())
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in trained.iterdir())
     assert names == ["digits.json", "digits_cnn.safetensors", "digits_vit.safetensors"]  # no temporary files left
     meta = json.loads((trained / "digits.json").read_text())
     assert meta["seed"] == 0
@@ -44,7 +45,7 @@ def test_writes_weights_and_metadata(trained):
         assert entry["training"]["steps"] == 2 and entry["training"]["seconds"] >= 0
         test = entry["test"]
         assert 0 <= test["accuracy"] <= 1
-        methods = {"rollout", "relevance", "random"} if name == "vit" else {"cbam", "random"}
+        methods = {"rollout", "relevance", "random", "ink"} if name == "vit" else {"cbam", "random", "ink"}
         assert set(test["pointing_game"]) == methods
         assert set(test["deletion_auc"]) == set(test["pointing_game"])
     assert len(meta["models"]["cnn"]["test"]["pointing_game_cbam_per_block"]) == 3

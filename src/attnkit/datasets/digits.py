@@ -3,10 +3,13 @@
 ``load_digits`` holds 1,797 real 8x8 scans of handwritten digits (UCI "Optical Recognition of Handwritten
 Digits", 16 grey levels 0..16), shipped inside scikit-learn, so nothing is downloaded. Each canvas shows one
 scan, upscaled ``scale`` times (nearest neighbour: 8x8 -> 16x16 by default), at a uniformly random position on
-an empty ``canvas_size x canvas_size`` canvas (64x64 by default), with ``num_distractors`` fragments of *other*
-scans of *other* classes around it: partial crops of at most ``5 x 5`` of the 8x8 source pixels (under 40% of a
-scan, so a fragment never shows a whole digit), scaled the same way and placed so they do not touch the digit's
-box. The task is to name the whole digit; its bounding box is known, for localisation metrics (pointing game).
+an empty ``canvas_size x canvas_size`` canvas (64x64 by default), among ``num_decoys`` decoys: clumps of
+``decoy_fragments`` fragments of *other* scans of *other* classes, each fragment a partial crop of at most
+``5 x 5`` of the 8x8 source pixels (under 40% of a scan, so a fragment never shows a whole digit), scaled the same
+way and placed at random inside a digit-sized window. A decoy carries about as much ink as a digit, so "where is
+the most ink" does not find the digit (a box filter of the canvas points at it on about 15% of canvases, chance
+about 5%); its shape does. Decoys never touch the digit's box. The task is to name the whole digit; its bounding
+box is known, for localisation metrics (pointing game).
 
 Splits are by **source scan**: :func:`split_scans` assigns every scan to exactly one of ``"train"``, ``"val"``
 or ``"test"`` (stratified by class, from ``split_seed``), and a canvas of a split uses only that split's scans —
@@ -124,7 +127,8 @@ class DigitCanvases(Dataset):
             default 0. The split itself depends only on ``split_seed``.
         canvas_size: ``S``; default 64.
         scale: integer upscaling of the 8x8 scans (nearest neighbour); default 2 (16x16 digits).
-        num_distractors: fragments of other scans per canvas; default 4.
+        num_decoys: clumps of fragments per canvas; default 3.
+        decoy_fragments: fragments per decoy (each from a different scan); default 3.
         fractions: split shares, see :func:`split_scans`.
         split_seed: see :func:`split_scans`; default 0.
 
@@ -134,11 +138,12 @@ class DigitCanvases(Dataset):
         boxes: ``(N, 4)`` int64 ``(x0, y0, x1, y1)``, half-open, tight around the digit's ink.
         ink: ``(N, S, S)`` bool, the digit's own ink (non-zero pixels of the upscaled scan).
         scan_ids: ``(N,)`` int64 index of the digit's scan in :func:`load_scans`.
-        distractor_ids: ``(N, num_distractors)`` int64 scans the fragments were cut from.
+        distractor_ids: ``(N, num_decoys * decoy_fragments)`` int64 scans the fragments were cut from (decoy
+            by decoy); -1 for a fragment that found no room (only on canvases too small for the decoys).
         split_ids: the split's scan indices (``split_scans(...)[split]``).
 
     Raises:
-        ValueError: an unknown split, sizes below 1 (``num_distractors`` below 0), a canvas smaller than a digit.
+        ValueError: an unknown split, sizes below 1 (decoy counts below 0), a canvas smaller than a digit.
 
     Example:
         >>> data = DigitCanvases("test", num_canvases=8, seed=1)
@@ -155,7 +160,8 @@ class DigitCanvases(Dataset):
         seed: int | Sequence[int] = 0,
         canvas_size: int = 64,
         scale: int = 2,
-        num_distractors: int = 4,
+        num_decoys: int = 3,
+        decoy_fragments: int = 3,
         fractions: Sequence[float] = (0.6, 0.2, 0.2),
         split_seed: int = 0,
     ) -> None:
@@ -164,7 +170,8 @@ class DigitCanvases(Dataset):
         for name, value, minimum in (
             ("canvas_size", canvas_size, 1),
             ("scale", scale, 1),
-            ("num_distractors", num_distractors, 0),
+            ("num_decoys", num_decoys, 0),
+            ("decoy_fragments", decoy_fragments, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"DigitCanvases: expected {name} to be an int >= {minimum}, got {value!r}")
@@ -179,7 +186,8 @@ class DigitCanvases(Dataset):
             num_canvases = len(self.split_ids)
         if isinstance(num_canvases, bool) or not isinstance(num_canvases, int) or num_canvases < 1:
             raise ValueError(f"DigitCanvases: expected num_canvases to be an int >= 1, got {num_canvases!r}")
-        self.split, self.canvas_size, self.scale, self.num_distractors = split, canvas_size, scale, num_distractors
+        self.split, self.canvas_size, self.scale = split, canvas_size, scale
+        self.num_decoys, self.decoy_fragments = num_decoys, decoy_fragments
         seed_seq = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
         rng = np.random.default_rng([*seed_seq, _SPLIT_CODES[split]])
 
@@ -189,7 +197,7 @@ class DigitCanvases(Dataset):
         images = np.zeros((num_canvases, 1, size, size), np.float32)
         ink = np.zeros((num_canvases, size, size), bool)
         boxes = np.zeros((num_canvases, 4), np.int64)
-        distractors = np.zeros((num_canvases, num_distractors), np.int64)
+        distractors = np.full((num_canvases, num_decoys * decoy_fragments), -1, np.int64)
         split_labels = scan_labels[self.split_ids]
         for n, sid in enumerate(order):
             tile = _upscale(scans[sid], scale)
@@ -199,12 +207,16 @@ class DigitCanvases(Dataset):
             box = (ox + bx0, oy + by0, ox + bx1, oy + by1)
             boxes[n] = box
             canvas = images[n, 0]
-            for k in range(num_distractors):
-                others = self.split_ids[split_labels != scan_labels[sid]]
-                did = int(rng.choice(others))
-                distractors[n, k] = did
-                canvas[...] = np.maximum(canvas, self._fragment(scans[did], box, rng))
-            # The digit last: fragments never enter its box (+ margin), so the box holds only the digit's ink.
+            others = self.split_ids[split_labels != scan_labels[sid]]
+            for d in range(num_decoys):
+                window = self._window(t, box, rng)
+                if window is None:
+                    continue
+                picked = rng.choice(others, size=decoy_fragments, replace=False)
+                distractors[n, d * decoy_fragments : (d + 1) * decoy_fragments] = picked
+                for did in picked:
+                    self._paste_fragment(canvas, scans[did], window, t, rng)
+            # The digit last: decoys never enter its box (+ margin), so the box holds only the digit's ink.
             canvas[oy : oy + t, ox : ox + t] = np.maximum(canvas[oy : oy + t, ox : ox + t], tile)
             ink[n, oy : oy + t, ox : ox + t] = tile > 0
 
@@ -215,25 +227,30 @@ class DigitCanvases(Dataset):
         self.scan_ids = torch.from_numpy(order.astype(np.int64))
         self.distractor_ids = torch.from_numpy(distractors)
 
-    def _fragment(self, scan: np.ndarray, box: tuple[int, int, int, int], rng: np.random.Generator) -> np.ndarray:
-        """A canvas-sized layer holding one upscaled partial crop of ``scan`` outside ``box`` (+ margin)."""
-        size, scale = self.canvas_size, self.scale
-        layer = np.zeros((size, size), np.float32)
+    def _window(self, t: int, box: tuple[int, int, int, int], rng: np.random.Generator) -> tuple[int, int] | None:
+        """Top-left ``(y, x)`` of a random ``t x t`` decoy window disjoint from ``box`` + margin (None: no room)."""
+        x0, y0, x1, y1 = box[0] - _BOX_MARGIN, box[1] - _BOX_MARGIN, box[2] + _BOX_MARGIN, box[3] + _BOX_MARGIN
+        for _ in range(_MAX_TRIES):
+            wy, wx = (int(v) for v in rng.integers(0, self.canvas_size - t + 1, size=2))
+            if wx + t <= x0 or wx >= x1 or wy + t <= y0 or wy >= y1:
+                return wy, wx
+        return None
+
+    def _paste_fragment(
+        self, canvas: np.ndarray, scan: np.ndarray, window: tuple[int, int], t: int, rng: np.random.Generator
+    ) -> None:
+        """Max-composite one upscaled partial crop of ``scan`` at a random place inside the ``t x t`` window."""
         for _ in range(_MAX_TRIES):
             h, w = rng.choice(_FRAGMENT_SIDES, size=2)
             cy, cx = rng.integers(0, 8 - h + 1), rng.integers(0, 8 - w + 1)
             crop = scan[cy : cy + h, cx : cx + w]
             if (crop >= 0.25).sum() >= _MIN_FRAGMENT_INK:
                 break
-        piece = _upscale(crop, scale)
+        piece = _upscale(crop, self.scale)
         ph, pw = piece.shape
-        x0, y0, x1, y1 = box[0] - _BOX_MARGIN, box[1] - _BOX_MARGIN, box[2] + _BOX_MARGIN, box[3] + _BOX_MARGIN
-        for _ in range(_MAX_TRIES):
-            py, px = rng.integers(0, size - ph + 1), rng.integers(0, size - pw + 1)
-            if px + pw <= x0 or px >= x1 or py + ph <= y0 or py >= y1:  # disjoint from the guarded box
-                layer[py : py + ph, px : px + pw] = piece
-                return layer
-        return layer  # no room (tiny canvases): the fragment is dropped
+        py = window[0] + int(rng.integers(0, t - ph + 1))
+        px = window[1] + int(rng.integers(0, t - pw + 1))
+        canvas[py : py + ph, px : px + pw] = np.maximum(canvas[py : py + ph, px : px + pw], piece)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -244,5 +261,6 @@ class DigitCanvases(Dataset):
     def __repr__(self) -> str:
         return (
             f"DigitCanvases(split={self.split!r}, num_canvases={len(self)}, canvas_size={self.canvas_size}, "
-            f"scale={self.scale}, num_distractors={self.num_distractors}, scans={len(self.split_ids)})"
+            f"scale={self.scale}, num_decoys={self.num_decoys}, decoy_fragments={self.decoy_fragments}, "
+            f"scans={len(self.split_ids)})"
         )

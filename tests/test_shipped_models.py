@@ -84,6 +84,12 @@ def test_vit_rollout_pointing_game(models, test_canvases):
     assert score >= 0.80, f"rollout pointing game {score:.3f} < 0.80 (random maps: {chance:.3f}, ink: {ink:.3f})"
     assert chance < 0.2 and ink < 0.4
     assert score == pytest.approx(ev.pointing_game(maps, test_canvases.boxes).float().mean().item())  # same metric
+    from attnkit.explain.metrics import pointing_game
+
+    box_masks = torch.zeros(NUM_CANVASES, 64, 64, dtype=torch.bool)
+    for mask, (x0, y0, x1, y1) in zip(box_masks, test_canvases.boxes.tolist()):
+        mask[y0:y1, x0:x1] = True
+    assert score == pytest.approx(pointing_game(maps, box_masks).float().mean().item())  # attnkit.explain's
 
 
 def test_cnn_cbam_maps_point_better_than_the_baselines(models, test_canvases):

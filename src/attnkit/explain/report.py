@@ -147,7 +147,9 @@ _JS = """
         }
       }
       if (qLabels) {
-        for (let q = 0; q < Q; q++) ctx.fillText(String(qLabels[q]).slice(0, 14), K * cell + 4, q * cell + cell / 2 + 4);
+        for (let q = 0; q < Q; q++) {
+          ctx.fillText(String(qLabels[q]).slice(0, 14), K * cell + 4, q * cell + cell / 2 + 4);
+        }
       }
       box.dataset.drawn = l + ":" + h;
     }

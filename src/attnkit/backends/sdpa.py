@@ -72,13 +72,7 @@ def _as_4d(t: Tensor) -> Tensor:
     torch 2.13's CPU flash op returns wrong values when the head_dim stride is not 1 (``F.sdpa`` copies
     such inputs first); so do we.
     """
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    if t.ndim == 4:
-        return t
-    if t.ndim == 3:
-        return t.unsqueeze(0)
-    return t.reshape((-1, *tuple(t.shape[-3:])))
+    return _pad4(t.contiguous() if t.stride(-1) != 1 else t)
 
 
 def _kernel_mask(spec: AttentionSpec) -> tuple[Tensor | None, bool, Tensor | None]:
@@ -88,13 +82,7 @@ def _kernel_mask(spec: AttentionSpec) -> tuple[Tensor | None, bool, Tensor | Non
     plain = spec.attn_mask is None and spec.attn_bias is None and spec.alibi_slopes is None
     if only_causal and plain and spec.q_len == spec.kv_len:
         return None, True, None
-    if spec.attn_mask is not None and spec.attn_mask.dtype == dtype and spec.attn_bias is None:
-        # Fast path: a user float mask in the query dtype, plus at most positional masking.
-        bias, keep = spec.attn_mask, None
-        if spec.alibi_slopes is not None or spec.is_causal or spec.window_size is not None:
-            bias, keep = tile_terms(spec)
-    else:
-        bias, keep = tile_terms(spec)
+    bias, keep = tile_terms(spec)
     if bias is None and keep is None:
         return None, False, None
     if bias is None:
@@ -106,17 +94,16 @@ def _kernel_mask(spec: AttentionSpec) -> tuple[Tensor | None, bool, Tensor | Non
             mask = mask.masked_fill(~keep, float("-inf"))
         empty = torch.isneginf(mask).all(dim=-1, keepdim=True)
         mask = mask.masked_fill(empty, 0.0)
-    if not bool(empty.any()):
-        return mask, False, None
-    return mask, False, empty
+    return mask, False, (empty if bool(empty.any()) else None)
 
 
-def _pad4(mask: Tensor) -> Tensor:
-    if mask.ndim < 4:
-        return mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
-    if mask.ndim > 4:
-        return mask.reshape((-1, *tuple(mask.shape[-3:])))
-    return mask
+def _pad4(t: Tensor) -> Tensor:
+    """Exactly 4 dims: leading size-1 dims added, or the leading dims flattened into one (a view when possible)."""
+    if t.ndim < 4:
+        return t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
+    if t.ndim > 4:
+        return t.reshape((-1, *tuple(t.shape[-3:])))
+    return t
 
 
 def sdpa_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor | None]:

@@ -6,6 +6,11 @@ its attention map to :mod:`attnkit.functional.observe`, so :func:`attnkit.explai
 
 from attnkit.vision.cbam import CBAM, ChannelAttention, SpatialAttention
 from attnkit.vision.cross import CrossAttentionBlock
+from attnkit.vision.deformable import (
+    DeformableAttentionOutput,
+    MultiScaleDeformableAttention,
+    multi_scale_deformable_attention,
+)
 from attnkit.vision.eca import ECA, eca_kernel_size
 from attnkit.vision.hybrid import BasicBlock, HybridResNet
 from attnkit.vision.mhsa import MHSA2d
@@ -22,8 +27,10 @@ __all__ = [
     "BasicBlock",
     "ChannelAttention",
     "CrossAttentionBlock",
+    "DeformableAttentionOutput",
     "HybridResNet",
     "MHSA2d",
+    "MultiScaleDeformableAttention",
     "NonLocal2d",
     "PatchEmbed",
     "SpatialAttention",
@@ -34,5 +41,6 @@ __all__ = [
     "create_attention",
     "eca_kernel_size",
     "interpolate_pos_embed",
+    "multi_scale_deformable_attention",
     "register_attention",
 ]

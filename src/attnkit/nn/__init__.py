@@ -10,6 +10,7 @@ from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.local_attention import LocalAttention, LongformerAttention
 from attnkit.nn.luong import LuongAttention
 from attnkit.nn.multihead import MultiHeadAttention
+from attnkit.nn.residual_self_attention import ResidualSelfAttention
 from attnkit.nn.rotary import RotaryEmbedding
 from attnkit.nn.sinusoidal import SinusoidalPositionalEncoding, sinusoidal_positions
 
@@ -21,6 +22,7 @@ __all__ = [
     "LongformerAttention",
     "LuongAttention",
     "MultiHeadAttention",
+    "ResidualSelfAttention",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
     "TransformerDecoderLayer",

@@ -13,6 +13,7 @@ from attnkit.vision.deformable import (
 )
 from attnkit.vision.eca import ECA, eca_kernel_size
 from attnkit.vision.hybrid import BasicBlock, HybridResNet
+from attnkit.vision.insert import INSERT_KINDS, Insertion, InsertionSummary, insert_attention
 from attnkit.vision.mhsa import MHSA2d
 from attnkit.vision.non_local import NonLocal2d
 from attnkit.vision.patch_embed import PatchEmbed
@@ -24,11 +25,14 @@ from attnkit.vision.window import WindowAttention
 __all__ = [
     "CBAM",
     "ECA",
+    "INSERT_KINDS",
     "BasicBlock",
     "ChannelAttention",
     "CrossAttentionBlock",
     "DeformableAttentionOutput",
     "HybridResNet",
+    "Insertion",
+    "InsertionSummary",
     "MHSA2d",
     "MultiScaleDeformableAttention",
     "NonLocal2d",
@@ -40,6 +44,7 @@ __all__ = [
     "available_attention",
     "create_attention",
     "eca_kernel_size",
+    "insert_attention",
     "interpolate_pos_embed",
     "multi_scale_deformable_attention",
     "register_attention",

@@ -1,8 +1,8 @@
 """attnkit: attention mechanisms for PyTorch, one tested API, fast backends, and tools to see where models attend.
 
 ``attnkit.attention`` is the functional core; ``attnkit.backends`` its registry; ``attnkit.masks`` mask helpers.
-Submodules ``nn``, ``models``, ``vision``, ``explain``, ``sparse``, ``datasets``, ``text`` and ``ablation`` are
-imported on first use.
+Submodules ``nn``, ``models``, ``vision``, ``explain``, ``sparse``, ``datasets``, ``text``, ``ablation`` and
+``distributed`` are imported on first use.
 """
 
 import importlib
@@ -12,7 +12,7 @@ from attnkit.functional import AttentionOutput, attention
 
 __version__ = "0.1.0"
 
-_LAZY = ("nn", "models", "vision", "explain", "sparse", "datasets", "text", "ablation")
+_LAZY = ("nn", "models", "vision", "explain", "sparse", "datasets", "text", "ablation", "distributed")
 
 __all__ = ["AttentionOutput", "__version__", "attention", "backends", "masks", *_LAZY]
 

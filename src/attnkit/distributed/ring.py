@@ -1,0 +1,393 @@
+"""``ring_attention``: exact attention over a sequence sharded across the ranks of a process group.
+
+Forward (Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers", Alg. 1): each rank keeps
+its queries and, step by step, receives the key/value block of another rank (:mod:`.comm`) while it computes
+attention of its queries over the block it already has; partial outputs are merged exactly through their
+log-sum-exp in float32 (:func:`attnkit.distributed.merge_attention`). Backward (Dao 2023, "FlashAttention-2",
+Alg. 2, applied per block): the key/value blocks travel again; for each block the rank recomputes the block's
+attention and gets its gradients with the *global* log-sum-exp and ``delta = rowsum(dO · O) - dlse`` (through
+the block's own autograd, with the output gradient scaled by ``exp(lse_b - lse)``); the query gradient stays
+local and the key/value gradient of the block is sent back to its owner. Only two key/value blocks and one
+gradient block are held at a time, so memory per rank is ``O(L / P)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor
+
+from attnkit.distributed.comm import Exchange, Schedule
+from attnkit.distributed.layout import check_layout, segments
+from attnkit.distributed.merge import merge_attention
+from attnkit.distributed.plan import GlobalOptions, SubCall, pair_needed, plan_pair
+from attnkit.functional.attention import attention
+from attnkit.functional.spec import AttentionOutput, lse_dtype, make_spec
+
+__all__ = ["ring_attention"]
+
+_KV_TAG, _GRAD_TAG = 0, 1 << 20
+
+
+class _Ring:
+    """Everything a call needs on this rank: options, schedule and the per-block calls."""
+
+    def __init__(self, opts: GlobalOptions, layout: str, group, rank: int, size: int, local_len: int, backend: str):
+        self.opts, self.layout, self.group, self.rank, self.size = opts, layout, group, rank, size
+        self.backend = backend
+        self.segs = [segments(layout, r, size, local_len) for r in range(size)]
+        self.schedule = Schedule(rank, size, lambda a, b: pair_needed(opts, self.segs[a], self.segs[b]))
+        self._cache: dict = {}
+
+    def calls(self, src: int) -> list[SubCall]:
+        return plan_pair(self.opts, self.segs[self.rank], self.segs[src], self._cache)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, call: SubCall, backend: str) -> AttentionOutput:
+        (a, b), (c, d) = call.q, call.kv
+        return attention(
+            q[..., a:b, :],
+            k[..., c:d, :],
+            v[..., c:d, :],
+            softcap=self.opts.softcap,
+            scale=self.opts.scale,
+            return_lse=True,
+            backend=backend,
+            **call.kwargs,
+        )
+
+    def grad_backend(self, q: Tensor, k: Tensor, v: Tensor, call: SubCall) -> str:
+        """A backend with a differentiable log-sum-exp for the block ``q`` x ``k, v`` (already sliced): "sdpa"'s
+        is not differentiable yet, so it is replaced by "tiled"."""
+        backend = self.backend
+        if backend == "auto":
+            from attnkit.backends import select
+
+            options = {"softcap": self.opts.softcap, "scale": self.opts.scale, **call.kwargs}
+            backend = select(q, k, v, return_lse=True, **options).backend
+        return "tiled" if backend == "sdpa" else backend
+
+
+def _forward(ring: _Ring, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    acc = lse_dtype(q.dtype)
+    out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+    sched, ex = ring.schedule, Exchange(ring.group)
+
+    def post(i: int):
+        if i >= len(sched.offsets):
+            return None
+        t = sched.offsets[i]
+        return ex.post((k, v), sched.send_to(t), (k, v), sched.recv_from(t), _KV_TAG + 2 * t)
+
+    def compute(src: int, kb: Tensor, vb: Tensor) -> None:
+        for call in ring.calls(src):
+            part = ring.attend(q, kb, vb, call, ring.backend)
+            a, b = call.q
+            merged, merged_lse = merge_attention([out[..., a:b, :], part.output], [lse[..., a:b], part.lse])
+            out[..., a:b, :] = merged
+            lse[..., a:b] = merged_lse
+
+    pending = post(0)
+    if sched.local_needed():
+        compute(ring.rank, k, v)
+    for i, t in enumerate(sched.offsets):
+        received = ex.wait(pending)
+        pending = post(i + 1)
+        if received is not None:
+            compute((ring.rank - t) % ring.size, *received)
+    ex.finish()
+    return out.to(v.dtype), lse
+
+
+def _block_grads(ring: _Ring, q, k, v, call: SubCall, dout, lse, delta):
+    """Gradients of one block's queries, keys and values with the global ``lse`` and ``delta``, in float32
+    (float64 for float64 inputs)."""
+    (a, b), (c, d) = call.q, call.kv
+    # float16/bfloat16 blocks are recomputed in float32: the core's backward rounds each block's gradient to the
+    # input dtype, and summing P rounded partial gradients would make the error grow with the number of ranks.
+    acc = lse.dtype
+    with torch.enable_grad():
+        qb = q[..., a:b, :].detach().to(acc).requires_grad_(True)
+        kb = k[..., c:d, :].detach().to(acc).requires_grad_(True)
+        vb = v[..., c:d, :].detach().to(acc).requires_grad_(True)
+        part = attention(
+            qb,
+            kb,
+            vb,
+            softcap=ring.opts.softcap,
+            scale=ring.opts.scale,
+            return_lse=True,
+            backend=ring.grad_backend(qb, kb, vb, call),
+            **call.kwargs,
+        )
+        lse_b, lse_g, do = part.lse, lse[..., a:b], dout[..., a:b, :].to(lse.dtype)
+        # O = Σ_b w_b o_b with w_b = exp(lse_b - lse): dL/do_b = w_b dO, dL/dlse_b = w_b (dO·o_b - delta).
+        finite = torch.isfinite(lse_g) & torch.isfinite(lse_b)
+        w = torch.where(finite, torch.exp(lse_b.detach() - torch.where(finite, lse_g, 0.0)), 0.0)
+        g_out = (do * w.unsqueeze(-1)).to(part.output.dtype)
+        g_lse = w * ((do * part.output.detach().to(lse.dtype)).sum(-1) - delta[..., a:b])
+        return torch.autograd.grad((part.output, lse_b), (qb, kb, vb), (g_out, g_lse.to(lse_b.dtype)))
+
+
+def _backward(ring: _Ring, q, k, v, out, lse, dout, dlse):
+    acc = lse.dtype
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    sched, ex = ring.schedule, Exchange(ring.group)
+
+    def post(i: int):
+        if i >= len(sched.offsets):
+            return None
+        t = sched.offsets[i]
+        return ex.post((k, v), sched.send_to(t), (k, v), sched.recv_from(t), _KV_TAG + 2 * t)
+
+    def compute(src: int, kb: Tensor, vb: Tensor, dkb: Tensor, dvb: Tensor) -> None:
+        for call in ring.calls(src):
+            gq, gk, gv = _block_grads(ring, q, kb, vb, call, dout, lse, delta)
+            (a, b), (c, d) = call.q, call.kv
+            dq[..., a:b, :] += gq
+            dkb[..., c:d, :] += gk
+            dvb[..., c:d, :] += gv
+
+    pending = post(0)
+    if sched.local_needed():
+        compute(ring.rank, k, v, dk, dv)
+    for i, t in enumerate(sched.offsets):
+        received = ex.wait(pending)
+        pending = post(i + 1)
+        # my own block's gradient comes back from the rank that used it at this offset
+        src_back = sched.send_to(t)
+        back = ex.post(None, None, (dk, dv), src_back, _GRAD_TAG + 2 * t)
+        if received is not None:
+            src = (ring.rank - t) % ring.size
+            dkb, dvb = torch.zeros_like(dk), torch.zeros_like(dv)
+            compute(src, *received, dkb, dvb)
+            ex.post((dkb, dvb), src, (), None, _GRAD_TAG + 2 * t)
+        got = ex.wait(back)
+        if got is not None:
+            dk += got[0]
+            dv += got[1]
+    ex.finish()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ring, q, k, v):
+        out, lse = _forward(ring, q, k, v)
+        ctx.ring = ring
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward(ctx.ring, q, k, v, out, lse, dout, dlse)
+        return None, dq, dk, dv
+
+
+def _fingerprint(parts: tuple) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=7).digest(), "little")
+
+
+def _check_across_ranks(group, description: tuple) -> None:
+    """One all-reduce of two int64s: the max and min of every rank's fingerprint of the call must agree."""
+    import torch.distributed as dist
+
+    fp = _fingerprint(description)
+    t = torch.tensor([fp, -fp], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    if int(t[0]) != fp or -int(t[1]) != fp:
+        raise ValueError(
+            "ring_attention: the ranks of the group called with different options or slice shapes; every rank "
+            f"must pass the same options and equally shaped slices (this rank: {description})"
+        )
+
+
+def _reject(name: str, value, default, hint: str) -> None:
+    if value is not default and value != default:
+        raise ValueError(f"ring_attention: {name} is not supported under context parallelism, got {value!r}; {hint}")
+
+
+def _group_rank_size(group) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        if group is not None:
+            raise ValueError("ring_attention: a group was given but torch.distributed is not initialized")
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def ring_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    group=None,
+    layout: str = "contiguous",
+    is_causal: bool = False,
+    window_size: int | tuple[int, int] | None = None,
+    alibi_slopes: Tensor | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    mask_mod=None,
+    score_mod=None,
+    block_mask=None,
+    sinks: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Tensor | AttentionOutput:
+    r"""Context-parallel :func:`attnkit.attention`: each rank of ``group`` holds a slice of the sequence.
+
+    Every rank passes its own slice of query, key and value (made with :func:`attnkit.distributed.shard` in
+    ``layout``) and gets back its slice of the output, equal to the matching rows of ``attnkit.attention`` on the
+    whole sequence. Positions in ``is_causal``, ``window_size``, ALiBi, ``mask_mod``, ``score_mod`` and
+    ``block_mask`` are **global** (``0 .. L-1`` with ``L = P · L_local``). Key/value blocks are exchanged with
+    asynchronous point-to-point sends overlapped with the computation of the block at hand (:mod:`.comm`);
+    blocks that no query may attend to (outside the causal/window band or the ``block_mask`` layout) are neither
+    computed nor sent. Partial results are merged in float32 (float64 for float64 inputs) whatever the input
+    dtype. Differentiable with respect to query, key and value (the backward exchanges the blocks again and
+    returns each block's key/value gradient to its owner). A group of size 1, or no initialized process group,
+    runs :func:`attnkit.attention` directly.
+
+    Traffic per step: each rank sends and receives one key/value block, ``2 · B · Hkv · (L/P) · D`` elements
+    (forward), plus the block's key/value gradient in float32 (backward); ``P - 1`` steps at most.
+
+    Args:
+        query: ``(B..., H, L/P, D)``, this rank's slice.
+        key: ``(B..., Hkv, L/P, D)``; grouped-query attention when ``Hkv < H``.
+        value: ``(B..., Hkv, L/P, Dv)``.
+        group: a ``torch.distributed`` process group (default: the world). Every rank of it must call with the
+            same options and equally shaped slices (checked once per call with one 16-byte all-reduce).
+        layout: ``"contiguous"`` (rank ``r`` holds positions ``[r·L/P, (r+1)·L/P)``) or ``"zigzag"`` (chunks
+            ``r`` and ``2P-1-r`` of ``2P``: balanced work under a causal mask).
+        is_causal, window_size, alibi_slopes, softcap, scale, mask_mod, score_mod: as
+            :func:`attnkit.attention`, in global positions (``Lq == Lk == L``, so no alignment question).
+        block_mask: an :class:`attnkit.sparse.BlockMask` built for the **global** ``(L, L)``.
+        sinks: not supported yet (raises ValueError).
+        attn_mask, attn_bias, dropout_p, return_weights: not supported (dense ``(L, L)`` tensors and
+            probability matrices defeat sharding; express masks as ``mask_mod``/``block_mask``); raise ValueError.
+        return_lse: also return this rank's rows of the log-sum-exp ``(B..., H, L/P)``, float32 (float64 for
+            float64 inputs), differentiable.
+        backend: :func:`attnkit.attention` backend for each block (``"auto"`` picks per block).
+
+    Returns:
+        ``(B..., H, L/P, Dv)`` in the dtype of ``value``, or an :class:`attnkit.AttentionOutput`
+        ``(output, None, lse)`` when ``return_lse``. Rows with no key to attend to give 0 and lse ``-inf``.
+
+    Raises:
+        TypeError, ValueError: the errors of :func:`attnkit.attention` for the local slices; an unknown layout;
+            local query and key lengths that differ; a zigzag slice of odd length; a ``block_mask`` not built
+            for ``(L, L)``; an unsupported option (see above); options or shapes that differ across ranks.
+
+    References:
+        Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers for Near-Infinite Context";
+        Brandon et al. 2023, "Striped Attention" (causal load balancing); Dao 2023, "FlashAttention-2", Alg. 2
+        (the per-block backward); Milakov & Gimelshein 2018 (log-sum-exp merge).
+
+    Example (under ``torchrun --nproc-per-node 2``)::
+
+        q = shard(full_q, dim=-2, layout="zigzag")   # likewise k, v
+        out = ring_attention(q, k, v, is_causal=True, layout="zigzag")
+        full_out = unshard(out, dim=-2, layout="zigzag")
+    """
+    check_layout(layout, "ring_attention")
+    _reject("attn_mask", attn_mask, None, "pass the mask as mask_mod or block_mask in global positions")
+    _reject("attn_bias", attn_bias, None, "pass position-dependent terms as score_mod in global positions")
+    _reject("dropout_p", dropout_p, 0.0, "use 0.0 (attention-probability dropout is not implemented for rings)")
+    _reject("return_weights", return_weights, False, "the (L, L) weights of a sharded sequence are not formed")
+    if sinks is not None:
+        raise ValueError(
+            "ring_attention: sinks are not supported yet (attnkit.attention has no sinks argument in this version); "
+            "got a tensor"
+        )
+    spec = make_spec(
+        query,
+        key,
+        value,
+        is_causal=is_causal,
+        window_size=window_size,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        scale=scale,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+    )
+    if spec.q_len != spec.kv_len:
+        raise ValueError(
+            f"ring_attention: expected query and key slices of the same length (self-attention over one sharded "
+            f"sequence), got Lq={spec.q_len}, Lk={spec.kv_len}"
+        )
+    rank, size = _group_rank_size(group)
+    seq_len = spec.q_len * size
+    if block_mask is not None:
+        from attnkit.sparse.block_mask import BlockMask
+
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"ring_attention: expected block_mask to be a BlockMask, got {type(block_mask).__name__}")
+        if block_mask.shape != (seq_len, seq_len):
+            raise ValueError(
+                f"ring_attention: block_mask was built for {block_mask.shape}, but the global sequence has "
+                f"L = P · L_local = {size} · {spec.q_len} = {seq_len}; build it for ({seq_len}, {seq_len})"
+            )
+    if size == 1:
+        return attention(
+            query,
+            key,
+            value,
+            is_causal=is_causal,
+            window_size=window_size,
+            alibi_slopes=alibi_slopes,
+            softcap=softcap,
+            scale=scale,
+            mask_mod=mask_mod,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            return_lse=return_lse,
+            backend=backend,
+        )
+    segments(layout, rank, size, spec.q_len)  # raises for an odd zigzag slice
+    description = (
+        layout,
+        tuple(query.shape),
+        tuple(key.shape),
+        tuple(value.shape),
+        str(query.dtype),
+        spec.is_causal,
+        spec.window_size,
+        spec.softcap,
+        spec.scale,
+        None if alibi_slopes is None else (tuple(alibi_slopes.shape), round(float(alibi_slopes.double().sum()), 9)),
+        mask_mod is None,
+        score_mod is None,
+        None if block_mask is None else (block_mask.block_size, int(block_mask.visited.sum())),
+        return_lse,
+        backend,
+    )
+    _check_across_ranks(group, description)
+    opts = GlobalOptions(
+        seq_len=seq_len,
+        is_causal=spec.is_causal,
+        window_size=spec.window_size,
+        alibi_slopes=alibi_slopes,
+        softcap=spec.softcap,
+        scale=spec.scale,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        block_mask=block_mask,
+    )
+    ring = _Ring(opts, layout, group, rank, size, spec.q_len, backend)
+    out, lse = _RingFunction.apply(ring, query, key, value)
+    return AttentionOutput(out, None, lse) if return_lse else out

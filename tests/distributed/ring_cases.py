@@ -1,0 +1,68 @@
+"""Cases shared by the context-parallel tests and the worker processes they spawn (``ring_worker.py``).
+
+Each case is a global call (full sequence of length ``L``) whose inputs are generated from a fixed seed, so the
+worker (sharded) and the test (float64 reference on the whole sequence) build identical tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import attnkit
+from attnkit import sparse
+
+L = 48
+DOCS = [5, 17, 3, 20, 3]  # packed documents, sum L; block 8 cuts through documents and zigzag chunks
+
+CASES = {
+    "full": {},
+    "causal": {"is_causal": True},
+    "window": {"window_size": (5, 3)},
+    "causal_window": {"is_causal": True, "window_size": (7, 0)},
+    "alibi_causal": {"is_causal": True, "alibi": True},
+    "alibi_window": {"window_size": (9, 4), "alibi": True},
+    "softcap_gqa": {"is_causal": True, "softcap": 2.0, "num_kv_heads": 2},
+    "document": {"document": False},
+    "document_causal": {"document": True},
+    "mods": {"mods": True, "num_kv_heads": 1},
+}
+BF16_CASE = {"is_causal": True, "length": 256, "head_dim": 32}
+
+
+def _mask_mod(b, h, q_idx, kv_idx):
+    return ((q_idx + kv_idx) % 3 != 0) | (q_idx == kv_idx)
+
+
+def _score_mod(score, b, h, q_idx, kv_idx):
+    return score + 0.05 * torch.sin((q_idx - 2 * kv_idx).float()) + 0.1 * h
+
+
+def build(case: dict, dtype=torch.float32, seed: int = 0):
+    """``(q, k, v, grad_out, grad_lse, options)`` for the whole sequence (grads in float64)."""
+    length, num_heads = case.get("length", L), 4
+    num_kv_heads, head_dim = case.get("num_kv_heads", num_heads), case.get("head_dim", 16)
+    gen = torch.Generator().manual_seed(seed)
+    q = 2 * torch.randn(2, num_heads, length, head_dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, num_kv_heads, length, head_dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, num_kv_heads, length, head_dim, generator=gen, dtype=torch.float64)
+    g_out = torch.randn(2, num_heads, length, head_dim, generator=gen, dtype=torch.float64)
+    g_lse = torch.randn(2, num_heads, length, generator=gen, dtype=torch.float64)
+    opts = {key: case[key] for key in ("is_causal", "window_size", "softcap") if key in case}
+    if case.get("alibi"):
+        opts["alibi_slopes"] = attnkit.masks.alibi_slopes(num_heads)
+    if "document" in case:
+        opts["block_mask"] = sparse.document(DOCS, is_causal=case["document"], block_size=8)
+    if case.get("mods"):
+        opts["mask_mod"], opts["score_mod"] = _mask_mod, _score_mod
+    return q.to(dtype), k.to(dtype), v.to(dtype), g_out, g_lse, opts
+
+
+def reference(q, k, v, g_out, g_lse, opts):
+    """float64 ``attnkit.attention`` ("math" backend) on the whole sequence: ``(out, lse, dq, dk, dv)``."""
+    q, k, v = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref_opts = dict(opts)
+    if "alibi_slopes" in ref_opts:
+        ref_opts["alibi_slopes"] = ref_opts["alibi_slopes"].double()
+    res = attnkit.attention(q, k, v, return_lse=True, backend="math", **ref_opts)
+    ((res.output * g_out).sum() + (res.lse * g_lse).sum()).backward()
+    return res.output.detach(), res.lse.detach(), q.grad, k.grad, v.grad

@@ -1,0 +1,64 @@
+"""One rank of the context-parallel tests: ``python ring_worker.py RANK WORLD PORT OUT_DIR``.
+
+Runs every case of ``ring_cases`` in both layouts with ``attnkit.distributed.ring_attention`` on this rank's
+slices and saves the slices of output, lse and gradients to ``OUT_DIR/rank{RANK}.pt`` for the test to check.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import ring_cases
+
+from attnkit.distributed import ring_attention, shard
+
+
+def run(case: dict, layout: str, dtype) -> dict:
+    q, k, v, g_out, g_lse, opts = ring_cases.build(case, dtype)
+    q, k, v = (shard(t, -2, layout).requires_grad_(True) for t in (q, k, v))
+    g_out, g_lse = shard(g_out, -2, layout), shard(g_lse, -1, layout)
+    res = ring_attention(q, k, v, layout=layout, return_lse=True, **opts)
+    ((res.output.double() * g_out).sum() + (res.lse.double() * g_lse).sum()).backward()
+    return {"out": res.output.detach(), "lse": res.lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+def main() -> None:
+    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    results: dict = {}
+    try:
+        for name, case in ring_cases.CASES.items():
+            for layout in ("contiguous", "zigzag"):
+                results[(name, layout)] = run(case, layout, torch.float32)
+        for layout in ("contiguous", "zigzag"):
+            results[("bf16", layout)] = run(ring_cases.BF16_CASE, layout, torch.bfloat16)
+        # every rank must refuse a call whose options differ across ranks (one cheap all-reduce)
+        q = torch.randn(1, 2, 8, 16)
+        try:
+            ring_attention(q, q, q, is_causal=rank == 0)
+            results["mismatch"] = "no error"
+        except ValueError as err:
+            results["mismatch"] = str(err)
+    except Exception:
+        results["error"] = traceback.format_exc()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -66,3 +66,28 @@ def reference(q, k, v, g_out, g_lse, opts):
     res = attnkit.attention(q, k, v, return_lse=True, backend="math", **ref_opts)
     ((res.output * g_out).sum() + (res.lse * g_lse).sum()).backward()
     return res.output.detach(), res.lse.detach(), q.grad, k.grad, v.grad
+
+
+NN_CASES = ("encoder_rope_gqa", "mha_alibi")
+
+
+def build_module(name: str, group=None, layout: str = "contiguous"):
+    """``(module, x (2, L, 32), grad_out, forward kwargs)``; ``group`` makes the module context-parallel."""
+    torch.manual_seed(0)
+    cp = {"context_parallel_group": group, "context_parallel_layout": layout}
+    if name == "encoder_rope_gqa":
+        rope = attnkit.nn.RotaryEmbedding(8)
+        module = attnkit.nn.TransformerEncoderLayer(32, 4, num_kv_heads=2, rope=rope, norm_first=True, **cp)
+        kwargs = {"is_causal": True}
+    else:
+        module = attnkit.nn.MultiHeadAttention(32, 4, alibi=True, **cp)
+        kwargs = {}
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, L, 32, generator=gen)
+    g = torch.randn(2, L, 32, generator=gen)
+    return module, x, g, kwargs
+
+
+def module_output(module, x, kwargs):
+    out = module(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

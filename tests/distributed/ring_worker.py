@@ -30,6 +30,17 @@ def run(case: dict, layout: str, dtype) -> dict:
     return {"out": res.output.detach(), "lse": res.lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
+def run_module(name: str, layout: str) -> dict:
+    module, x, g, kwargs = ring_cases.build_module(name, dist.group.WORLD, layout)
+    x, g = shard(x, 1, layout).requires_grad_(True), shard(g, 1, layout)
+    y = ring_cases.module_output(module, x, kwargs)
+    (y * g).sum().backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    for t in grads.values():
+        dist.all_reduce(t)  # every rank holds the gradient of its tokens' loss: the sum is the full gradient
+    return {"out": y.detach(), "dx": x.grad, "params": grads}
+
+
 def main() -> None:
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)
@@ -47,6 +58,9 @@ def main() -> None:
                 results[(name, layout)] = run(case, layout, torch.float32)
         for layout in ("contiguous", "zigzag"):
             results[("bf16", layout)] = run(ring_cases.BF16_CASE, layout, torch.bfloat16)
+        for name in ring_cases.NN_CASES:
+            for layout in ("contiguous", "zigzag"):
+                results[(name, layout)] = run_module(name, layout)
         # every rank must refuse a call whose options differ across ranks (one cheap all-reduce)
         q = torch.randn(1, 2, 8, 16)
         try:

@@ -182,3 +182,20 @@ def test_argument_errors(kwargs, match):
 def test_query_and_key_slices_must_have_one_length():
     with pytest.raises(ValueError, match="Lq=4, Lk=6"):
         ring_attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"attn_mask": torch.ones(6, 6, dtype=torch.bool)}, "attn_mask"),
+        ({"key_padding_mask": torch.zeros(1, 6, dtype=torch.bool)}, "key_padding_mask"),
+        ({"need_weights": True}, "need_weights"),
+        ({"key": torch.randn(1, 6, 16)}, "cross-attention"),
+    ],
+)
+def test_context_parallel_module_refuses_what_a_shard_cannot_do(kwargs, match):
+    mha = attnkit.nn.MultiHeadAttention(16, 2, context_parallel_group=object())
+    with pytest.raises(ValueError, match=match):
+        mha(torch.randn(1, 6, 16), **kwargs)
+    with pytest.raises(ValueError, match="unknown context_parallel_layout 'ring'"):
+        attnkit.nn.MultiHeadAttention(16, 2, context_parallel_group=object(), context_parallel_layout="ring")

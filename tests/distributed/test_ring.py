@@ -104,3 +104,19 @@ def test_bf16_error_does_not_grow_with_ranks(ranks, layout):
 def test_options_checked_across_ranks(ranks):
     for r in ranks:
         assert "different options" in r["mismatch"]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("name", ring_cases.NN_CASES)
+def test_modules_with_a_process_group_match_one_process(ranks, name, layout):
+    module, x, g, kwargs = ring_cases.build_module(name)
+    module.double()
+    x = x.double().requires_grad_(True)
+    y = ring_cases.module_output(module, x, kwargs)
+    (y * g.double()).sum().backward()
+    got_out = unshard([r[(name, layout)]["out"] for r in ranks], 1, layout).double()
+    got_dx = unshard([r[(name, layout)]["dx"] for r in ranks], 1, layout).double()
+    torch.testing.assert_close(got_out, y.detach(), **F32)
+    torch.testing.assert_close(got_dx, x.grad, **F32_GRAD)
+    for n, p in module.named_parameters():
+        torch.testing.assert_close(ranks[0][(name, layout)]["params"][n].double(), p.grad, **F32_GRAD, msg=n)

@@ -57,6 +57,9 @@ class TransformerEncoderLayer(nn.Module):
         layer_norm_eps: LayerNorm epsilon (torch 1e-5; BERT and ViT 1e-12).
         bias: biases in every linear layer and LayerNorm.
         num_kv_heads, qk_norm, rope, backend: passed to :class:`MultiHeadAttention`.
+        context_parallel_group, context_parallel_layout: passed to :class:`MultiHeadAttention`: with a process
+            group, ``x`` is this rank's slice of the sequence and self-attention is context-parallel (the
+            feed-forward block and LayerNorms act per token, so nothing else changes).
         batch_first: ``(B, L, E)`` inputs (default) rather than ``(L, B, E)``.
         device, dtype: of the parameters.
 
@@ -87,6 +90,8 @@ class TransformerEncoderLayer(nn.Module):
         rope: RotaryEmbedding | None = None,
         batch_first: bool = True,
         backend: str = "auto",
+        context_parallel_group=None,
+        context_parallel_layout: str = "contiguous",
         device=None,
         dtype=None,
     ) -> None:
@@ -105,6 +110,8 @@ class TransformerEncoderLayer(nn.Module):
             rope=rope,
             batch_first=batch_first,
             backend=backend,
+            context_parallel_group=context_parallel_group,
+            context_parallel_layout=context_parallel_layout,
             **factory,
         )
         self.linear1 = nn.Linear(embed_dim, ffn_dim, bias=bias, **factory)

@@ -66,6 +66,12 @@ class MultiHeadAttention(nn.Module):
         alibi: add ALiBi biases with :func:`attnkit.masks.alibi_slopes` ``(H)`` (Press et al. 2022).
         batch_first: inputs are ``(B, L, E)`` (default) rather than ``(L, B, E)``.
         backend: passed to :func:`attnkit.attention` (``"auto"``, ``"math"``, ``"sdpa"``, ...).
+        context_parallel_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for
+            all processes) over which the sequence is sharded: each rank passes its slice of the sequence and
+            self-attention runs as :func:`attnkit.distributed.ring_attention` (RoPE and ALiBi use global
+            positions). Default ``None``: ordinary attention.
+        context_parallel_layout: how the sequence is sharded, ``"contiguous"`` or ``"zigzag"``
+            (:func:`attnkit.distributed.shard`).
         device, dtype: of the parameters.
 
     Raises:
@@ -102,6 +108,8 @@ class MultiHeadAttention(nn.Module):
         alibi: bool = False,
         batch_first: bool = True,
         backend: str = "auto",
+        context_parallel_group=None,
+        context_parallel_layout: str = "contiguous",
         device=None,
         dtype=None,
     ) -> None:
@@ -148,6 +156,13 @@ class MultiHeadAttention(nn.Module):
         self.dropout = float(dropout)
         self.batch_first = bool(batch_first)
         self.backend = backend
+        if context_parallel_layout not in ("contiguous", "zigzag"):
+            raise ValueError(
+                f"MultiHeadAttention: unknown context_parallel_layout {context_parallel_layout!r}; "
+                f"valid: 'contiguous', 'zigzag'"
+            )
+        self.context_parallel_group = context_parallel_group
+        self.context_parallel_layout = context_parallel_layout
         factory = {"device": device, "dtype": dtype}
         kv_width = num_kv_heads * head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -237,18 +252,41 @@ class MultiHeadAttention(nn.Module):
                 f"{tuple(value.shape)} must share the batch size, and key and value the length"
             )
         batch, q_len = q_in.shape[:2]
+        cp = self.context_parallel_group is not None
+        if cp:
+            self._check_context_parallel(query, key, value, attn_mask, key_padding_mask, kv_cache, need_weights)
         q = self.q_proj(q_in).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, Lq, D)
         k = self.k_proj(k_in).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, Lk, D)
         v = self.v_proj(v_in).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, Lk, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         past = len(kv_cache) if kv_cache is not None else 0
-        if self.rope is not None:
+        if self.rope is not None and cp:
+            pos = self._global_positions(q_len, q.device)
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        elif self.rope is not None:
             kv_len = past + k.shape[-2]
             k = self.rope(k, torch.arange(past, kv_len, device=k.device))
             q = self.rope(q, torch.arange(kv_len - q_len, kv_len, device=q.device))
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
+        if cp:
+            from attnkit.distributed import ring_attention
+
+            out = ring_attention(
+                q,
+                k,
+                v,
+                group=self.context_parallel_group,
+                layout=self.context_parallel_layout,
+                is_causal=is_causal,
+                alibi_slopes=self.alibi_slopes,
+                backend=self.backend,
+            )
+            out = self.out_proj(out.transpose(1, 2).flatten(-2))  # (B, Lq, H·D) -> (B, Lq, E)
+            if unbatched:
+                return out.squeeze(0), None
+            return (out if self.batch_first else out.transpose(0, 1)), None
 
         mask = attn_mask
         if mask is not None and mask.ndim == 3 and not unbatched and mask.shape[0] == batch * self.num_heads:
@@ -274,6 +312,33 @@ class MultiHeadAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _check_context_parallel(self, query, key, value, attn_mask, key_padding_mask, kv_cache, need_weights):
+        unsupported = {
+            "cross-attention (key/value other than query)": not (key is query and value is query),
+            "attn_mask (pass masks to attnkit.distributed.ring_attention as mask_mod/block_mask)": attn_mask
+            is not None,
+            "key_padding_mask": key_padding_mask is not None,
+            "kv_cache": kv_cache is not None,
+            "need_weights": need_weights,
+            "attention dropout in training mode": self.training and self.dropout > 0,
+        }
+        used = [name for name, on in unsupported.items() if on]
+        if used:
+            raise ValueError(
+                f"MultiHeadAttention: context_parallel_group is set, and context-parallel self-attention does not "
+                f"support {', '.join(used)}"
+            )
+
+    def _global_positions(self, local_len: int, device) -> Tensor:
+        """Global position of each local row of the sharded sequence (for RoPE)."""
+        import torch.distributed as dist
+
+        from attnkit.distributed import global_positions
+
+        group = self.context_parallel_group
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        return global_positions(self.context_parallel_layout, rank, size, local_len, device=device)
 
     @classmethod
     def from_torch(cls, module: nn.MultiheadAttention, *, backend: str = "auto") -> MultiHeadAttention:

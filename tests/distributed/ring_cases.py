@@ -26,6 +26,8 @@ CASES = {
     "document_causal": {"document": True},
     "mods": {"mods": True, "num_kv_heads": 1},
 }
+#: The cases also run on 4 processes (4 processes share this machine's 2 cores, so the list is kept short).
+CASES_P4 = ("causal", "causal_window", "alibi_window", "softcap_gqa", "document_causal")
 BF16_CASE = {"is_causal": True, "length": 256, "head_dim": 32}
 
 

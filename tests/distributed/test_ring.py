@@ -79,6 +79,8 @@ def _gather(ranks: list[dict], key, field: str, layout: str) -> torch.Tensor:
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("name", list(ring_cases.CASES))
 def test_matches_float64_reference(ranks, name, layout):
+    if (name, layout) not in ranks[0]:
+        pytest.skip(f"{name} runs on 2 processes only ({len(ranks)} here)")
     ref = ring_cases.reference(*ring_cases.build(ring_cases.CASES[name], torch.float64))
     for field, expected in zip(("out", "lse", "dq", "dk", "dv"), ref):
         got = _gather(ranks, (name, layout), field, layout)
@@ -109,6 +111,8 @@ def test_options_checked_across_ranks(ranks):
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("name", ring_cases.NN_CASES)
 def test_modules_with_a_process_group_match_one_process(ranks, name, layout):
+    if (name, layout) not in ranks[0]:
+        pytest.skip(f"{name} runs on 2 processes only ({len(ranks)} here)")
     module, x, g, kwargs = ring_cases.build_module(name)
     module.double()
     x = x.double().requires_grad_(True)

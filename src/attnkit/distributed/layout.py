@@ -72,9 +72,9 @@ def _group_info(group, rank, world_size) -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError(
-            "shard/unshard: pass rank= and world_size=, or initialize torch.distributed (e.g. under torchrun)"
-        )
+        if group is not None:
+            raise ValueError("shard: a group was given but torch.distributed is not initialized")
+        return 0, 1  # one process holds the whole sequence, as in ring_attention
     return dist.get_rank(group), dist.get_world_size(group)
 
 
@@ -87,15 +87,16 @@ def shard(
         x: the full tensor; ``x.shape[dim]`` is the global sequence length ``L``.
         dim: the sequence dimension (``-2`` for ``(B, H, L, D)``, ``1`` for ``(B, L, E)``).
         layout: ``"contiguous"`` or ``"zigzag"`` (see the module docstring).
-        group: the process group (default: the world); ignored when ``rank`` and ``world_size`` are given.
+        group: the process group (default: the world, or one process when torch.distributed is not
+            initialized); ignored when ``rank`` and ``world_size`` are given.
         rank, world_size: the position in the group, to shard without an initialized process group.
 
     Returns:
         ``x`` with ``L / P`` positions along ``dim`` (a copy for zigzag, a view for contiguous).
 
     Raises:
-        ValueError: an unknown layout, ``L`` not a multiple of ``P`` (contiguous) or ``2P`` (zigzag), or no
-            process group and no ``rank``/``world_size``.
+        ValueError: an unknown layout, ``L`` not a multiple of ``P`` (contiguous) or ``2P`` (zigzag), or a
+            ``group`` while torch.distributed is not initialized.
     """
     check_layout(layout, "shard")
     rank, world_size = _group_info(group, rank, world_size)

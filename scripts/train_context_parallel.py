@@ -199,9 +199,8 @@ def main(argv=None) -> int:
         log["train_loss"].append(float(loss.detach()))
         log["step_seconds"].append(time.perf_counter() - t0)
         if rank == 0:
-            print(
-                f"step {step + 1:4d}/{args.steps}  loss {log['train_loss'][-1]:.4f}  {log['step_seconds'][-1]:.2f} s", flush=True
-            )
+            loss_value, seconds = log["train_loss"][-1], log["step_seconds"][-1]
+            print(f"step {step + 1:4d}/{args.steps}  loss {loss_value:.4f}  {seconds:.2f} s", flush=True)
     log["final_eval_loss"] = evaluate()
     log.update(
         processes=world,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import attnkit.backends as _backends
+from attnkit.explain._detection import deformable_pre_hook, is_hf_deformable
 from attnkit.explain._mha import ModuleHooks
 from attnkit.explain._recompute import (
     probability_tiles,
@@ -90,6 +91,10 @@ class Interceptor(ModuleHooks):
                     self.handles.append(module.register_forward_hook(self._enc_post, with_kwargs=True, prepend=True))
                 elif "PatchEmbed" in type(module).__name__ and hasattr(module, "patch_size"):
                     self.handles.append(module.register_forward_pre_hook(self._patch_pre))
+                elif is_hf_deformable(module):
+                    self.handles.append(
+                        module.register_forward_pre_hook(deformable_pre_hook(self._event), with_kwargs=True)
+                    )
             self.prev_sdpa = F.scaled_dot_product_attention
             F.scaled_dot_product_attention = self._sdpa
             self.prev_dispatch = _backends.dispatch

@@ -74,8 +74,9 @@ def _targets():
 @pytest.mark.parametrize("cross_attention", ["deformable", "dense"])
 def test_rtdetr_outputs_and_a_training_step(cross_attention):
     torch.manual_seed(0)
-    model = RTDETR(num_queries=6, num_layers=2, embed_dim=32, ffn_dim=32, widths=(8, 16, 16, 32),
-                   cross_attention=cross_attention)
+    model = RTDETR(
+        num_queries=6, num_layers=2, embed_dim=32, ffn_dim=32, widths=(8, 16, 16, 32), cross_attention=cross_attention
+    )
     images = torch.rand(2, 1, 64, 70)  # padded to 64 x 80 inside
     raw = model.forward_raw(images)
     assert raw.logits.shape == (2, 2, 6, 10) and raw.boxes.shape == (2, 2, 6, 4)
@@ -104,13 +105,16 @@ def test_centernet_outputs_and_loss():
 
 @pytest.mark.parametrize(
     ("images", "match"),
-    [(torch.rand(2, 3, 64, 64), r"\(B, 1, Hi, Wi\)"), (torch.zeros(1, 1, 64, 64, dtype=torch.long), "floating"),
-     (torch.rand(1, 1, 8, 64), "at least 16x16")],
+    [
+        (torch.rand(2, 3, 64, 64), r"\(B, 1, Hi, Wi\)"),
+        (torch.zeros(1, 1, 64, 64, dtype=torch.long), "floating"),
+        (torch.rand(1, 1, 8, 64), "at least 16x16"),
+    ],
 )
 def test_bad_images(images, match):
     with pytest.raises(ValueError, match=match):
         RTDETR(num_queries=4)(images)
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         RTDETR()([1, 2])
     with pytest.raises(ValueError, match="cross_attention"):
         RTDETR(cross_attention="sparse")

@@ -60,12 +60,13 @@ def deformable_point_map(
     Args:
         sampling_locations: ``(Q, H, NL, P, 2)`` normalised ``(x, y)`` (``(0, 0)`` top-left corner, ``(1, 1)``
             bottom-right corner of the map the model saw), e.g. one query's slice of a ``"deformable"`` record.
-        attention_weights: ``(Q, H, NL, P)`` the points' weights.
+        attention_weights: ``(Q, H, NL, P)`` the points' weights (heads are averaged).
         image_size: ``(Hi, Wi)`` pixels the normalised coordinates span.
         sigma: Gaussian smoothing in pixels (0: none); default 1.
 
     Returns:
-        ``(Q, Hi, Wi)`` float32 maps; each sums to the weight of its points inside the image (before smoothing).
+        ``(Q, Hi, Wi)`` float32 maps; with softmax weights per head each sums to 1 less the weight of points
+        outside the image (before smoothing).
 
     Raises:
         ValueError: shapes that do not agree.
@@ -78,7 +79,7 @@ def deformable_point_map(
     hi, wi = int(image_size[0]), int(image_size[1])
     q = sampling_locations.shape[0]
     loc = sampling_locations.reshape(q, -1, 2).float()
-    w = attention_weights.reshape(q, -1).float()
+    w = attention_weights.reshape(q, -1).float() / attention_weights.shape[1]  # mean over heads
     px = loc[..., 0] * wi - 0.5  # pixel-centre coordinates
     py = loc[..., 1] * hi - 0.5
     x0, y0 = px.floor(), py.floor()

@@ -25,9 +25,12 @@ CASES = {
     "document": {"document": False},
     "document_causal": {"document": True},
     "mods": {"mods": True, "num_kv_heads": 1},
+    # without a gradient of the lse the backward of plain and causal blocks runs torch's fused CPU kernel
+    "full_out_only": {"out_only": True},
+    "causal_gqa_out_only": {"is_causal": True, "num_kv_heads": 2, "out_only": True},
 }
 #: The cases also run on 4 processes (4 processes share this machine's 2 cores, so the list is kept short).
-CASES_P4 = ("causal", "causal_window", "alibi_window", "softcap_gqa", "document_causal")
+CASES_P4 = ("causal", "causal_window", "alibi_window", "softcap_gqa", "document_causal", "causal_gqa_out_only")
 BF16_CASE = {"is_causal": True, "length": 256, "head_dim": 32}
 
 
@@ -40,7 +43,8 @@ def _score_mod(score, b, h, q_idx, kv_idx):
 
 
 def build(case: dict, dtype=torch.float32, seed: int = 0):
-    """``(q, k, v, grad_out, grad_lse, options)`` for the whole sequence (grads in float64)."""
+    """``(q, k, v, grad_out, grad_lse, options)`` for the whole sequence (grads in float64; ``grad_lse`` is
+    ``None`` when the loss does not use the lse)."""
     length, num_heads = case.get("length", L), 4
     num_kv_heads, head_dim = case.get("num_kv_heads", num_heads), case.get("head_dim", 16)
     gen = torch.Generator().manual_seed(seed)
@@ -49,6 +53,8 @@ def build(case: dict, dtype=torch.float32, seed: int = 0):
     v = torch.randn(2, num_kv_heads, length, head_dim, generator=gen, dtype=torch.float64)
     g_out = torch.randn(2, num_heads, length, head_dim, generator=gen, dtype=torch.float64)
     g_lse = torch.randn(2, num_heads, length, generator=gen, dtype=torch.float64)
+    if case.get("out_only"):
+        g_lse = None
     opts = {key: case[key] for key in ("is_causal", "window_size", "softcap") if key in case}
     if case.get("alibi"):
         opts["alibi_slopes"] = attnkit.masks.alibi_slopes(num_heads)
@@ -66,7 +72,8 @@ def reference(q, k, v, g_out, g_lse, opts):
     if "alibi_slopes" in ref_opts:
         ref_opts["alibi_slopes"] = ref_opts["alibi_slopes"].double()
     res = attnkit.attention(q, k, v, return_lse=True, backend="math", **ref_opts)
-    ((res.output * g_out).sum() + (res.lse * g_lse).sum()).backward()
+    loss = (res.output * g_out).sum()
+    (loss if g_lse is None else loss + (res.lse * g_lse).sum()).backward()
     return res.output.detach(), res.lse.detach(), q.grad, k.grad, v.grad
 
 

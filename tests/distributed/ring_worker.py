@@ -24,9 +24,11 @@ from attnkit.distributed import ring_attention, shard
 def run(case: dict, layout: str, dtype) -> dict:
     q, k, v, g_out, g_lse, opts = ring_cases.build(case, dtype)
     q, k, v = (shard(t, -2, layout).requires_grad_(True) for t in (q, k, v))
-    g_out, g_lse = shard(g_out, -2, layout), shard(g_lse, -1, layout)
     res = ring_attention(q, k, v, layout=layout, return_lse=True, **opts)
-    ((res.output.double() * g_out).sum() + (res.lse.double() * g_lse).sum()).backward()
+    loss = (res.output.double() * shard(g_out, -2, layout)).sum()
+    if g_lse is not None:
+        loss = loss + (res.lse.double() * shard(g_lse, -1, layout)).sum()
+    loss.backward()
     return {"out": res.output.detach(), "lse": res.lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 

@@ -199,3 +199,27 @@ def test_context_parallel_module_refuses_what_a_shard_cannot_do(kwargs, match):
         mha(torch.randn(1, 6, 16), **kwargs)
     with pytest.raises(ValueError, match="unknown context_parallel_layout 'ring'"):
         attnkit.nn.MultiHeadAttention(16, 2, context_parallel_group=object(), context_parallel_layout="ring")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}])
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_fused_block_backward_equals_the_generic_one(kwargs, num_kv_heads):
+    from attnkit.distributed.plan import SubCall
+    from attnkit.distributed.ring import _block_grads, _fusable, _fused_block_grads, _Ring
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 24, 16, generator=gen)
+    k, v = (torch.randn(2, num_kv_heads, 24, 16, generator=gen) for _ in range(2))
+    ring = _Ring(GlobalOptions(48, scale=0.3), "contiguous", None, 0, 2, 24, "auto")
+    # the block's own attention stands in for the merged global result of its rows
+    call = SubCall((4, 20), (2, 18), kwargs)
+    res = attnkit.attention(q, k, v, scale=0.3, return_lse=True, **kwargs)
+    out, lse, dout = res.output, res.lse, torch.randn(res.output.shape, generator=gen)
+    block = attnkit.attention(q[..., 4:20, :], k[..., 2:18, :], v[..., 2:18, :], scale=0.3, return_lse=True, **kwargs)
+    out[..., 4:20, :], lse[..., 4:20] = block.output, block.lse
+    delta = (dout * out).sum(-1)
+    assert _fusable(ring, q, v, call, None) and not _fusable(ring, q, v, call, torch.zeros(1))
+    fused = _fused_block_grads(ring, q, k, v, call, dout, out, lse)
+    generic = _block_grads(ring, q, k, v, call, dout, lse, delta)
+    for a, b in zip(fused, generic):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)

@@ -130,6 +130,54 @@ def _block_grads(ring: _Ring, q, k, v, call: SubCall, dout, lse, delta):
         return torch.autograd.grad((part.output, lse_b), (qb, kb, vb), (g_out, g_lse.to(lse_b.dtype)))
 
 
+def _fusable(ring: _Ring, q: Tensor, v: Tensor, call: SubCall, dlse) -> bool:
+    """Whether torch's fused CPU FlashAttention backward computes this block exactly: no term but a causal mask
+    (diagonal blocks only, where torch's top-left and attnkit's bottom-right causal agree), no lse gradient."""
+    plain = set(call.kwargs) <= {"is_causal"} and ring.opts.softcap is None
+    square = "is_causal" not in call.kwargs or call.q[1] - call.q[0] == call.kv[1] - call.kv[0]
+    return (
+        plain
+        and square
+        and dlse is None
+        and q.device.type == "cpu"
+        and q.dtype != torch.float64
+        and q.shape[-1] == v.shape[-1]
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+    )
+
+
+def _fused_block_grads(ring: _Ring, q, k, v, call: SubCall, dout, out, lse):
+    """The block's gradients from ``aten::_scaled_dot_product_flash_attention_for_cpu_backward`` called with the
+    *global* output and log-sum-exp of the rows (its ``p = exp(s - lse)`` and ``delta = rowsum(dO · O)`` are then
+    exactly the ring's), in float32."""
+    (a, b), (c, d) = call.q, call.kv
+    batch, heads, kv_heads = q.shape[:-3], q.shape[-3], k.shape[-3]
+
+    def as4(t: Tensor) -> Tensor:  # (B..., X, L, D) -> (B, X, L, D) float32
+        return t.reshape(-1, *t.shape[-3:]).float()
+
+    qb, kb, vb = as4(q[..., a:b, :]), as4(k[..., c:d, :]), as4(v[..., c:d, :])
+    if kv_heads != heads:  # the CPU kernel has no grouped-query heads: expand, then sum the group's gradients
+        kb, vb = kb.repeat_interleave(heads // kv_heads, 1), vb.repeat_interleave(heads // kv_heads, 1)
+    lse_b = lse[..., a:b].reshape(-1, heads, b - a).float()
+    lse_b = lse_b.masked_fill(torch.isneginf(lse_b), float("inf"))  # rows with no key: p = 0
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        as4(dout[..., a:b, :]),
+        qb,
+        kb,
+        vb,
+        as4(out[..., a:b, :]),
+        lse_b,
+        0.0,
+        bool(call.kwargs.get("is_causal", False)),
+        scale=ring.opts.scale,
+    )
+    if kv_heads != heads:
+        dk = dk.unflatten(1, (kv_heads, heads // kv_heads)).sum(2)
+        dv = dv.unflatten(1, (kv_heads, heads // kv_heads)).sum(2)
+    return dq.reshape(*batch, *dq.shape[1:]), dk.reshape(*batch, *dk.shape[1:]), dv.reshape(*batch, *dv.shape[1:])
+
+
 def _backward(ring: _Ring, q, k, v, out, lse, dout, dlse):
     acc = lse.dtype
     delta = (dout.to(acc) * out.to(acc)).sum(-1)
@@ -148,7 +196,10 @@ def _backward(ring: _Ring, q, k, v, out, lse, dout, dlse):
 
     def compute(src: int, kb: Tensor, vb: Tensor, dkb: Tensor, dvb: Tensor) -> None:
         for call in ring.calls(src):
-            gq, gk, gv = _block_grads(ring, q, kb, vb, call, dout, lse, delta)
+            if _fusable(ring, q, vb, call, dlse):
+                gq, gk, gv = _fused_block_grads(ring, q, kb, vb, call, dout, out, lse)
+            else:
+                gq, gk, gv = _block_grads(ring, q, kb, vb, call, dout, lse, delta)
             (a, b), (c, d) = call.q, call.kv
             dq[..., a:b, :] += gq
             dkb[..., c:d, :] += gk
@@ -180,6 +231,7 @@ class _RingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ring, q, k, v):
         out, lse = _forward(ring, q, k, v)
+        ctx.set_materialize_grads(False)  # an unused lse gets no gradient (None), which keeps the fused backward
         ctx.ring = ring
         ctx.save_for_backward(q, k, v, out, lse)
         return out, lse

@@ -150,7 +150,7 @@ def test_plan_uses_native_masks_where_positions_align():
     window = GlobalOptions(64, window_size=(8, 0))
     c_segs = [segments("contiguous", r, 2, 32) for r in range(2)]
     (call,) = plan_pair(window, c_segs[1], c_segs[0])
-    assert (call.q, call.kv, call.kwargs) == ((0, 8), (24, 32), {"window_size": (0, 8)})
+    assert (call.q, call.kv, call.kwargs) == ((0, 8), (24, 32), {"window_size": (0, -1)})
 
 
 def test_size_one_falls_back_to_attention():

@@ -177,6 +177,12 @@ def _sub_call(opts, qseg, kseg, q0, q1, k0, k1, cache) -> SubCall:
         if dmin < lo or dmax > hi:  # the band cuts the rectangle
             left = -1 if lo == -_INF else -lo + c
             right = -1 if hi == _INF else hi - c
+            # a side reaching past the rectangle (local d spans [-(Lk - 1), Lq - 1]) is unbounded: plain causal
+            # blocks then keep the fused kernels
+            if left >= k1 - k0 - 1:
+                left, lo = -1, -_INF
+            if right >= q1 - q0 - 1:
+                right, hi = -1, _INF
             if left >= -1 and right >= -1 and (left != -1 or lo == -_INF) and (right != -1 or hi == _INF):
                 if left == -1 and right == 0:
                     kwargs["is_causal"] = True

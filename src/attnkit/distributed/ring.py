@@ -70,6 +70,7 @@ class _Ring:
 
 def _forward(ring: _Ring, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     acc = lse_dtype(q.dtype)
+    k, v = k.contiguous(), v.contiguous()  # sent as they are, once per step
     out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=acc, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
     sched, ex = ring.schedule, Exchange(ring.group)
@@ -180,6 +181,7 @@ def _fused_block_grads(ring: _Ring, q, k, v, call: SubCall, dout, out, lse):
 
 def _backward(ring: _Ring, q, k, v, out, lse, dout, dlse):
     acc = lse.dtype
+    k, v = k.contiguous(), v.contiguous()
     delta = (dout.to(acc) * out.to(acc)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(acc)

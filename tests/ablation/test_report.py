@@ -38,8 +38,9 @@ def _result(with_groups=True):
 def test_tables():
     result = _result()
     md = result.to_markdown()
-    assert "| `none` | 81.00 ± 1.00 | 1,000 | 2.00 M | 1.00 | 10.00 | — | baseline |" in md
-    assert "| `additive` | 96.00 ± 1.00 | 1,200 | 3.50 M | 2.00 | 20.00 | +15.00 ± 1.00 | p=" in md
+    assert "| `none` | 81.00 ± 1.00 |  | n/a | 1,000 | 2.00 M | 1.00 | 10.00 | — | baseline |" in md
+    assert "| `additive` | 96.00 ± 1.00 |  | n/a | 1,200 | 3.50 M | 2.00 | 20.00 | +15.00 ± 1.00 | p=" in md
+    assert "**Roll out `additive`**" in md  # +18.5% relative lift, CI above 0
     assert "better" in md and "Accuracy % by source length" in md and "(Δ +46.7, p=0.0088)" in md
     rows = list(csv.DictReader(io.StringIO(result.to_csv())))
     assert rows[1]["variant"] == "additive" and float(rows[1]["lift_pct"]) == 15.0
@@ -56,7 +57,8 @@ def test_write_report_files_and_no_clobber(tmp_path):
     assert "alignments_additive.png" in names
     assert sorted(p.name for p in out.iterdir()) == names  # no temporary files left
     html = (out / "report.html").read_text()
-    assert "Alignments: additive" in html and html.count("data:image/png;base64,") == 2
+    assert "Alignments: additive" in html and html.count("data:image/png;base64,") == 3
+    assert "Learning curves" in html and "Verdict: roll out attention?" in html
     assert (out / "accuracy_vs_latency.png").read_bytes().startswith(b"\x89PNG")
     before = (out / "results.md").read_text()
     with pytest.raises(FileExistsError, match=r"results\.md exists"):

@@ -17,6 +17,9 @@ from attnkit.ablation.seq2seq import build_seq2seq
 from attnkit.ablation.train import TrainConfig, fit, init_distributed, predict, seeded
 
 CONFIG = TrainConfig(epochs=2, batch_size=8, lr=1e-2, seed=5)
+PLATEAU = TrainConfig(
+    epochs=8, batch_size=8, lr=1e-2, seed=5, budget="plateau", patience=1, min_delta=0.065, min_epochs=1
+)
 
 
 def _problem():
@@ -38,8 +41,13 @@ def _train(name="additive", config=CONFIG, augment=None):
     data, loss_fn = _problem()
     sizes = {"embed_dim": 8, "num_heads": 2} if name == "transformer" else {"embed_dim": 8, "hidden_dim": 8}
     model = seeded(lambda: build_seq2seq(name, 20, 12, **sizes), config.seed)
-    losses = fit(model, data, loss_fn, config, augment=augment)
-    return model, losses
+
+    def validate(m):  # minus the loss on the first 16 rows (a stand-in for a validation split)
+        with torch.no_grad():
+            return -float(loss_fn(m, [t[:16] for t in data]))
+
+    history = fit(model, data, loss_fn, config, augment=augment, validate=validate)
+    return model, history
 
 
 def test_reproducible_for_a_seed():
@@ -103,6 +111,10 @@ _WORKER = textwrap.dedent(
     from test_train import _train
     model, _ = _train()
     torch.save(model.state_dict(), {out!r} + f"/rank{{rank}}.pt")
+    from test_train import PLATEAU
+    model, history = _train(config=PLATEAU)
+    torch.save({{**model.state_dict(), "val_score": torch.tensor(history.val_score)}},
+               {out!r} + f"/rank{{rank}}_plateau.pt")
     dist.barrier()
     dist.destroy_process_group()
     """
@@ -131,8 +143,13 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
             if p.poll() is None:
                 p.kill()
     assert codes == [0, 0]
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single, _ = _train()
-    for key, value in single.state_dict().items():
-        assert torch.equal(states[0][key], states[1][key]), key  # DDP keeps the ranks identical
-        torch.testing.assert_close(states[0][key], value, atol=1e-5, rtol=1e-4)  # and equal to one process
+    for suffix, config in (("", CONFIG), ("_plateau", PLATEAU)):
+        states = [torch.load(tmp_path / f"rank{r}{suffix}.pt", weights_only=True) for r in range(2)]
+        single, history = _train(config=config)
+        for key, value in single.state_dict().items():
+            assert torch.equal(states[0][key], states[1][key]), key  # DDP keeps the ranks identical
+            torch.testing.assert_close(states[0][key], value, atol=1e-5, rtol=1e-4)  # and equal to one process
+        if suffix:  # early stopping took the same decisions on both ranks and in one process
+            assert history.lr_drops == [3] and history.stopped_early and history.best_epoch == 4
+            assert states[0]["val_score"].tolist() == states[1]["val_score"].tolist()
+            torch.testing.assert_close(states[0]["val_score"], torch.tensor(history.val_score), rtol=1e-4, atol=1e-5)

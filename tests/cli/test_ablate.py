@@ -34,7 +34,11 @@ def test_seq2seq_end_to_end(tmp_path, capsys):
     assert "| `additive` |" in captured.out and "Accuracy % by source length" in captured.out
     assert "additive seed 1: exact match" in captured.err
     names = {p.name for p in out.iterdir()}
-    assert names == {"results.md", "results.csv", "accuracy_vs_latency.png", "report.html", "alignments_additive.png"}
+    assert names == {
+        "results.md", "results.csv", "accuracy_vs_latency.png", "learning_curves.png", "report.html",
+        "alignments_additive.png",
+    }  # fmt: skip
+    assert "| `additive` | " in captured.out and "converged" in captured.out and "### Verdict" in captured.out
     # a second run refuses before training, in one line
     assert main([*SEQ2SEQ, "--models", "none,additive", "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -90,5 +94,5 @@ def test_torchrun_two_processes(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("## Ablation: seq2seq") == 1  # only rank 0 reports
-    assert "processes 2" in (out / "results.md").read_text()
+    assert "processes: 2" in (out / "results.md").read_text()
     assert (out / "alignments_luong.png").exists()

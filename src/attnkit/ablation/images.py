@@ -186,9 +186,16 @@ def stratified_split(labels: Tensor, *, test_fraction: float = 0.2, seed: int = 
     return train_idx, test_idx
 
 
-def load_digits(*, train_canvases: int | None = None, test_canvases: int | None = None) -> tuple[ImageData, ImageData]:
-    """The built-in task: :class:`attnkit.datasets.DigitCanvases` train and test splits (split by source scan,
-    64x64 canvases with distractor fragments), canvases drawn with seed 0. Default sizes: one canvas per scan.
+def load_digits(
+    *,
+    train_canvases: int | None = None,
+    test_canvases: int | None = None,
+    val_canvases: int | None = None,
+    splits: tuple[str, ...] = ("train", "test"),
+) -> tuple[ImageData, ...]:
+    """The built-in task: :class:`attnkit.datasets.DigitCanvases` splits (split by source scan, 64x64 canvases
+    with distractor fragments), canvases drawn with seed 0, in the order of ``splits`` (``"train"``, ``"val"``,
+    ``"test"``). Default sizes: one canvas per scan.
 
     Raises:
         ImportError: scikit-learn is missing.
@@ -196,8 +203,9 @@ def load_digits(*, train_canvases: int | None = None, test_canvases: int | None 
     from attnkit.datasets import DigitCanvases
 
     classes = [str(i) for i in range(10)]
+    sizes = {"train": train_canvases, "val": val_canvases, "test": test_canvases}
     out = []
-    for split, n in (("train", train_canvases), ("test", test_canvases)):
-        data = DigitCanvases(split, num_canvases=n, seed=0)
+    for split in splits:
+        data = DigitCanvases(split, num_canvases=sizes[split], seed=0)
         out.append(ImageData(data.images, data.labels, classes, "attnkit digits (64x64 cluttered canvases)"))
-    return out[0], out[1]
+    return tuple(out)

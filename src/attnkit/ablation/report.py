@@ -15,9 +15,17 @@ from pathlib import Path
 from attnkit.ablation.results import METHOD_NOTE, AblationResult, Alignment
 from attnkit.ablation.stats import mean_std
 
-__all__ = ["alignment_figure", "check_writable", "planned_files", "tradeoff_figure", "write_atomic", "write_report"]
+__all__ = [
+    "alignment_figure",
+    "check_writable",
+    "curves_figure",
+    "planned_files",
+    "tradeoff_figure",
+    "write_atomic",
+    "write_report",
+]
 
-_FIXED = ("results.md", "results.csv", "accuracy_vs_latency.png", "report.html")
+_FIXED = ("results.md", "results.csv", "accuracy_vs_latency.png", "learning_curves.png", "report.html")
 
 
 def planned_files(out_dir: str | os.PathLike, alignment_models: list[str] | tuple[str, ...] = ()) -> list[Path]:
@@ -91,6 +99,46 @@ def tradeoff_figure(result: AblationResult):
     return fig
 
 
+def curves_figure(result: AblationResult):
+    """Learning curves: training loss (left) and validation score in % (right) against the epoch, one colour per
+    variant, one line per seed; each run ends in a dot when it converged and a cross when it had not (still
+    improving), with learning-rate drops marked by a vertical tick. Returns a ``matplotlib.figure.Figure``."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("ablation plots need matplotlib: pip install 'attnkit[explain]'") from err
+    fig = Figure(figsize=(11.0, 4.0), layout="constrained")
+    loss_ax, val_ax = fig.subplots(1, 2)
+    colours = fig.get_figure().colormaps["tab10"] if hasattr(fig, "colormaps") else None
+    for i, v in enumerate(result.variants):
+        colour = colours(i % 10) if colours is not None else f"C{i % 10}"
+        for j, run in enumerate(v.runs):
+            label = v.name if j == 0 else None
+            epochs = range(1, run.epochs + 1)
+            loss_ax.plot(epochs, run.train_loss, color=colour, lw=1.2, alpha=0.8, label=label)
+            if not run.val_score:
+                continue
+            scores = [100 * x for x in run.val_score]
+            val_ax.plot(range(1, len(scores) + 1), scores, color=colour, lw=1.2, alpha=0.8, label=label)
+            val_ax.plot(len(scores), scores[-1], "x" if run.converged is False else "o", color=colour, ms=6)
+            for e in run.lr_drops:
+                val_ax.plot(e + 1, scores[e], "|", color=colour, ms=10)
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("training loss")
+    loss_ax.set_yscale("log")
+    val_ax.set_xlabel("epoch")
+    val_ax.set_ylabel(f"validation {result.score_name} (%)")
+    val_ax.set_title("o converged, x NOT converged (still improving), | lr ÷10", fontsize=9)
+    for ax in (loss_ax, val_ax):
+        ax.grid(True, alpha=0.3)
+    if any(v.runs for v in result.variants):
+        val_ax.legend(fontsize=8, loc="lower right")
+    else:
+        val_ax.text(0.5, 0.5, "no curves recorded", ha="center", va="center", transform=val_ax.transAxes)
+    fig.suptitle(f"{result.task}: learning curves ({len(result.seeds)} seeds)", fontsize=10)
+    return fig
+
+
 def alignment_figure(alignments: list[Alignment]):
     """Source characters (columns) x emitted target tokens (rows) heatmaps, one panel per example, via
     :func:`attnkit.explain.plots.alignment_plot` (examples padded to a common width with zeros)."""
@@ -143,6 +191,8 @@ def write_report(result: AblationResult, out_dir: str | os.PathLike, *, overwrit
     ]
     plot_png = figure_png(tradeoff_figure(result))
     written.append(write_atomic(out / "accuracy_vs_latency.png", plot_png, overwrite=overwrite))
+    curves_png = figure_png(curves_figure(result))
+    written.append(write_atomic(out / "learning_curves.png", curves_png, overwrite=overwrite))
     alignment_pngs = []
     for m in models:
         png = figure_png(alignment_figure([a for a in result.alignments if a.model == m]))
@@ -169,6 +219,22 @@ def write_report(result: AblationResult, out_dir: str | os.PathLike, *, overwrit
                 table_header=head,
             )
         )
+    head, rows = result.curve_cells()
+    sections.append(
+        Section(
+            title="Learning curves",
+            text="Training loss and validation score per epoch, every seed. A run still improving at its last epoch "
+            "is NOT converged: its lift may be a speed-of-learning effect.",
+            table=rows or None,
+            table_header=head or None,
+            figures=[curves_png],
+        )
+    )
+    if result.baseline in {v.name for v in result.variants} and len(result.variants) > 1:
+        verdict = result.verdict()
+        head, rows = verdict.cells()
+        text = "\n\n".join([verdict.decision().replace("**", "").replace("`", ""), *verdict.caveats()])
+        sections.append(Section(title=verdict.title().replace("`", ""), text=text, table=rows, table_header=head))
     variants = "\n".join(f"{v.name}: {v.description}" for v in result.variants if v.description)
     sections.append(
         Section(

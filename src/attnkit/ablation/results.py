@@ -7,7 +7,9 @@ import io
 import math
 from dataclasses import dataclass, field
 
+from attnkit.ablation.convergence import History
 from attnkit.ablation.stats import Lift, mean_std, paired_lift
+from attnkit.ablation.verdict import DEFAULT_THRESHOLD, Verdict, decide
 
 __all__ = ["AblationResult", "Alignment", "VariantResult"]
 
@@ -24,6 +26,7 @@ class VariantResult:
         latency: batch size -> median seconds per inference call (interleaved across variants).
         groups: extra per-seed accuracies by group, e.g. input-length bucket ``"29-34"`` -> ``[acc per seed]``.
         description: what the variant is (architecture and placement of the attention).
+        runs: the training :class:`~attnkit.ablation.convergence.History` (curves, convergence) per seed.
     """
 
     name: str
@@ -33,6 +36,29 @@ class VariantResult:
     latency: dict[int, float] = field(default_factory=dict)
     groups: dict[str, list[float]] = field(default_factory=dict)
     description: str = ""
+    runs: list[History] = field(default_factory=list)
+
+    @property
+    def converged(self) -> bool | None:
+        """False when any run was still improving at its end; None when no run recorded a validation curve."""
+        known = [r.converged for r in self.runs if r.converged is not None]
+        return all(known) if known else None
+
+    def convergence_note(self, seeds: list[int]) -> str:
+        """``"yes"``, ``"NOT converged (seeds 0, 2)"`` or ``"n/a"`` (no validation curve)."""
+        if self.converged is None:
+            return "n/a"
+        if self.converged:
+            return "yes"
+        bad = [str(seed) for seed, r in zip(seeds, self.runs) if r.converged is False]
+        return f"**NOT converged** (seed {', '.join(bad)})"
+
+    def epochs_note(self) -> str:
+        """Epochs trained per run: ``"15"`` or a range ``"9-21"``."""
+        epochs = [r.epochs for r in self.runs]
+        if not epochs:
+            return ""
+        return str(epochs[0]) if min(epochs) == max(epochs) else f"{min(epochs)}-{max(epochs)}"
 
 
 @dataclass
@@ -60,6 +86,8 @@ class AblationResult:
         group_title: the meaning of :attr:`VariantResult.groups` keys (e.g. ``"input length (chars)"``).
         alignments: example alignments of attentive models (seq2seq).
         wall_time_s: seconds the ablation took (training, evaluation, timing).
+        threshold: relative lift that justifies rolling attention out (:mod:`attnkit.ablation.verdict`).
+        score_name: what the scores are (e.g. ``"accuracy"``), for the report.
     """
 
     task: str
@@ -71,6 +99,8 @@ class AblationResult:
     group_title: str = ""
     alignments: list[Alignment] = field(default_factory=list)
     wall_time_s: float = 0.0
+    threshold: float = DEFAULT_THRESHOLD
+    score_name: str = "accuracy"
 
     def variant(self, name: str) -> VariantResult:
         """The variant called ``name``; ``KeyError`` if absent."""
@@ -111,6 +141,8 @@ class AblationResult:
             for group, scores in v.groups.items():
                 row[f"accuracy_pct[{group}]"] = round(100 * mean_std(scores)[0], 2)
             row["accuracy_per_seed_pct"] = " ".join(f"{100 * s:.2f}" for s in v.scores)
+            row["epochs_per_seed"] = " ".join(str(r.epochs) for r in v.runs)
+            row["converged_per_seed"] = " ".join({True: "yes", False: "no", None: "n/a"}[r.converged] for r in v.runs)
             rows.append(row)
         return rows
 
@@ -126,13 +158,15 @@ class AblationResult:
     def main_cells(self) -> tuple[list[str], list[list[str]]]:
         """Header and rows of the main table: accuracy mean ± std, params, MACs, latency, lift and significance."""
         batches = sorted({b for v in self.variants for b in v.latency})
-        head = ["variant", f"accuracy % (mean ± std, {len(self.seeds)} seeds)", "params", "MACs"]
+        head = ["variant", f"{self.score_name} % (mean ± std, {len(self.seeds)} seeds)", "epochs", "converged"]
+        head += ["params", "MACs"]
         head += [f"latency b{b} (ms)" for b in batches] + [f"lift vs {self.baseline} (pp)", "significance"]
         rows = []
         for v in self.variants:
             mean, std = mean_std(v.scores)
             lift = self.lift(v.name)
-            cells = [v.name, f"{100 * mean:.2f} ± {100 * std:.2f}", f"{v.params:,}", _si(v.macs)]
+            cells = [v.name, f"{100 * mean:.2f} ± {100 * std:.2f}", v.epochs_note(), v.convergence_note(self.seeds)]
+            cells += [f"{v.params:,}", _si(v.macs)]
             cells += [f"{1000 * v.latency[b]:.2f}" if b in v.latency else "" for b in batches]
             cells += (
                 ["—", "baseline"] if lift is None else [f"{100 * lift.mean:+.2f} ± {100 * lift.std:.2f}", lift.note()]
@@ -157,6 +191,31 @@ class AblationResult:
             rows.append(cells)
         return ["variant", *groups], rows
 
+    def curve_cells(self, points: int = 8) -> tuple[list[str], list[list[str]]]:
+        """Header and rows of the learning-curve table: mean validation score (%) over seeds at up to ``points``
+        epochs (runs that stopped earlier contribute their last value); empty without validation curves."""
+        curves = {v.name: [r.val_score for r in v.runs if r.val_score] for v in self.variants}
+        longest = max((len(c) for cs in curves.values() for c in cs), default=0)
+        if not longest:
+            return [], []
+        step = max(1, -(-longest // points))
+        epochs = sorted({*range(step - 1, longest, step), longest - 1})
+        rows = []
+        for name, cs in curves.items():
+            if not cs:
+                continue
+            cells = [name]
+            for e in epochs:
+                values = [c[min(e, len(c) - 1)] for c in cs]
+                cells.append(f"{100 * sum(values) / len(values):.1f}")
+            rows.append(cells)
+        return ["variant", *[f"ep {e + 1}" for e in epochs]], rows
+
+    def verdict(self, threshold: float | None = None) -> Verdict:
+        """The roll-out decision (:func:`attnkit.ablation.verdict.decide`) at ``threshold`` (default
+        :attr:`threshold`)."""
+        return decide(self, threshold=threshold)
+
     def main_table(self) -> str:
         """:meth:`main_cells` as a Markdown table."""
         return _markdown(*self.main_cells())
@@ -172,12 +231,18 @@ class AblationResult:
     def to_markdown(self) -> str:
         """The whole report as Markdown: title, budget, tables, variant descriptions."""
         parts = [f"## Ablation: {self.task} — {self.title}", ""]
-        budget = ", ".join(f"{k} {v}" for k, v in self.budget.items())
-        parts += [f"Identical budget for every variant: {budget}. Seeds: {', '.join(map(str, self.seeds))}.", ""]
+        budget = "; ".join(f"{k}: {v}" for k, v in self.budget.items())
+        parts += [f"Identical budget for every variant — {budget}. Seeds: {', '.join(map(str, self.seeds))}.", ""]
         parts += [self.main_table(), ""]
         if self.group_table():
             parts += [self.group_table(), ""]
+        head, rows = self.curve_cells()
+        if head:
+            caption = f"Learning curves: validation {self.score_name} % after each epoch (mean over seeds)"
+            parts += [caption, "", _markdown(head, rows), ""]
         parts += ["Variants:", ""] + [f"- `{v.name}`: {v.description}" for v in self.variants if v.description]
+        if self.baseline in {v.name for v in self.variants} and len(self.variants) > 1:
+            parts += ["", self.verdict().to_markdown().rstrip()]
         parts += ["", METHOD_NOTE, "", f"Wall time: {self.wall_time_s / 60:.1f} min."]
         return "\n".join(parts) + "\n"
 
@@ -189,7 +254,10 @@ METHOD_NOTE = (
     "(matrix products, convolutions, attention; element-wise ops not counted) / 2. Latency: median of interleaved "
     "repeated runs of every variant in one process, on CPU with the torch threads listed above. Lift: mean over "
     "seeds of the per-seed difference to the baseline (runs pair up by seed: same batch order and augmentation draws); "
-    "significance: two-sided paired t-test over seeds (scipy.stats.ttest_rel), alpha 0.05."
+    "significance: two-sided paired t-test over seeds (scipy.stats.ttest_rel), alpha 0.05; CI: the matching "
+    "Student-t interval. Converged: the validation score gained no more than the budget's min_delta in the last "
+    "`patience` epochs (a run still improving at its end is NOT converged, and its lift may be a speed-of-learning "
+    "effect)."
 )
 
 

@@ -57,6 +57,30 @@ class Lift:
             verdict = "better" if self.mean > 0 else "worse"
         return f"p={self.p_value:.2g} (paired t, n={self.n}): {verdict}"
 
+    def ci(self, confidence: float = 0.95) -> tuple[float, float]:
+        """Two-sided Student-t confidence interval of the mean difference: ``mean ± t_{(1+c)/2, n-1} · std / √n``
+        (the interval that goes with the paired t-test); ``(nan, nan)`` with fewer than 2 pairs.
+
+        Raises:
+            ValueError: ``confidence`` outside ``(0, 1)``.
+            ImportError: scipy is missing (``pip install 'attnkit[demo]'``).
+
+        Example:
+            >>> lo, hi = Lift(mean=0.1, std=0.02, p_value=0.01, n=3).ci()
+            >>> round(lo, 4), round(hi, 4)  # t_{0.975, 2} = 4.303
+            (0.0503, 0.1497)
+        """
+        if not 0 < confidence < 1:
+            raise ValueError(f"Lift.ci: expected confidence in (0, 1), got {confidence!r}")
+        if self.n < 2:
+            return math.nan, math.nan
+        try:
+            from scipy.stats import t
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("the ablation confidence interval needs scipy: pip install 'attnkit[demo]'") from err
+        half = float(t.ppf((1 + confidence) / 2, self.n - 1)) * self.std / math.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
 
 def paired_lift(variant: Sequence[float], baseline: Sequence[float]) -> Lift:
     """Lift of ``variant`` over ``baseline``, paired by position (seed), with a paired t-test.

@@ -16,7 +16,7 @@ from attnkit.ablation.cost import count_macs, count_parameters, interleaved_late
 from attnkit.ablation.dates import TARGET_LENGTH, DateTask, bucket_label, encode_sources, encode_targets
 from attnkit.ablation.results import AblationResult, Alignment, VariantResult
 from attnkit.ablation.seq2seq import SEQ2SEQ_MODELS, build_seq2seq
-from attnkit.ablation.train import TrainConfig, fit, is_main_process, predict, seeded
+from attnkit.ablation.train import TrainConfig, fit, is_main_process, predict, run_summary, seeded
 
 __all__ = ["run_seq2seq_ablation"]
 
@@ -56,6 +56,7 @@ def run_seq2seq_ablation(
     latency_batches: Sequence[int] = (1, 64),
     latency_rounds: int = 20,
     num_alignments: int = 3,
+    val_fraction: float = 0.1,
     progress: Callable[[str], None] | None = None,
 ) -> AblationResult | None:
     """Train every model with every seed under one budget; score exact match overall and per length bucket.
@@ -68,24 +69,33 @@ def run_seq2seq_ablation(
         latency_batches: batch sizes timed: greedy decoding of that many test sources (11 steps).
         latency_rounds: interleaved rounds per batch size (median reported).
         num_alignments: test examples whose alignment heatmaps are kept per attentive model (seed ``seeds[0]``).
+        val_fraction: share of the training pairs held out (seed 0) as the validation set of the learning curves,
+            convergence and early stopping (exact match); the test pairs are never used for either.
         progress: called with one line of text per finished run.
 
     Returns:
         an :class:`AblationResult` (groups = length buckets) on the main process, ``None`` on other ranks.
 
     Raises:
-        ValueError: an unknown model or no seed.
+        ValueError: an unknown model, no seed, or ``val_fraction`` outside ``(0, 1)``.
     """
     unknown = [m for m in models if m not in SEQ2SEQ_MODELS]
     if unknown or not models:
         raise ValueError(f"run_seq2seq_ablation: unknown models {unknown}; valid: {', '.join(SEQ2SEQ_MODELS)}")
     if not seeds:
         raise ValueError("run_seq2seq_ablation: expected at least one seed")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"run_seq2seq_ablation: expected val_fraction in (0, 1), got {val_fraction!r}")
     config = config or TrainConfig()
     start = time.perf_counter()
     src_vocab, tgt_vocab = task.source_vocab, task.target_vocab
-    train_src, train_len = encode_sources([e.source for e in task.train], src_vocab)
-    train_tgt = encode_targets([e.target for e in task.train], tgt_vocab)
+    all_src, all_len = encode_sources([e.source for e in task.train], src_vocab)
+    all_tgt = encode_targets([e.target for e in task.train], tgt_vocab)
+    order = torch.randperm(len(all_len), generator=torch.Generator().manual_seed(0))
+    n_val = max(1, round(val_fraction * len(order)))
+    val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
+    train_src, train_len, train_tgt = all_src[train_idx], all_len[train_idx], all_tgt[train_idx]
+    val_src, val_len, val_tgt = all_src[val_idx], all_len[val_idx], all_tgt[val_idx]
     test_src, test_len = encode_sources([e.source for e in task.test], src_vocab)
     test_tgt = encode_targets([e.target for e in task.test], tgt_vocab)
     bucket_ids = task.test_bucket_ids()
@@ -97,6 +107,13 @@ def run_seq2seq_ablation(
         logits = model(src[:, :width], lengths, tgt[:, :-1])  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten())
 
+    def exact_match(model: nn.Module, src: Tensor, lengths: Tensor, tgt: Tensor) -> Tensor:
+        tokens = predict(lambda s, n, m=model: m.generate(s[:, : int(n.max())], n, STEPS).tokens, [src, lengths])
+        return (tokens == tgt[:, 1:]).all(-1).float()
+
+    def validate(model: nn.Module) -> float:
+        return float(exact_match(model, val_src, val_len, val_tgt).mean())
+
     results = {name: VariantResult(name, [], description=_DESCRIPTIONS[name]) for name in models}
     for name in models:
         results[name].groups = {label: [] for label in labels}
@@ -106,22 +123,20 @@ def run_seq2seq_ablation(
         for name in models:
             t0 = time.perf_counter()
             model = seeded(lambda name=name: build_seq2seq(name, len(src_vocab), len(tgt_vocab)), seed)
-            fit(model, [train_src, train_len, train_tgt], loss_fn, run_config)
+            history = fit(model, [train_src, train_len, train_tgt], loss_fn, run_config, validate=validate)
             if not is_main_process():
                 continue
-            tokens = predict(
-                lambda s, n, m=model: m.generate(s[:, : int(n.max())], n, STEPS).tokens, [test_src, test_len]
-            )
-            correct = (tokens == test_tgt[:, 1:]).all(-1).float()
+            correct = exact_match(model, test_src, test_len, test_tgt)
             results[name].scores.append(float(correct.mean()))
+            results[name].runs.append(history)
             for b, label in enumerate(labels):
                 results[name].groups[label].append(float(correct[bucket_ids == b].mean()))
             first_models.setdefault(name, model)
             if progress is not None:
                 per_bucket = " ".join(f"{label}:{100 * results[name].groups[label][-1]:.0f}" for label in labels)
                 progress(
-                    f"{name} seed {seed}: exact match {100 * results[name].scores[-1]:.2f}% [{per_bucket}] "
-                    f"({time.perf_counter() - t0:.0f} s)"
+                    f"{name} seed {seed}: exact match {100 * results[name].scores[-1]:.2f}% [{per_bucket}], "
+                    f"{run_summary(history)} ({time.perf_counter() - t0:.0f} s)"
                 )
     if not is_main_process():
         return None
@@ -164,7 +179,8 @@ def run_seq2seq_ablation(
     return AblationResult(
         task="seq2seq",
         title=f"date normalisation ({', '.join(languages)}; CLDR formats via babel) -> ISO 8601: "
-        f"{len(task.train)} train pairs (sources <= {task.train_max_length} chars), {len(task.test)} test pairs "
+        f"{len(train_idx)} train + {n_val} validation pairs (sources <= {task.train_max_length} chars), "
+        f"{len(task.test)} test pairs "
         f"on unseen dates ({n_long} longer than any training source)",
         baseline="none",
         seeds=list(seeds),
@@ -173,4 +189,5 @@ def run_seq2seq_ablation(
         group_title=f"source length in characters (training sources: at most {task.train_max_length})",
         alignments=alignments,
         wall_time_s=time.perf_counter() - start,
+        score_name="exact match",
     )

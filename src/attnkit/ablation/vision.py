@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.ablation.cost import count_macs, count_parameters, interleaved_latency
-from attnkit.ablation.images import ImageData
+from attnkit.ablation.images import ImageData, stratified_split
 from attnkit.ablation.results import AblationResult, VariantResult
-from attnkit.ablation.train import TrainConfig, fit, is_main_process, predict, seeded
+from attnkit.ablation.train import TrainConfig, fit, is_main_process, predict, run_summary, seeded
 
 __all__ = ["VISION_VARIANTS", "build_vision_model", "random_translate", "run_vision_ablation"]
 
@@ -103,6 +103,7 @@ def run_vision_ablation(
     train: ImageData,
     test: ImageData,
     *,
+    val: ImageData | None = None,
     variants: Sequence[str] = VISION_VARIANTS,
     seeds: Sequence[int] = (0, 1, 2),
     config: TrainConfig | None = None,
@@ -115,7 +116,9 @@ def run_vision_ablation(
 
     Args:
         train: training images and labels.
-        test: held-out images (never trained on; no model selection on them either: fixed epochs).
+        test: held-out images (never trained on, never used for early stopping or model selection).
+        val: validation images for the learning curves, convergence and early stopping; default: 15% of
+            ``train`` per class (stratified, seed 0), removed from the training images.
         variants: names from :data:`VISION_VARIANTS`; ``"none"`` is the baseline of the lifts when present.
         seeds: one run per seed and variant; the seed fixes the initialisation, batch order and augmentation.
         config: the budget (its ``seed`` field is replaced by each seed); default ``TrainConfig()``.
@@ -142,6 +145,9 @@ def run_vision_ablation(
         )
     config = config or TrainConfig()
     start = time.perf_counter()
+    if val is None:
+        train_idx, val_idx = stratified_split(train.labels, test_fraction=0.15, seed=0)
+        train, val = train.subset(train_idx), train.subset(val_idx)
     in_chans, height, width = train.images.shape[1:]
     num_classes = len(train.classes)
 
@@ -154,6 +160,9 @@ def run_vision_ablation(
     def augment(batch: list[Tensor], generator: torch.Generator) -> list[Tensor]:
         return [random_translate(batch[0], generator, max_shift), batch[1]]
 
+    def validate(model: nn.Module) -> float:
+        return float((predict(model, [val.images]).argmax(-1) == val.labels).float().mean())
+
     results = {name: VariantResult(name, [], description=_DESCRIPTIONS[name]) for name in variants}
     first_models: dict[str, nn.Module] = {}
     for seed in seeds:
@@ -161,15 +170,17 @@ def run_vision_ablation(
         for name in variants:
             t0 = time.perf_counter()
             model = seeded(lambda name=name: build(name), seed)
-            fit(model, [train.images, train.labels], loss_fn, run_config, augment=augment)
+            history = fit(model, [train.images, train.labels], loss_fn, run_config, augment=augment, validate=validate)
             if not is_main_process():
                 continue
             logits = predict(model, [test.images])
             accuracy = float((logits.argmax(-1) == test.labels).float().mean())
             results[name].scores.append(accuracy)
+            results[name].runs.append(history)
             first_models.setdefault(name, model)
             if progress is not None:
-                progress(f"{name} seed {seed}: accuracy {100 * accuracy:.2f}% ({time.perf_counter() - t0:.0f} s)")
+                progress(f"{name} seed {seed}: accuracy {100 * accuracy:.2f}%, {run_summary(history)} "
+                         f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
     if not is_main_process():
         return None
     for name, model in first_models.items():
@@ -184,8 +195,8 @@ def run_vision_ablation(
             results[name].latency[batch] = seconds
     return AblationResult(
         task="vision",
-        title=f"{train.source}: {len(train.labels)} train / {len(test.labels)} test images, "
-        f"{in_chans}x{height}x{width}, {num_classes} classes",
+        title=f"{train.source}: {len(train.labels)} train / {len(val.labels)} validation / {len(test.labels)} test "
+        f"images, {in_chans}x{height}x{width}, {num_classes} classes",
         baseline="none",
         seeds=list(seeds),
         variants=[results[name] for name in variants],

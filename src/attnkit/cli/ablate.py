@@ -17,7 +17,7 @@ from pathlib import Path
 
 from attnkit.cli.registry import UserError, subcommand
 
-VISION_EPOCHS, SEQ2SEQ_EPOCHS = 15, 8
+VISION_EPOCHS, SEQ2SEQ_EPOCHS = 40, 20  # the maximum under the default budget "plateau"
 
 
 def _names(text: str, valid: tuple[str, ...], what: str) -> list[str]:
@@ -30,7 +30,24 @@ def _names(text: str, valid: tuple[str, ...], what: str) -> list[str]:
 
 def _common(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--seeds", type=int, default=3, help="runs per variant, seeds 0..N-1 (default 3)")
-    p.add_argument("--epochs", type=int, default=None, help=f"epochs per run (default {epochs}; --quick: 1)")
+    p.add_argument(
+        "--budget",
+        choices=("epochs", "plateau"),
+        default="plateau",
+        help="'plateau' (default): train until the validation score plateaus (early stopping, one lr drop), at "
+        "most --epochs; 'epochs': every run trains --epochs epochs",
+    )
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs, or the maximum (default {epochs}; --quick: 2)")
+    p.add_argument("--patience", type=int, default=3, help="epochs without improvement = plateau (default 3)")
+    p.add_argument(
+        "--min-delta", type=float, default=0.005, help="smallest validation gain that counts (default 0.005)"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=10.0,
+        help="relative lift in %% that justifies rolling attention out (default 10)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate, one-cycle (default 3e-3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: small models)")
@@ -79,19 +96,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace, default_epochs: int):
     from attnkit.ablation.train import TrainConfig
 
-    epochs = args.epochs if args.epochs is not None else (1 if args.quick else default_epochs)
+    epochs = args.epochs if args.epochs is not None else (2 if args.quick else default_epochs)
     for name, value in (
         ("--seeds", args.seeds),
         ("--epochs", epochs),
         ("--batch-size", args.batch_size),
         ("--threads", args.threads),
         ("--latency-rounds", args.latency_rounds),
+        ("--patience", args.patience),
     ):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     if not args.lr > 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
-    return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr)
+    if not args.min_delta >= 0:
+        raise UserError(f"--min-delta must be at least 0, got {args.min_delta}")
+    if not args.threshold >= 0:
+        raise UserError(f"--threshold must be at least 0 (a relative lift in %), got {args.threshold}")
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        budget=args.budget,
+        patience=args.patience,
+        min_delta=args.min_delta,
+    )
 
 
 def _progress(line: str) -> None:
@@ -106,14 +135,17 @@ def _vision(args: argparse.Namespace):
     config = _config(args, VISION_EPOCHS)
     if args.data == "digits":
         n = args.train_canvases or (128 if args.quick else None)
-        train, test = load_digits(train_canvases=n, test_canvases=64 if args.quick else None)
+        small = 64 if args.quick else None
+        train, val, test = load_digits(
+            train_canvases=n, val_canvases=small, test_canvases=small, splits=("train", "val", "test")
+        )
     else:
         try:
             data = load_image_data(args.data)
             train_idx, test_idx = stratified_split(data.labels, test_fraction=0.2, seed=0)
         except DataError as err:
             raise UserError(str(err)) from None
-        train, test = data.subset(train_idx), data.subset(test_idx)
+        train, test, val = data.subset(train_idx), data.subset(test_idx), None  # val: 15% of train
     if len(train.labels) < config.batch_size:
         raise UserError(
             f"{len(train.labels)} training images are fewer than one batch (--batch-size {config.batch_size})"
@@ -121,6 +153,7 @@ def _vision(args: argparse.Namespace):
     return lambda: run_vision_ablation(
         train,
         test,
+        val=val,
         variants=variants,
         seeds=range(args.seeds),
         config=config,

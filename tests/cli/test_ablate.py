@@ -96,3 +96,41 @@ def test_torchrun_two_processes(tmp_path):
     assert proc.stdout.count("## Ablation: seq2seq") == 1  # only rank 0 reports
     assert "processes: 2" in (out / "results.md").read_text()
     assert (out / "alignments_luong.png").exists()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_custom_user_cnn_from_the_example(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # examples.user_cnn is imported from the working directory, as uvicorn does
+    out = tmp_path / "custom"
+    data = _npz(tmp_path, n=80)
+    args = ["ablate", "custom", "--model", "examples.user_cnn:build", "--data", str(data), "--where", "features.11"]
+    args += ["--variants", "single_head", "--seeds", "2", "--epochs", "2", "--batch-size", "16"]
+    assert main([*args, "--latency-rounds", "1", "--threshold", "5", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "| `none` |" in captured.out and "| `single_head` |" in captured.out
+    assert "single_head: insert_attention('self_attention'): 1 block(s)" in captured.err
+    assert "+5% relative lift over `none`" in captured.out and "SmallCNN on" in captured.out
+    assert (out / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "examples.user_cnn"], "--model: expected package.module:factory, got 'examples.user_cnn'"),
+        (["--model", "nope_pkg.mod:build"], "--model: cannot import 'nope_pkg.mod' (ModuleNotFoundError"),
+        (["--model", "examples.user_cnn:nothing"], "--model: 'examples.user_cnn' has no attribute 'nothing'"),
+        (["--where", "nn.Nope"], "--where: 'nn.Nope' is not a torch.nn module type"),
+        (["--where", "layer*"], "where=['layer*'] matched no module of SmallCNN"),
+        (["--variants", "sk"], "unknown variant 'sk'; valid: none,se,eca,cbam,nonlocal,single_head,multi_head"),
+        (["--model", "examples.user_cnn:build_gru"], "the model failed on x of shape (2, 1, 12, 12) (torch.float32)"),
+    ],
+)
+def test_custom_user_errors(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(REPO)
+    base = ["ablate", "custom", "--model", "examples.user_cnn:build", "--data", str(_npz(tmp_path)), "--quick"]
+    base += ["--batch-size", "16"]
+    assert main([*base, *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnkit ablate: error: ") and message in err and err.count("\n") == 1

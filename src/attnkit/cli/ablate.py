@@ -1,10 +1,12 @@
 """``attnkit ablate``: does attention help my model? Train every variant under one budget, report accuracy and cost.
 
-``attnkit ablate vision`` trains one small ResNet with each attention block (and a ViT) on the built-in cluttered
-digits or on the user's images; ``attnkit ablate seq2seq`` compares GRU encoder-decoders without attention, with
-Bahdanau or Luong attention, and a small Transformer on date normalisation. Both write ``results.md``,
-``results.csv``, ``accuracy_vs_latency.png`` and ``report.html`` (plus alignment heatmaps for seq2seq) into
-``--out``. Launched with ``torchrun --nproc-per-node N``, training runs under DistributedDataParallel (gloo).
+``attnkit ablate custom --model package.module:factory --data DIR|x.npz`` inserts attention into the user's own
+model (:func:`attnkit.vision.insert_attention`) and trains it with and without; ``attnkit ablate vision`` trains
+one small ResNet with each attention block (and a ViT) on the built-in cluttered digits or on the user's images;
+``attnkit ablate seq2seq`` compares GRU encoder-decoders without attention, with Bahdanau or Luong attention, and a
+small Transformer on date normalisation. All write ``results.md``, ``results.csv``, ``accuracy_vs_latency.png``,
+``learning_curves.png`` and ``report.html`` (plus alignment heatmaps for seq2seq) into ``--out``. Launched with
+``torchrun --nproc-per-node N``, training runs under DistributedDataParallel (gloo).
 
 Default budgets (2 CPU cores, one thread per process, shared machine): see ``benchmarks/ablation_results.md``.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from attnkit.cli.registry import UserError, subcommand
 
-VISION_EPOCHS, SEQ2SEQ_EPOCHS = 40, 20  # the maximum under the default budget "plateau"
+VISION_EPOCHS, SEQ2SEQ_EPOCHS, CUSTOM_EPOCHS = 40, 20, 30  # the maximum under the default budget "plateau"
 
 
 def _names(text: str, valid: tuple[str, ...], what: str) -> list[str]:
@@ -62,11 +64,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from attnkit.ablation.vision import VISION_VARIANTS
 
     parser.epilog = (
-        "Writes results.md, results.csv, accuracy_vs_latency.png, report.html (and alignments_<model>.png) into "
-        "--out. Several processes: torchrun --nproc-per-node 2 -m attnkit.cli.main ablate seq2seq"
+        "Writes results.md, results.csv, accuracy_vs_latency.png, learning_curves.png, report.html (and "
+        "alignments_<model>.png) into --out. Several processes: "
+        "torchrun --nproc-per-node 2 -m attnkit.cli.main ablate seq2seq"
     )
+    from attnkit.cli.ablate_custom import add_custom
+
     sub = parser.add_subparsers(dest="task", metavar="TASK")
     sub.required = True
+    add_custom(sub, _common, CUSTOM_EPOCHS)
     v = sub.add_parser(
         "vision",
         help="attention blocks in a small ResNet (and a ViT) on images",
@@ -196,6 +202,12 @@ def _seq2seq(args: argparse.Namespace):
     )
 
 
+def _custom(args: argparse.Namespace):
+    from attnkit.cli.ablate_custom import custom_job
+
+    return custom_job(args, _config(args, CUSTOM_EPOCHS), _progress)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -226,7 +238,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     from attnkit.ablation.report import write_report
     from attnkit.ablation.train import init_distributed
 
-    job = (_vision if args.task == "vision" else _seq2seq)(args)
+    job = {"vision": _vision, "seq2seq": _seq2seq, "custom": _custom}[args.task](args)
     _, world = init_distributed()
     try:
         if args.batch_size % world:
@@ -236,6 +248,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         except ValueError as err:
             raise UserError(str(err)) from None
         if result is not None:  # None: not the main process of a distributed run
+            result.threshold = args.threshold / 100
             try:
                 paths = write_report(result, out, overwrite=args.overwrite)
             except FileExistsError as err:

@@ -10,7 +10,7 @@ import sys
 from attnkit.cli.registry import SUBCOMMANDS, UserError
 
 #: Subcommand modules, imported lazily so ``attnkit --help`` stays fast and optional extras stay optional.
-MODULES = ("demo", "explain_text", "explain_image", "summarize", "bench", "ablate", "detect")
+MODULES = ("demo", "explain_text", "explain_image", "summarize", "bench", "ablate", "detect", "serve")
 
 
 def _load_subcommands() -> None:

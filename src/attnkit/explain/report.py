@@ -20,7 +20,7 @@ from torch import Tensor
 
 from attnkit.explain._io import atomic_write
 
-__all__ = ["HeadMaps", "Section", "report"]
+__all__ = ["SCRIPT", "STYLE", "HeadMaps", "Section", "render_section", "report"]
 
 
 @dataclass
@@ -281,3 +281,18 @@ def report(
         f"<body><h1>{html.escape(title)}</h1>{body}<script>{_JS}</script></body></html>\n"
     )
     return atomic_write(path, page.encode("utf-8"), overwrite=overwrite, who="report")
+
+
+#: The report's stylesheet and script, for pages that embed :func:`render_section` output (``attnkit serve``).
+STYLE, SCRIPT = _CSS, _JS
+
+
+def render_section(section: Section, index: int = 0) -> str:
+    """One section as an HTML fragment, exactly as :func:`report` writes it (user text escaped).
+
+    ``index`` must be unique per page; the page needs :data:`STYLE` and, after the sections, :data:`SCRIPT`.
+
+    Raises:
+        TypeError, ValueError: as :func:`report`.
+    """
+    return _section_html(section, index)

@@ -1,0 +1,113 @@
+"""Attention health: per-request statistics of a model's attention, and drift against a reference window.
+
+Per request (all in ``[0, 1]``, comparable across input lengths):
+
+* ``head_entropy``: mean over layers, heads and query rows of the row entropy ``-Σ_j A_ij log A_ij`` divided by
+  ``log Lk`` (:func:`attnkit.explain.head_entropy`); 1 = uniform heads, 0 = every head on one key;
+* ``sink_mass``: mean attention mass that query rows put on special or sink tokens ([CLS]/[SEP], a ViT's class
+  token), the "no-op" heads of Clark et al. 2019 ("What Does BERT Look At?", Sec. 3.2) and the attention sinks of
+  Xiao et al. 2024 ("Efficient Streaming Language Models with Attention Sinks");
+* ``rollout_concentration``: ``1 - H(p) / log n`` of the summarising token's rollout row ``p`` (Abnar & Zuidema
+  2020) over the ``n`` content tokens; 0 = spread evenly, 1 = all on one token;
+* ``confidence``: the top class probability, or the top cosine similarity to a label for sentence embeddings.
+
+Drift: the two-sample Kolmogorov-Smirnov test (:func:`scipy.stats.ks_2samp`) between the recent window and the
+reference window (a recorded baseline, else the model's first requests) flags a statistic when ``p < alpha``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["STATISTICS", "Drift", "drift", "request_stats"]
+
+STATISTICS = ("head_entropy", "sink_mass", "rollout_concentration", "confidence")
+
+
+def request_stats(maps: Tensor, sinks: Sequence[int], summary_row: int, confidence: float) -> dict[str, float]:
+    """The health statistics of one request.
+
+    Args:
+        maps: ``(layers, H, L, L)`` attention probabilities of one input (real tokens only).
+        sinks: positions of the special/sink tokens.
+        summary_row: the token whose rollout row summarises the input (BERT's [CLS]: 0).
+        confidence: the prediction's confidence.
+
+    Returns:
+        ``{name: value}`` for every name in :data:`STATISTICS`.
+    """
+    from attnkit.explain import head_entropy, rollout
+
+    maps = maps.float()
+    length = maps.shape[-1]
+    entropy = head_entropy(maps[:, None]).mean().item() / math.log(length) if length > 1 else 0.0
+    sink_idx = torch.tensor(sorted(set(sinks)), dtype=torch.long)
+    sink_mass = maps[..., sink_idx].sum(-1).mean().item() if len(sink_idx) else 0.0
+    row = rollout(maps[:, None])[0, summary_row]  # (L,)
+    content = torch.ones(length, dtype=torch.bool)
+    content[sink_idx] = False
+    p = row[content]
+    concentration = 0.0
+    if p.numel() > 1 and float(p.sum()) > 0:
+        p = p / p.sum()
+        h = -(p * torch.log(p.clamp_min(1e-30))).sum().item()
+        concentration = 1.0 - h / math.log(p.numel())
+    return {
+        "head_entropy": float(entropy),
+        "sink_mass": float(sink_mass),
+        "rollout_concentration": float(min(max(concentration, 0.0), 1.0)),
+        "confidence": float(confidence),
+    }
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One statistic compared between the reference and the recent window.
+
+    Attributes:
+        statistic: the name (one of :data:`STATISTICS`).
+        reference_mean, recent_mean: window means (``nan`` for an empty window).
+        shift: ``(recent_mean - reference_mean) / reference_std`` (0 when the reference has no spread).
+        ks: the Kolmogorov-Smirnov statistic; p_value: its two-sided p-value (``nan`` when a window is too small).
+        flagged: ``p_value < alpha`` with enough records in both windows.
+    """
+
+    statistic: str
+    reference_mean: float
+    recent_mean: float
+    shift: float
+    ks: float
+    p_value: float
+    flagged: bool
+
+
+def drift(
+    reference: dict[str, Sequence[float]],
+    recent: dict[str, Sequence[float]],
+    *,
+    alpha: float = 0.01,
+    min_records: int = 10,
+) -> list[Drift]:
+    """Compare every statistic of ``recent`` against ``reference`` (``{statistic: values}`` each)."""
+    from scipy.stats import ks_2samp
+
+    out = []
+    for name in STATISTICS:
+        ref = [float(v) for v in reference.get(name, [])]
+        new = [float(v) for v in recent.get(name, [])]
+        ref_mean = sum(ref) / len(ref) if ref else math.nan
+        new_mean = sum(new) / len(new) if new else math.nan
+        ref_std = math.sqrt(sum((v - ref_mean) ** 2 for v in ref) / (len(ref) - 1)) if len(ref) > 1 else 0.0
+        shift = (new_mean - ref_mean) / ref_std if ref_std > 0 and ref and new else 0.0
+        ks, p = math.nan, math.nan
+        enough = len(ref) >= min_records and len(new) >= min_records
+        if enough:
+            result = ks_2samp(ref, new)
+            ks, p = float(result.statistic), float(result.pvalue)
+        out.append(Drift(name, ref_mean, new_mean, float(shift), ks, p, bool(enough and p < alpha)))
+    return out

@@ -1,0 +1,386 @@
+"""The models a service explains: a registry of loaders and one endpoint class per input kind.
+
+``TextEndpoint`` wraps a BERT- or GPT-2-family checkpoint (:func:`attnkit.text.load_text_model`) and predicts the
+sentence embedding's nearest labels; ``ImageEndpoint`` wraps a :class:`attnkit.vision.VisionTransformer` classifier.
+Both run the model once inside :func:`attnkit.explain.capture` and derive the prediction, the explanation, the
+maps for the layer/head browser and the health statistics from that one forward pass (``relevance`` adds one
+differentiable forward and a backward, as it must).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnkit.serve.health import request_stats
+
+__all__ = [
+    "DEFAULT_LABELS",
+    "SHIPPED",
+    "Endpoint",
+    "Explained",
+    "ImageEndpoint",
+    "ModelLoadError",
+    "TextEndpoint",
+    "load_endpoint",
+    "weights_sha256",
+]
+
+#: Labels a text model's sentence embedding is matched against when a request names none.
+DEFAULT_LABELS = (
+    "business and finance",
+    "sports",
+    "politics",
+    "science and technology",
+    "health and medicine",
+    "entertainment",
+    "travel",
+    "food and cooking",
+    "weather",
+    "nature and animals",
+)
+
+
+class ModelLoadError(ValueError):
+    """A ``--model NAME=SOURCE`` that cannot be served (the message names the source and what is wrong)."""
+
+
+class OptionError(ValueError):
+    """A request option out of range; ``field`` names it (e.g. ``"options.layer"``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class Explained:
+    """What an endpoint returns for one input.
+
+    Attributes:
+        prediction: JSON-ready prediction (``{"label", "score", "top": [...]}``).
+        explanation: JSON-ready explanation (``{"tokens", "scores"}`` or ``{"grid", "heatmap", "image_size"}``).
+        maps: ``(layers, H, L, L)`` attention probabilities of the real tokens, for the layer/head browser.
+        tokens: ``L`` labels of the maps' rows and columns.
+        stats: attention-health statistics (:func:`attnkit.serve.health.request_stats`).
+        timings: milliseconds per phase (``forward_ms``: the captured forward; ``explain_ms``: the method).
+    """
+
+    prediction: dict[str, Any]
+    explanation: dict[str, Any]
+    maps: Tensor
+    tokens: list[str]
+    stats: dict[str, float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """SHA-256 over the module's state dict (names, dtypes, shapes and bytes, in name order): what was loaded."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _check_layer_head(options: dict[str, Any], layers: int, heads: int) -> tuple[int | None, int | None]:
+    layer, head = options.get("layer"), options.get("head")
+    if layer is not None and not -layers <= layer < layers:
+        raise OptionError(
+            "options.layer", f"options.layer must be in [-{layers}, {layers}) for this model, got {layer}"
+        )
+    if head is not None and not 0 <= head < heads:
+        raise OptionError("options.head", f"options.head must be in [0, {heads}) for this model, got {head}")
+    return layer, head
+
+
+class Endpoint:
+    """A served model. Subclasses set ``kind``, ``methods``, ``model`` and implement :meth:`explain`."""
+
+    kind: str
+    methods: tuple[str, ...] = ("raw", "rollout", "relevance", "flow")
+    description: str = ""
+
+    def __init__(self, name: str, model: nn.Module) -> None:
+        self.name = name
+        self.model = model.eval()
+        self.weights_sha256 = weights_sha256(model)
+
+    def explain(self, data: Any, method: str, options: dict[str, Any]) -> Explained:
+        raise NotImplementedError
+
+    def forward(self, data: Any) -> Any:
+        """The plain forward pass (no capture, no explanation), the baseline of the latency target."""
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "methods": list(self.methods),
+            "weights_sha256": self.weights_sha256,
+            "description": self.description,
+        }
+
+
+class TextEndpoint(Endpoint):
+    """A text encoder explained token by token; its prediction is the nearest labels of the sentence embedding.
+
+    Args:
+        name: the served name.
+        path: a Hugging Face checkpoint directory (BERT or GPT-2 family); ``None``: the shipped MiniLM.
+        labels: default labels for the nearest-label prediction.
+        max_tokens: inputs are truncated to this many tokens (the answer says when).
+    """
+
+    kind = "text"
+
+    def __init__(self, name: str, path: str | Path | None = None, *, labels=DEFAULT_LABELS, max_tokens=128) -> None:
+        from attnkit.text import TextModelError, load_text_model
+
+        try:
+            self.tm = load_text_model(path)
+        except (TextModelError, ImportError) as exc:
+            raise ModelLoadError(f"--model {name}: {exc}") from None
+        super().__init__(name, self.tm.model)
+        self.description = f"{self.tm.name} ({self.tm.family}), sentence embedding -> nearest labels"
+        self.max_tokens = max_tokens
+        self.default_labels = tuple(labels)
+        self._label_cache: dict[str, Tensor] = {}
+        special = getattr(self.tm.tokenizer, "all_special_tokens", [])
+        self.special_tokens = frozenset(special)
+
+    def encode(self, text: str) -> dict[str, Tensor]:
+        return self.tm.encode([text], max_length=self.max_tokens)
+
+    def forward(self, data: str) -> Tensor:
+        with torch.inference_mode():
+            return self.tm.forward(self.encode(data))
+
+    def _embed(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        from attnkit.models import mean_pooling
+
+        return mean_pooling(hidden, mask, normalize=True)
+
+    def _label_embeddings(self, labels: Sequence[str]) -> Tensor:
+        missing = [label for label in labels if label not in self._label_cache]
+        if missing:
+            batch = self.tm.encode(list(missing), max_length=self.max_tokens)
+            with torch.inference_mode():
+                emb = self._embed(self.tm.forward(batch), batch["attention_mask"])
+            if len(self._label_cache) > 4096:
+                self._label_cache.clear()
+            self._label_cache.update(zip(missing, emb))
+        return torch.stack([self._label_cache[label] for label in labels])
+
+    def explain(self, data: str, method: str, options: dict[str, Any]) -> Explained:
+        from attnkit.text import capture_maps, summary_index, token_scores
+
+        t0 = time.perf_counter()
+        batch = self.encode(data)
+        maps, hidden = capture_maps(self.tm, batch)
+        t1 = time.perf_counter()
+        stacked = torch.stack(maps)[:, 0]  # (layers, H, L, L); one input, no padding
+        layer, head = _check_layer_head(options, stacked.shape[0], stacked.shape[1])
+        scores = token_scores(self.tm, batch, method=method, layer=layer, head=head, maps=maps)[0]
+        t2 = time.perf_counter()
+        labels = list(options.get("labels") or self.default_labels)
+        cosines = self._label_embeddings(labels) @ self._embed(hidden, batch["attention_mask"])[0].float()
+        order = cosines.argsort(descending=True).tolist()[: options.get("top_k", 5)]
+        top = [{"label": labels[i], "score": round(float(cosines[i]), 6)} for i in order]
+        tokens = self.tm.tokens(batch["input_ids"][0])
+        row = int(summary_index(batch["attention_mask"], self.tm.summary_row)[0])
+        sinks = [i for i, tok in enumerate(tokens) if tok in self.special_tokens]
+        stats = request_stats(stacked, sinks, row, top[0]["score"])
+        t3 = time.perf_counter()
+        return Explained(
+            prediction={"label": top[0]["label"], "score": top[0]["score"], "top": top, "kind": "nearest_labels"},
+            explanation={
+                "tokens": tokens,
+                "scores": [round(float(s), 6) for s in scores],
+                "summary_token": row,
+                "truncated": bool(len(tokens) >= self.max_tokens),
+            },
+            maps=stacked,
+            tokens=tokens,
+            stats=stats,
+            timings={"forward_ms": (t1 - t0) * 1e3, "explain_ms": (t2 - t1) * 1e3, "stats_ms": (t3 - t2) * 1e3},
+        )
+
+
+class ImageEndpoint(Endpoint):
+    """A Vision Transformer classifier explained over its patch grid (class-token row).
+
+    Args:
+        name: the served name.
+        model: a :class:`attnkit.vision.VisionTransformer` returning ``(B, classes)`` logits.
+        image_size: the square input side in pixels.
+        channels: 1 (grey) or 3 (RGB).
+        normalize: ``(mean, std)`` per channel, or ``None`` for inputs in ``[0, 1]``.
+        class_names: one label per class (default the class indices).
+        invert_light: grey images brighter than mid-grey are inverted (ink on black, the digits convention).
+    """
+
+    kind = "image"
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        *,
+        image_size: int,
+        channels: int,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+        class_names: Sequence[str] | None = None,
+        invert_light: bool = False,
+        description: str = "",
+    ) -> None:
+        super().__init__(name, model)
+        self.image_size, self.channels, self.invert_light = image_size, channels, invert_light
+        self.normalize = normalize
+        self.class_names = list(class_names) if class_names is not None else None
+        self.description = description
+
+    def prepare(self, pixels: Tensor) -> Tensor:
+        """``(1, C, S, S)`` model input from ``(C, S, S)`` pixels in ``[0, 1]``."""
+        x = pixels[None]
+        if self.normalize is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in self.normalize)
+            x = (x - mean) / std
+        return x
+
+    def forward(self, data: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return self.model(self.prepare(data))
+
+    def explain(self, data: Tensor, method: str, options: dict[str, Any]) -> Explained:
+        from attnkit.explain import attention_flow, capture, relevance, rollout
+
+        t0 = time.perf_counter()
+        x = self.prepare(data)
+        with torch.inference_mode(), capture(self.model) as rec:
+            logits = self.model(x)
+        t1 = time.perf_counter()
+        maps = torch.stack([m.weights.float() for m in rec.maps if m.is_self])[:, 0]  # (layers, H, L, L)
+        layout = self.model.token_layout
+        prefix, (gh, gw) = layout["num_prefix_tokens"], layout["grid"]
+        layer, head = _check_layer_head(options, maps.shape[0], maps.shape[1])
+        probs = logits.float().softmax(-1)[0]
+        pred = int(probs.argmax())
+        if method == "raw":
+            m = maps[-1 if layer is None else layer]
+            row = (m.mean(0) if head is None else m[head])[0]
+        elif method == "rollout":
+            row = rollout(maps[:, None])[0, 0]
+        elif method == "relevance":
+            row = relevance(self.model, x, pred).get()[0, 0].float()
+        else:
+            row = attention_flow(maps[:, None], rows=[0], solver="scipy")[0, 0].float()
+        grid = row[prefix:].reshape(gh, gw)
+        t2 = time.perf_counter()
+        names = self.class_names or [str(i) for i in range(probs.numel())]
+        order = probs.argsort(descending=True).tolist()[: options.get("top_k", 5)]
+        top = [{"label": names[i], "score": round(float(probs[i]), 6), "class": i} for i in order]
+        tokens = ["[CLS]" if i < prefix else f"({(i - prefix) // gw},{(i - prefix) % gw})" for i in range(len(row))]
+        stats = request_stats(maps, list(range(prefix)), 0, float(probs[pred]))
+        t3 = time.perf_counter()
+        return Explained(
+            prediction={"label": names[pred], "class": pred, "score": top[0]["score"], "top": top, "kind": "class"},
+            explanation={
+                "grid": [gh, gw],
+                "heatmap": [[round(float(v), 6) for v in r] for r in grid],
+                "image_size": [self.image_size, self.image_size],
+            },
+            maps=maps,
+            tokens=tokens,
+            stats=stats,
+            timings={"forward_ms": (t1 - t0) * 1e3, "explain_ms": (t2 - t1) * 1e3, "stats_ms": (t3 - t2) * 1e3},
+        )
+
+
+# -- the registry of sources ----------------------------------------------------------------------------------
+def _shipped_minilm(name: str, **kwargs) -> Endpoint:
+    return TextEndpoint(name, None, **kwargs)
+
+
+def _shipped_digits_vit(name: str, **_) -> Endpoint:
+    from attnkit.datasets.digits_models import load_model
+
+    try:
+        model = load_model("vit")
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise ModelLoadError(f"--model {name}: {exc}") from None
+    return ImageEndpoint(
+        name,
+        model,
+        image_size=64,
+        channels=1,
+        class_names=[str(i) for i in range(10)],
+        invert_light=True,
+        description="VisionTransformer trained on handwritten digits on 64x64 canvases (shipped)",
+    )
+
+
+#: Shipped sources: ``--model NAME=minilm`` or ``NAME=digits-vit``; ``attnkit serve`` alone serves both.
+SHIPPED: dict[str, Callable[..., Endpoint]] = {"minilm": _shipped_minilm, "digits-vit": _shipped_digits_vit}
+
+
+def _hf_vit(name: str, path: Path, config: dict[str, Any]) -> Endpoint:
+    from attnkit.models import CheckpointError
+    from attnkit.vision import VisionTransformer
+
+    try:
+        model = VisionTransformer.from_pretrained(path)
+    except (CheckpointError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"--model {name}={path}: {exc}") from None
+    mean, std = [0.5] * 3, [0.5] * 3  # transformers' ViTImageProcessor defaults
+    processor = path / "preprocessor_config.json"
+    if processor.is_file():
+        pre = json.loads(processor.read_text())
+        mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+    id2label = config.get("id2label") or {}
+    names = [id2label.get(str(i), str(i)) for i in range(len(id2label))] or None
+    channels = int(config.get("num_channels", 3))
+    return ImageEndpoint(
+        name,
+        model,
+        image_size=int(config.get("image_size", 224)),
+        channels=channels,
+        normalize=(mean[:channels], std[:channels]),
+        class_names=names,
+        description=f"VisionTransformer from {path.name}",
+    )
+
+
+def load_endpoint(name: str, source: str | None = None, *, max_tokens: int = 128) -> Endpoint:
+    """Load ``source`` (a :data:`SHIPPED` name or a checkpoint directory; default ``name`` itself) as ``name``.
+
+    Raises:
+        ModelLoadError: an unknown source, a directory without a usable checkpoint.
+    """
+    source = name if source is None else source
+    if source in SHIPPED:
+        return SHIPPED[source](name, max_tokens=max_tokens)
+    path = Path(source).expanduser()
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"--model {name}={source}: not a shipped model ({', '.join(SHIPPED)}) nor a checkpoint directory "
+            "with config.json"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"--model {name}={source}: config.json is not valid JSON ({exc})") from None
+    if config.get("model_type") == "vit":
+        return _hf_vit(name, path, config)
+    return TextEndpoint(name, path, max_tokens=max_tokens)

@@ -1,0 +1,181 @@
+"""The explanation service's core: a bounded queue in front of one model worker, and the records it writes.
+
+Model calls run on one worker thread (torch already uses every core inside one call), off the event loop. At most
+``queue_size`` requests are accepted at once; the next one is answered 503 with ``Retry-After`` before any work.
+An accepted request always runs to the end and its record is committed before the answer, even if the client
+goes away; shutdown waits for accepted work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from attnkit.serve.inputs import InputError, decode_image
+from attnkit.serve.maps import pack_maps
+from attnkit.serve.models import Endpoint, OptionError
+from attnkit.serve.schemas import ExplainRequest
+from attnkit.serve.store import Store
+
+__all__ = ["Busy", "ServeConfig", "Service"]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Service settings (the ``attnkit serve`` flags).
+
+    Attributes:
+        queue_size: requests accepted at once (running + waiting); more are answered 503.
+        retry_after_s: the ``Retry-After`` of a 503, seconds.
+        max_body_bytes: largest request body; larger ones get 413.
+        max_text_chars: longest ``text``; longer ones get 422.
+        max_image_pixels: largest decoded image (width x height); larger ones get 413 before decompression.
+        store_inputs: keep inputs in the store (else their SHA-256 only).
+        retention_days: delete records older than this (checked at start and hourly); ``None`` keeps all.
+        reference_size: the first N requests form a model's reference window when no baseline is recorded.
+        recent_size: the recent window compared against the reference.
+        max_tokens: text inputs are truncated to this many tokens.
+    """
+
+    queue_size: int = 32
+    retry_after_s: int = 1
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_text_chars: int = 5000
+    max_image_pixels: int = 4096 * 4096
+    store_inputs: bool = True
+    retention_days: float | None = None
+    reference_size: int = 50
+    recent_size: int = 50
+    max_tokens: int = 128
+
+
+class Busy(Exception):
+    """The queue is full (answered 503 with ``Retry-After``)."""
+
+
+def _version() -> str:
+    from attnkit import __version__
+
+    return __version__
+
+
+class Service:
+    """Endpoints + store + the bounded worker queue."""
+
+    def __init__(self, endpoints: dict[str, Endpoint], store: Store, config: ServeConfig = ServeConfig()) -> None:
+        self.endpoints, self.store, self.config = endpoints, store, config
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnkit-model")
+        self.pending = 0
+        self.completed = 0
+        self._lock = threading.Lock()
+        self.started_at = time.time()
+
+    # -- validation (event loop side, cheap) ---------------------------------------------------------------------
+    def validate(self, req: ExplainRequest) -> Endpoint:
+        """The endpoint for ``req``; raises InputError naming the bad field."""
+        endpoint = self.endpoints.get(req.model)
+        if endpoint is None:
+            raise InputError("model", f"unknown model {req.model!r}; served: {', '.join(sorted(self.endpoints))}")
+        if req.method not in endpoint.methods:
+            raise InputError("method", f"method must be one of {', '.join(endpoint.methods)}, got {req.method!r}")
+        if (req.text is None) == (req.image is None):
+            raise InputError("text" if req.image is None else "image", "give exactly one of text or image")
+        if endpoint.kind == "text":
+            if req.text is None:
+                raise InputError("image", f"model {req.model!r} takes text, not an image")
+            if not req.text.strip():
+                raise InputError("text", "text is empty")
+            if len(req.text) > self.config.max_text_chars:
+                raise InputError(
+                    "text", f"text has {len(req.text)} characters; at most {self.config.max_text_chars}", status=413
+                )
+        elif req.image is None:
+            raise InputError("text", f"model {req.model!r} takes an image (base64 PNG or JPEG), not text")
+        if req.options.labels is not None and endpoint.kind != "text":
+            raise InputError("options.labels", "labels apply to text models only")
+        return endpoint
+
+    # -- the queue -----------------------------------------------------------------------------------------------
+    async def submit(self, req: ExplainRequest) -> dict[str, Any]:
+        """Run one explanation on the worker; raises Busy when the queue is full, InputError on bad content."""
+        endpoint = self.validate(req)
+        with self._lock:
+            if self.pending >= self.config.queue_size:
+                raise Busy()
+            self.pending += 1
+        accepted = time.time()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.executor, self._run, endpoint, req, accepted)
+        future.add_done_callback(self._done)
+        return await asyncio.shield(future)  # a client that leaves does not cancel accepted work
+
+    def _done(self, _future) -> None:
+        with self._lock:
+            self.pending -= 1
+            self.completed += 1
+
+    # -- the worker ----------------------------------------------------------------------------------------------
+    def _run(self, endpoint: Endpoint, req: ExplainRequest, accepted: float) -> dict[str, Any]:
+        start = time.time()
+        options = req.options.model_dump(exclude_none=True)
+        if endpoint.kind == "text":
+            data, raw = req.text, req.text.encode("utf-8")
+        else:
+            data, raw = decode_image(
+                req.image,
+                size=endpoint.image_size,
+                channels=endpoint.channels,
+                invert_light=endpoint.invert_light,
+                max_pixels=self.config.max_image_pixels,
+            )
+        try:
+            result = endpoint.explain(data, req.method, options)
+        except OptionError as exc:
+            raise InputError(exc.field, str(exc)) from None
+        t_store = time.time()
+        blob, meta = pack_maps(result.maps, result.tokens)
+        timings = {"queue_ms": (start - accepted) * 1e3, **result.timings}
+        record = {
+            "id": uuid.uuid4().hex,
+            "created_at": accepted,
+            "finished_at": t_store,
+            "model": endpoint.name,
+            "model_kind": endpoint.kind,
+            "weights_sha256": endpoint.weights_sha256,
+            "attnkit_version": _version(),
+            "method": req.method,
+            "options": options,
+            "input_kind": endpoint.kind,
+            "input_text": req.text if self.config.store_inputs else None,
+            "input_image": raw if endpoint.kind == "image" and self.config.store_inputs else None,
+            "input_filename": req.filename if self.config.store_inputs else None,
+            "input_sha256": hashlib.sha256(raw).hexdigest(),
+            "prediction": result.prediction,
+            "explanation": result.explanation,
+            "attention": blob,
+            "attention_meta": meta,
+            "stats": result.stats,
+            "timings": timings,
+            "latency_ms": (t_store - accepted) * 1e3,
+        }
+        self.store.add(record)
+        done = time.time()
+        timings = {**timings, "store_ms": (done - t_store) * 1e3, "total_ms": (done - accepted) * 1e3}
+        return {**record, "timings": {k: round(v, 3) for k, v in timings.items()}}
+
+    def purge_expired(self) -> int:
+        """Apply the retention setting; returns the number of records deleted."""
+        if self.config.retention_days is None:
+            return 0
+        return self.store.purge(self.config.retention_days * 86400.0)
+
+    def shutdown(self) -> None:
+        """Finish every accepted request, then close the store."""
+        self.executor.shutdown(wait=True)
+        self.store.close()

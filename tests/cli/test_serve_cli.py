@@ -1,0 +1,68 @@
+"""``attnkit serve`` command line: user errors exit 2 before any work; export and baseline on a real store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from attnkit.cli.main import main
+
+pytest.importorskip("fastapi", reason="attnkit serve needs the serve extra")
+
+
+@pytest.fixture
+def filled_db(tmp_path):
+    from attnkit.serve.store import Store
+    from serve_helpers import record
+
+    db = tmp_path / "audit.db"
+    store = Store(str(db))
+    for i in range(4):
+        store.add(record(text=f"sentence {i}", model="minilm" if i < 3 else "other", created=1_700_000_000.0 + i))
+    store.close()
+    return db
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "--queue-size", "0"], "--queue-size must be at least 1"),
+        (["serve", "--port", "70000"], "--port must be in"),
+        (["serve", "--retention-days", "-1"], "--retention-days must be positive"),
+        (["serve", "--model", "a=minilm", "--model", "a=digits-vit"], "each NAME may be given once"),
+        (["serve", "--model", "x=/no/such/dir", "--db", "{tmp}/a.db"], "not a shipped model"),
+        (["serve", "--db", "nosuchdialect://x/y"], "cannot open"),
+        (["serve", "export", "{tmp}/out.csv", "--db", "{tmp}/a.db"], "cannot tell the format"),
+        (["serve", "export", "{tmp}/out.jsonl", "--since", "soon", "--db", "{tmp}/a.db"], "--since must be ISO 8601"),
+        (["serve", "baseline", "--model", "minilm", "--db", "{tmp}/a.db"], "no records of model 'minilm'"),
+    ],
+)
+def test_user_errors_exit_2(argv, message, tmp_path, capsys):
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnkit serve: error: ") and message in err and err.count("\n") == 1
+
+
+def test_export_and_baseline(filled_db, tmp_path, capsys):
+    out = tmp_path / "audit.jsonl"
+    assert main(["serve", "export", str(out), "--db", str(filled_db), "--model", "minilm"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["input_text"] for r in rows] == ["sentence 0", "sentence 1", "sentence 2"]
+    assert main(["serve", "export", str(out), "--db", str(filled_db)]) == 2  # no clobbering
+    assert main(["serve", "export", str(out), "--db", str(filled_db), "--overwrite"]) == 0
+    assert len(out.read_text().splitlines()) == 4
+    parquet = tmp_path / "audit.parquet"
+    assert main(["serve", "export", str(parquet), "--db", str(filled_db), "--until", "1700000001.5"]) == 0
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(parquet).num_rows == 2
+    assert main(["serve", "baseline", "--model", "minilm", "--db", str(filled_db)]) == 0
+    assert "3 records" in capsys.readouterr().out
+    from attnkit.serve.store import Store
+
+    store = Store(str(filled_db))
+    try:
+        assert store.latest_baseline("minilm")["stats"]["confidence"] == [0.5, 0.5, 0.5]
+    finally:
+        store.close()

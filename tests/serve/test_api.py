@@ -1,0 +1,271 @@
+"""Every route of the HTTP API and every documented error, through FastAPI's test client (real shipped models)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import threading
+import time
+
+import pytest
+import torch
+
+from serve_helpers import record
+
+fastapi_testclient = pytest.importorskip("fastapi.testclient")
+
+
+def make_client(endpoints, tmp_path, **config):
+    from attnkit.serve.app import create_app
+    from attnkit.serve.service import ServeConfig, Service
+    from attnkit.serve.store import Store
+
+    service = Service(endpoints, Store(str(tmp_path / "api.db")), ServeConfig(**config))
+    return fastapi_testclient.TestClient(create_app(service)), service
+
+
+@pytest.fixture(scope="module")
+def client(endpoints, tmp_path_factory):
+    c, _ = make_client(endpoints, tmp_path_factory.mktemp("api"), max_body_bytes=2_000_000)
+    with c:
+        yield c
+
+
+def explain(client, **body):
+    return client.post("/v1/explain", json=body)
+
+
+def error(response, status, field):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["field"] == field, body
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body["detail"]
+
+
+@pytest.mark.parametrize("method", ["raw", "rollout", "relevance", "flow"])
+def test_explain_text_matches_the_library(client, endpoints, method):
+    from attnkit.text import token_scores
+
+    text = "The striker scored twice and the team won the football match."
+    r = explain(client, model="minilm", text=text, method=method, options={"labels": ["sports", "cooking", "tax law"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["prediction"]["label"] == "sports"  # the real MiniLM embedding is nearest to the right label
+    tm = endpoints["minilm"].tm
+    batch = tm.encode([text], max_length=128)
+    expected = token_scores(tm, batch, method=method)[0]
+    assert body["explanation"]["tokens"] == tm.tokens(batch["input_ids"][0])
+    torch.testing.assert_close(torch.tensor(body["explanation"]["scores"]), expected, atol=2e-6, rtol=0)
+    assert set(body["timings"]) >= {"queue_ms", "forward_ms", "explain_ms", "store_ms", "total_ms"}
+    record = client.get(f"/v1/explanations/{body['id']}").json()
+    assert record["input"]["text"] == text and record["input"]["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    assert record["method"] == method and record["model"] == "minilm"
+    assert record["weights_sha256"] == endpoints["minilm"].weights_sha256 and len(record["weights_sha256"]) == 64
+    assert record["attnkit_version"] and record["options"]["labels"] == ["sports", "cooking", "tax law"]
+    assert record["explanation"] == body["explanation"]
+
+
+@pytest.mark.parametrize("method", ["raw", "rollout", "relevance", "flow"])
+def test_explain_image_matches_the_library(client, endpoints, digit_png, method):
+    from attnkit.datasets.digits_eval import relevance_maps, rollout_maps
+    from attnkit.serve.inputs import decode_image
+
+    png, _ = digit_png
+    r = explain(client, model="digits-vit", image=png, method=method, filename="digit.png")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    model = endpoints["digits-vit"].model
+    x, _ = decode_image(png, size=64, channels=1, invert_light=True)
+    with torch.no_grad():
+        probs = model(x[None]).softmax(-1)[0]
+    assert body["prediction"]["class"] == int(probs.argmax())
+    assert body["prediction"]["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+    grid = torch.tensor(body["explanation"]["heatmap"])
+    assert grid.shape == (8, 8) and body["explanation"]["image_size"] == [64, 64]
+    if method in ("rollout", "relevance"):  # the digits evaluation's own maps are the reference
+        ref = (rollout_maps if method == "rollout" else relevance_maps)(model, x[None])[0]
+        torch.testing.assert_close(grid, ref.float(), atol=2e-6, rtol=1e-4)
+    record = client.get(f"/v1/explanations/{body['id']}").json()
+    assert base64.b64decode(record["input"]["image"]) == base64.b64decode(png)
+    assert record["input"]["filename"] == "digit.png"
+
+
+def test_list_filters_paging_and_search(client):
+    ids = [explain(client, model="minilm", text=f"paging probe number {i}").json()["id"] for i in range(3)]
+    page = client.get("/v1/explanations", params={"q": "paging probe", "page_size": 2}).json()
+    assert page["total"] == 3 and [i["id"] for i in page["items"]] == ids[::-1][:2] and page["next_page"] == 2
+    page2 = client.get("/v1/explanations", params={"q": "paging probe", "page_size": 2, "page": 2}).json()
+    assert [i["id"] for i in page2["items"]] == ids[:1] and page2["next_page"] is None
+    assert client.get("/v1/explanations", params={"model": "digits-vit", "q": "paging probe"}).json()["total"] == 0
+    first = client.get(f"/v1/explanations/{ids[0]}").json()
+    since = client.get("/v1/explanations", params={"q": "paging", "since": first["created_at"]}).json()
+    assert since["total"] == 3
+    until = client.get("/v1/explanations", params={"q": "paging", "until": first["created_at"]}).json()
+    assert until["total"] == 0
+    cursor = page["items"][-1]["seq"]
+    assert [i["id"] for i in client.get("/v1/explanations", params={"after": cursor}).json()["items"]] == [ids[2]]
+    error(client.get("/v1/explanations", params={"since": "yesterday"}), 422, "since")
+    error(client.get("/v1/explanations", params={"page": 0}), 422, "page")
+    error(client.get("/v1/explanations", params={"page_size": 10_000}), 422, "page_size")
+
+
+def test_health_openapi_and_missing_records(client):
+    health = client.get("/v1/health").json()
+    assert health["status"] == "ok" and health["store"]["backend"] == "sqlite"
+    assert {m["name"]: m["kind"] for m in health["models"]} == {"minilm": "text", "digits-vit": "image"}
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/explain", "/v1/explanations", "/v1/explanations/{record_id}", "/v1/health"} <= set(schema["paths"])
+    assert client.get("/v1/explanations/0123").status_code == 404
+    assert client.get("/explanations/0123").status_code == 404
+    assert client.get("/v1/models/nope/health").status_code == 404
+
+
+def test_bad_input_is_a_4xx_naming_the_field(client, digit_png):
+    png, _ = digit_png
+    post = client.post
+    r = post("/v1/explain", content=b'{"model": "minilm", "text": ', headers={"content-type": "application/json"})
+    assert "malformed JSON" in error(r, 400, "body")
+    error(post("/v1/explain", json=["not", "an", "object"]), 422, "body")
+    error(post("/v1/explain", json={"text": "hi"}), 422, "model")
+    error(explain(client, model="gpt-9", text="hi"), 422, "model")
+    error(explain(client, model="minilm", text="hi", method="gradcam"), 422, "method")
+    error(explain(client, model="minilm", text=123), 422, "text")
+    error(explain(client, model="minilm", text="hi", colour="red"), 422, "colour")
+    error(explain(client, model="minilm"), 422, "text")
+    error(explain(client, model="minilm", text="hi", image=png), 422, "image")
+    error(explain(client, model="minilm", image=png), 422, "image")
+    error(explain(client, model="minilm", text="   "), 422, "text")
+    error(explain(client, model="digits-vit", text="a digit"), 422, "text")
+    error(explain(client, model="minilm", text="hi", options={"layer": 6, "method": "raw"}), 422, "options.method")
+    error(explain(client, model="minilm", text="hi", method="raw", options={"layer": 6}), 422, "options.layer")
+    error(explain(client, model="minilm", text="hi", method="raw", options={"head": 12}), 422, "options.head")
+    error(explain(client, model="minilm", text="hi", options={"head": -1}), 422, "options.head")
+    error(explain(client, model="minilm", text="hi", options={"top_k": 0}), 422, "options.top_k")
+    error(explain(client, model="digits-vit", image=png, options={"labels": ["a"]}), 422, "options.labels")
+    error(explain(client, model="digits-vit", image="not base64!"), 422, "image")
+    error(explain(client, model="digits-vit", image=base64.b64encode(b"plain text, no image").decode()), 422, "image")
+    gif = io.BytesIO()
+    __import__("PIL.Image", fromlist=["Image"]).new("L", (8, 8)).save(gif, format="GIF")
+    assert "PNG or JPEG" in error(
+        explain(client, model="digits-vit", image=base64.b64encode(gif.getvalue()).decode()), 422, "image"
+    )
+    truncated = base64.b64encode(base64.b64decode(png)[:60]).decode()
+    error(explain(client, model="digits-vit", image=truncated), 422, "image")
+    error(explain(client, model="minilm", text="x" * 5001), 413, "text")
+    error(post("/v1/explain", content=b"x" * 2_000_001, headers={"content-type": "application/json"}), 413, "body")
+
+
+def test_decompression_bomb_is_refused_before_decoding(client):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buf, format="PNG")  # 400 M pixels in a few kB
+    assert len(buf.getvalue()) < 200_000
+    r = explain(client, model="digits-vit", image=base64.b64encode(buf.getvalue()).decode())
+    assert "decompression bomb" in error(r, 413, "image")
+
+
+def test_dashboard_escapes_user_input(client, digit_png):
+    png, _ = digit_png
+    evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    text_id = explain(client, model="minilm", text=evil).json()["id"]
+    image_id = explain(client, model="digits-vit", image=png, filename=evil + ".png").json()["id"]
+    for url in ("/", f"/explanations/{text_id}", f"/explanations/{image_id}", "/?q=%3Cscript%3E"):
+        html = client.get(url).text
+        assert "<script>alert" not in html and "<img src=x" not in html
+        assert "&lt;script&gt;" in html or (url.startswith("/explanations/") and "&lt;img" in html)
+    detail = client.get(f"/explanations/{image_id}")
+    assert detail.status_code == 200 and "/overlay.png" in detail.text
+    overlay = client.get(f"/explanations/{image_id}/overlay.png")
+    assert overlay.headers["content-type"] == "image/png" and overlay.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'class="headmaps"' in client.get(f"/explanations/{text_id}").text
+
+
+def test_attention_health_page_and_baseline(client):
+    for i in range(12):
+        assert (
+            explain(client, model="minilm", text=f"A calm sentence about the weather, number {i}.").status_code == 200
+        )
+    report = client.get("/v1/models/minilm/health").json()
+    assert report["reference"]["num_records"] > 0
+    assert [s["statistic"] for s in report["statistics"]] == [
+        "head_entropy",
+        "sink_mass",
+        "rollout_concentration",
+        "confidence",
+    ]
+    page = client.get("/attention-health", params={"model": "minilm"})
+    assert page.status_code == 200 and "Kolmogorov" in page.text
+    png = client.get("/attention-health/minilm.png")
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    from attnkit.serve.health import STATISTICS
+
+    service = client.app.state.service
+    service.store.add_baseline("minilm", 0.0, 1.0, {name: [0.0] * 20 for name in STATISTICS})  # a baseline far off
+    drifted = client.get("/v1/models/minilm/health").json()
+    assert drifted["reference"]["source"].startswith("baseline") and drifted["drift"] is True
+
+
+class Gate:
+    """Wraps an endpoint so its explanations wait until released (to fill the queue deterministically)."""
+
+    def __init__(self, inner):
+        self.inner, self.release, self.entered = inner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def explain(self, *args):
+        self.entered.set()
+        assert self.release.wait(30)
+        return self.inner.explain(*args)
+
+
+def test_full_queue_answers_503_and_keeps_accepted_work(endpoints, tmp_path):
+    gate = Gate(endpoints["minilm"])
+    c, service = make_client({"minilm": gate}, tmp_path, queue_size=1, retry_after_s=3)
+    results = []
+    with c:
+        worker = threading.Thread(target=lambda: results.append(explain(c, model="minilm", text="first in")))
+        worker.start()
+        assert gate.entered.wait(30)
+        busy = explain(c, model="minilm", text="one too many")
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "3"
+        assert busy.json()["detail"].startswith("the explanation queue is full")
+        gate.release.set()
+        worker.join(30)
+        assert results[0].status_code == 200
+        assert c.get(f"/v1/explanations/{results[0].json()['id']}").status_code == 200
+        assert service.store.count() == 1  # the refused request left no record
+        assert c.get("/v1/health").json()["queue"] == {"pending": 0, "capacity": 1}
+
+
+def test_no_store_inputs_keeps_only_the_hash(endpoints, tmp_path, digit_png):
+    c, _ = make_client(endpoints, tmp_path, store_inputs=False)
+    with c:
+        rid = explain(c, model="minilm", text="a private sentence").json()["id"]
+        record = c.get(f"/v1/explanations/{rid}").json()
+        assert record["input"]["text"] is None and record["input"]["stored"] is False
+        assert record["input"]["sha256"] == hashlib.sha256(b"a private sentence").hexdigest()
+        iid = explain(c, model="digits-vit", image=digit_png[0], filename="secret.png").json()["id"]
+        rec = c.get(f"/v1/explanations/{iid}").json()
+        assert rec["input"]["image"] is None and rec["input"]["filename"] is None
+        assert "a private sentence" not in c.get("/").text
+        assert c.get(f"/explanations/{iid}").status_code == 200
+
+
+def test_retention_applies_at_start(endpoints, tmp_path):
+    from attnkit.serve.store import Store
+
+    store = Store(str(tmp_path / "api.db"))
+    store.add(record(created=time.time() - 30 * 86400))
+    store.add(record(created=time.time()))
+    store.close()
+    c, service = make_client(endpoints, tmp_path, retention_days=7)
+    with c:
+        deadline = time.time() + 10
+        while service.store.count() != 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert service.store.count() == 1

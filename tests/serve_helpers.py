@@ -1,9 +1,10 @@
-"""Shared builders of the serve tests: a PNG as base64, a complete store record."""
+"""Shared builders of the serve tests: a PNG as base64, a complete store record, an endpoint held at a gate."""
 
 from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
 import uuid
 
@@ -44,3 +45,18 @@ def record(model="minilm", text="hello world", created=None, **over):
     }
     row.update(over)
     return row
+
+
+class Gate:
+    """Wraps an endpoint so its explanations wait until released (to fill the queue deterministically)."""
+
+    def __init__(self, inner):
+        self.inner, self.release, self.entered = inner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def explain(self, *args):
+        self.entered.set()
+        assert self.release.wait(30)
+        return self.inner.explain(*args)

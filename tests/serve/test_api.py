@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from serve_helpers import record
+from serve_helpers import Gate, record
 
 fastapi_testclient = pytest.importorskip("fastapi.testclient")
 
@@ -161,7 +161,7 @@ def test_decompression_bomb_is_refused_before_decoding(client):
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("1", (20_000, 20_000)).save(buf, format="PNG")  # 400 M pixels in a few kB
+    Image.new("1", (5_000, 5_000)).save(buf, format="PNG")  # 25 M pixels (over the 16.8 M limit) in a few kB
     assert len(buf.getvalue()) < 200_000
     r = explain(client, model="digits-vit", image=base64.b64encode(buf.getvalue()).decode())
     assert "decompression bomb" in error(r, 413, "image")
@@ -206,21 +206,6 @@ def test_attention_health_page_and_baseline(client):
     service.store.add_baseline("minilm", 0.0, 1.0, {name: [0.0] * 20 for name in STATISTICS})  # a baseline far off
     drifted = client.get("/v1/models/minilm/health").json()
     assert drifted["reference"]["source"].startswith("baseline") and drifted["drift"] is True
-
-
-class Gate:
-    """Wraps an endpoint so its explanations wait until released (to fill the queue deterministically)."""
-
-    def __init__(self, inner):
-        self.inner, self.release, self.entered = inner, threading.Event(), threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def explain(self, *args):
-        self.entered.set()
-        assert self.release.wait(30)
-        return self.inner.explain(*args)
 
 
 def test_full_queue_answers_503_and_keeps_accepted_work(endpoints, tmp_path):

@@ -254,3 +254,14 @@ def test_retention_applies_at_start(endpoints, tmp_path):
         while service.store.count() != 1 and time.time() < deadline:
             time.sleep(0.05)
         assert service.store.count() == 1
+
+
+def test_default_labels_classify_news_sentences(client):
+    cases = {
+        "The striker scored twice and the home team won the cup final in extra time.": "sports",
+        "Interest rates rose again and the bank tightened its lending to small businesses.": "business and finance",
+        "Simmer the onions in butter until golden, then add the rice and stir for a minute.": "food and cooking",
+        "Parliament passed the budget after a long debate over defence spending.": "politics",
+    }
+    for text, label in cases.items():
+        assert explain(client, model="minilm", text=text).json()["prediction"]["label"] == label

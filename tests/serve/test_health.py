@@ -50,3 +50,12 @@ def test_drift_flags_a_shift_and_not_the_same_distribution():
     assert all(d.shift > 0.5 and d.p_value < 1e-6 for d in flagged)
     few = drift(ref, {k: v[:5] for k, v in shifted.items()})
     assert not any(d.flagged for d in few) and all(math.isnan(d.p_value) for d in few)
+
+
+def test_a_given_rollout_row_is_used_as_is():
+    gen = torch.Generator().manual_seed(1)
+    maps = torch.rand(2, 3, 5, 5, generator=gen).softmax(-1)
+    from attnkit.explain import rollout
+
+    row = rollout(maps[:, None])[0, 0]
+    assert request_stats(maps, [0], 0, 0.5, rollout_row=row) == request_stats(maps, [0], 0, 0.5)

@@ -29,7 +29,9 @@ __all__ = ["STATISTICS", "Drift", "drift", "request_stats"]
 STATISTICS = ("head_entropy", "sink_mass", "rollout_concentration", "confidence")
 
 
-def request_stats(maps: Tensor, sinks: Sequence[int], summary_row: int, confidence: float) -> dict[str, float]:
+def request_stats(
+    maps: Tensor, sinks: Sequence[int], summary_row: int, confidence: float, *, rollout_row: Tensor | None = None
+) -> dict[str, float]:
     """The health statistics of one request.
 
     Args:
@@ -37,6 +39,7 @@ def request_stats(maps: Tensor, sinks: Sequence[int], summary_row: int, confiden
         sinks: positions of the special/sink tokens.
         summary_row: the token whose rollout row summarises the input (BERT's [CLS]: 0).
         confidence: the prediction's confidence.
+        rollout_row: ``(L,)`` the summarising token's rollout row when already computed (else computed here).
 
     Returns:
         ``{name: value}`` for every name in :data:`STATISTICS`.
@@ -48,7 +51,7 @@ def request_stats(maps: Tensor, sinks: Sequence[int], summary_row: int, confiden
     entropy = head_entropy(maps[:, None]).mean().item() / math.log(length) if length > 1 else 0.0
     sink_idx = torch.tensor(sorted(set(sinks)), dtype=torch.long)
     sink_mass = maps[..., sink_idx].sum(-1).mean().item() if len(sink_idx) else 0.0
-    row = rollout(maps[:, None])[0, summary_row]  # (L,)
+    row = rollout(maps[:, None])[0, summary_row] if rollout_row is None else rollout_row.float()  # (L,)
     content = torch.ones(length, dtype=torch.bool)
     content[sink_idx] = False
     p = row[content]

@@ -140,7 +140,7 @@ class Service:
             raise InputError(exc.field, str(exc)) from None
         t_store = time.time()
         blob, meta = pack_maps(result.maps, result.tokens)
-        timings = {"queue_ms": (start - accepted) * 1e3, **result.timings}
+        timings = {k: round(v, 3) for k, v in {"queue_ms": (start - accepted) * 1e3, **result.timings}.items()}
         record = {
             "id": uuid.uuid4().hex,
             "created_at": accepted,
@@ -166,8 +166,12 @@ class Service:
         }
         self.store.add(record)
         done = time.time()
-        timings = {**timings, "store_ms": (done - t_store) * 1e3, "total_ms": (done - accepted) * 1e3}
-        return {**record, "timings": {k: round(v, 3) for k, v in timings.items()}}
+        timings = {
+            **timings,
+            "store_ms": round((done - t_store) * 1e3, 3),
+            "total_ms": round((done - accepted) * 1e3, 3),
+        }
+        return {**record, "timings": timings}
 
     def purge_expired(self) -> int:
         """Apply the retention setting; returns the number of records deleted."""

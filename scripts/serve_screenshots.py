@@ -1,8 +1,10 @@
 """Screenshots of the ``attnkit serve`` dashboard for the README (docs/serve-*.png).
 
-Starts the service in process on a free loopback port with the shipped models and a temporary SQLite store,
-explains a few real sentences and held-out digit canvases, then photographs the live feed, a detail page and the
-attention-health page in headless Chromium (Debian's ``chromium`` + Playwright).
+Starts the service in process on a free loopback port with the shipped models and a temporary SQLite store
+(reference and recent windows of 20 requests), explains real news sentences, then machine log lines (inputs the
+text model was not meant for, so its attention health drifts), and held-out digit canvases; then photographs the
+live feed, a detail page, an image page and the attention-health page in headless Chromium (Debian's ``chromium``
++ Playwright).
 
     python scripts/serve_screenshots.py [--out docs]
 """
@@ -28,6 +30,10 @@ SENTENCES = [
     "The new vaccine reduced hospital admissions by half in the clinical trial.",
     "Parliament passed the budget after a long debate over defence spending.",
 ]
+LOG_LINES = [
+    "ERROR 2026-11-30 03:12:{:02d} worker-{} cache miss for key user:{} after 3 retries (timeout=500ms)",
+    "WARN  2026-11-30 03:13:{:02d} pool-{} connection reset by peer; reconnecting in {} s",
+]
 
 
 def post(url: str, body: dict) -> dict:
@@ -46,9 +52,10 @@ def main() -> None:
 
     from attnkit.datasets.digits import DigitCanvases
     from attnkit.serve.app import build
+    from attnkit.serve.service import ServeConfig
 
     with tempfile.TemporaryDirectory() as tmp:
-        app = build(db=str(Path(tmp) / "shots.db"))
+        app = build(db=str(Path(tmp) / "shots.db"), config=ServeConfig(reference_size=20, recent_size=20))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -60,9 +67,11 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         data = DigitCanvases("test", num_canvases=6, seed=3)
         first = None
-        for i, text in enumerate(SENTENCES * 3):
+        for i, text in enumerate(SENTENCES * 4):
             rec = post(url, {"model": "minilm", "text": text, "method": ("rollout", "raw", "relevance")[i % 3]})
             first = first or rec
+        for i in range(20):
+            post(url, {"model": "minilm", "text": LOG_LINES[i % 2].format(i, i % 4, 1000 + 37 * i)})
         image_rec = None
         for i, img in enumerate(data.images[:, 0]):
             buf = io.BytesIO()

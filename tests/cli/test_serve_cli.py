@@ -66,3 +66,59 @@ def test_export_and_baseline(filled_db, tmp_path, capsys):
         assert store.latest_baseline("minilm")["stats"]["confidence"] == [0.5, 0.5, 0.5]
     finally:
         store.close()
+
+
+def test_real_process_serves_and_exits_cleanly_on_sigterm(tmp_path, digit_png_b64):
+    """``attnkit serve`` as a real process: binds 127.0.0.1, answers, SIGTERM finishes and exits 0."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import serve_server as sp
+
+    port = sp.free_port()
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
+    db = tmp_path / "audit.db"
+    cmd = [sys.executable, "-m", "attnkit.cli.main", "serve", "--model", "digits-vit", "--db", str(db)]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                health = sp.get(f"http://127.0.0.1:{port}/v1/health")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.1)
+        assert [m["name"] for m in health["models"]] == ["digits-vit"]
+        status, body, _ = sp.post(
+            f"http://127.0.0.1:{port}/v1/explain", {"model": "digits-vit", "image": digit_png_b64}
+        )
+        assert status == 200
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out
+    assert f"http://127.0.0.1:{port}/" in out and "Traceback" not in out
+    from attnkit.serve.store import Store
+
+    store = Store(str(db))
+    try:
+        assert store.get(body["id"])["model"] == "digits-vit"
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def digit_png_b64():
+    import torch
+
+    from serve_helpers import png_b64
+
+    canvas = torch.zeros(64, 64, dtype=torch.uint8)
+    canvas[20:44, 28:34] = 255  # a "1"
+    return png_b64(canvas.numpy())

@@ -157,6 +157,20 @@ def test_bad_input_is_a_4xx_naming_the_field(client, digit_png):
     error(post("/v1/explain", content=b"x" * 2_000_001, headers={"content-type": "application/json"}), 413, "body")
 
 
+def test_jpeg_and_data_urls_are_accepted(client, digit_png):
+    from PIL import Image
+
+    png = base64.b64decode(digit_png[0])
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(buf, format="JPEG", quality=95)
+    jpeg = base64.b64encode(buf.getvalue()).decode()
+    by_png = explain(client, model="digits-vit", image=digit_png[0]).json()
+    by_jpeg = explain(client, model="digits-vit", image=jpeg).json()
+    by_url = explain(client, model="digits-vit", image="data:image/png;base64," + digit_png[0]).json()
+    assert by_jpeg["prediction"]["class"] == by_png["prediction"]["class"] == by_url["prediction"]["class"]
+    assert by_url["explanation"] == by_png["explanation"]
+
+
 def test_decompression_bomb_is_refused_before_decoding(client):
     from PIL import Image
 

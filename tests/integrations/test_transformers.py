@@ -7,7 +7,7 @@ import torch
 
 import attnkit
 from attnkit.integrations import _hf_mask
-from attnkit.integrations.transformers import choose_backend, register
+from attnkit.integrations.transformers import _effective_window, choose_backend, register
 from hf_tiny import CASES, Case
 
 #: Tolerances. float64 runs: attnkit vs eager agree to rounding. float32 runs: the issue's bounds (outputs 1e-4,
@@ -185,3 +185,11 @@ def test_long_prompt_routing():
     assert choose_backend(long, long, window=None, **{**kw, "padded_causal": True}) == "tiled"
     assert choose_backend(long, long, window=None, **kw) == "auto"
     assert choose_backend(long, long, window=(4095, 0), **{**kw, "return_weights": True}) == "auto"
+
+
+def test_a_window_that_removes_nothing_is_dropped():
+    assert _effective_window((4095, 0), True, 2048, 2048) is None  # Mistral's window on a shorter prompt
+    assert _effective_window((3, 0), True, 9, 9) == (3, 0)
+    assert _effective_window((8, 8), False, 9, 9) is None
+    assert _effective_window((8, 7), False, 9, 9) == (8, 7)  # row 0 does not see key 8
+    assert _effective_window((-1, 0), True, 9, 9) is None

@@ -228,6 +228,7 @@ def attention_forward(
             f"attnkit attention: expected the attention mask to come from attnkit's mask function, a tensor or "
             f"None, got {type(attention_mask).__name__}; was the model loaded with another implementation's masks?"
         )
+    window = _effective_window(window, causal, q_len, kv_len)
     if bias is not None and bias.dtype != query.dtype:
         bias = bias.to(query.dtype)
     name = choose_backend(
@@ -263,6 +264,17 @@ def attention_forward(
     else:
         out, weights = result, None
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _effective_window(window, causal: bool, q_len: int, kv_len: int) -> tuple[int, int] | None:
+    """``window``, or ``None`` when it removes no key (bottom-right aligned: every row already sees all keys it
+    could), e.g. Mistral's 4096-token window on a shorter prompt; the call then runs as plain causal attention."""
+    if window is None:
+        return None
+    left, right = window
+    left_free = left == -1 or left >= kv_len - 1
+    right_free = causal or right == -1 or right >= q_len - 1
+    return None if left_free and right_free else window
 
 
 def _sinks(s_aux: Tensor | None) -> Tensor | None:

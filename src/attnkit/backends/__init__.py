@@ -1,7 +1,7 @@
 """Attention backends: an open registry, ``available()`` to list it and ``select()`` to see what ``auto`` picks.
 
-Each backend lives in its own module and registers itself on import; :func:`dispatch` runs a validated
-:class:`~attnkit.functional.spec.AttentionSpec` on the chosen one.
+Each backend lives in its own module and registers itself on import into the core's registry
+(:mod:`attnkit.functional.registry`, whose :func:`dispatch` runs a validated call on the chosen one).
 """
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ from attnkit.backends import blocksparse as _blocksparse  # noqa: F401  (registe
 from attnkit.backends import math as _math  # noqa: F401  (registers "math")
 from attnkit.backends import sdpa as _sdpa  # noqa: F401  (registers "sdpa")
 from attnkit.backends import tiled as _tiled  # noqa: F401  (registers "tiled")
-from attnkit.backends.registry import (
+from attnkit.functional.registry import (
     ALL_OPTIONS,
     Backend,
     BackendInfo,
     Selection,
     available,
+    dispatch,
     get,
     register,
     select_for_spec,
 )
-from attnkit.functional.spec import AttentionSpec, make_spec
+from attnkit.functional.spec import make_spec
 
 __all__ = [
     "ALL_OPTIONS",
@@ -35,18 +36,6 @@ __all__ = [
     "register",
     "select",
 ]
-
-
-def dispatch(spec: AttentionSpec, backend: str = "auto") -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Run ``spec`` on ``backend`` (``"auto"``: the first capable backend in priority order).
-
-    Returns:
-        ``(output, weights or None, lse or None)``.
-
-    Raises:
-        ValueError: unknown backend, or a named backend that cannot serve the call.
-    """
-    return get(select_for_spec(spec, backend).backend).forward(spec)
 
 
 def select(query: Tensor, key: Tensor, value: Tensor, *, backend: str = "auto", **options) -> Selection:

@@ -23,11 +23,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.backends.flash_core import Chunk, Group, flash_attention
-from attnkit.backends.flash_terms import TileIndex, TileSetup
-from attnkit.backends.registry import ALL_OPTIONS, Backend, register
+from attnkit.backends.flash_core import Chunk, Group, check_alibi_grad, flash_attention
+from attnkit.functional.block_mask import BlockMask
+from attnkit.functional.registry import ALL_OPTIONS, Backend, register
 from attnkit.functional.spec import AttentionSpec
-from attnkit.sparse.block_mask import BlockMask
+from attnkit.functional.tiles import TileIndex, TileSetup
 from attnkit.sparse.layouts import sliding_window
 
 __all__ = ["BlockSparseSchedule", "blocksparse_attention", "effective_block_mask"]
@@ -144,12 +144,6 @@ def blocksparse_attention(spec: AttentionSpec) -> tuple[Tensor, None, Tensor | N
     return out, None, (lse if spec.return_lse else None)
 
 
-def _check(spec: AttentionSpec) -> str | None:
-    if spec.alibi_slopes is not None and spec.alibi_slopes.requires_grad and torch.is_grad_enabled():
-        return "alibi_slopes that require grad (the tiled backward does not differentiate ALiBi slopes)"
-    return None
-
-
 def _fit(spec: AttentionSpec) -> str | None:
     if spec.block_mask is not None:
         return None
@@ -174,7 +168,7 @@ BLOCKSPARSE = register(
         priority=5,
         description="computes only the visited blocks of a BlockMask (and of causal/window masks); auto picks "
         "it for a block_mask, or a narrow sliding window over long sequences",
-        check=_check,
+        check=check_alibi_grad,
         fit=_fit,
     )
 )

@@ -21,9 +21,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from attnkit.backends.flash_terms import TileIndex, TileSetup
+from attnkit.functional.spec import AttentionSpec
+from attnkit.functional.tiles import TileIndex, TileSetup, reshape_qkv
 
-__all__ = ["Chunk", "Group", "Schedule", "flash_attention"]
+__all__ = ["Chunk", "Group", "Schedule", "check_alibi_grad", "flash_attention"]
 
 
 @dataclass
@@ -70,17 +71,16 @@ def _pad(t: Tensor, extra: int, dim: int) -> Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def _prescaled(setup: TileSetup, q: Tensor) -> bool:
-    """float32/float64 queries are multiplied by ``scale`` once, instead of every tile's scores."""
-    return q.dtype == setup.acc
+def check_alibi_grad(spec: AttentionSpec) -> str | None:
+    """Why the tile-recomputing backward cannot serve ``spec`` (ALiBi slopes that need a gradient), or ``None``."""
+    if spec.alibi_slopes is not None and spec.alibi_slopes.requires_grad and torch.is_grad_enabled():
+        return "alibi_slopes that require grad (the tiled backward does not differentiate ALiBi slopes)"
+    return None
 
 
 def _scores(setup: TileSetup, qt: Tensor, kt: Tensor, n: int, r: int) -> Tensor:
-    """Scaled scores ``(B, Hkv, N, G, r, c)`` in the accumulation dtype (``qt`` pre-scaled if float32/64)."""
-    s = torch.matmul(qt, kt.transpose(-1, -2))
-    if not _prescaled(setup, qt):
-        s = s.to(setup.acc).mul_(setup.scale)
-    return s.view(s.shape[0], s.shape[1], n, setup.G, r, s.shape[-1])
+    """Scaled scores ``(B, Hkv, N, G, r, c)`` in the accumulation dtype (``qt`` prepared by the setup)."""
+    return setup.logits(qt, kt, n, r)
 
 
 def _dropout_keep(setup: TileSetup, shape, seed: int, tile: int, device) -> Tensor:
@@ -93,10 +93,9 @@ def _forward(setup: TileSetup, sched: Schedule, q5: Tensor, k4: Tensor, v4: Tens
     """Returns ``out5 (B, Hkv, G, Lq, Dv)`` in the value dtype and ``lse5 (B, Hkv, G, Lq, 1)``."""
     B, Hkv, G, Lq, _ = q5.shape
     Dv = v4.shape[-1]
-    qp, kp, vp = _pad(q5, sched.q_pad, 3), _pad(k4, sched.kv_pad, 2), _pad(v4, sched.kv_pad, 2)
-    if _prescaled(setup, qp):
-        qp = qp * setup.scale
-    out = torch.zeros((B, Hkv, G, qp.shape[3], Dv), dtype=v4.dtype, device=q5.device)
+    qp = _pad(setup.prepare_query(q5), sched.q_pad, 3)
+    kp, vp = _pad(setup.prepare_kv(k4), sched.kv_pad, 2), _pad(setup.prepare_kv(v4), sched.kv_pad, 2)
+    out = torch.zeros((B, Hkv, G, qp.shape[3], Dv), dtype=setup.acc, device=q5.device)
     lse = torch.full((B, Hkv, G, qp.shape[3], 1), float("-inf"), dtype=setup.acc, device=q5.device)
     inv_keep = 1.0 / (1.0 - setup.dropout_p)
     tile = 0
@@ -105,18 +104,10 @@ def _forward(setup: TileSetup, sched: Schedule, q5: Tensor, k4: Tensor, v4: Tens
         qt = sched.load_q(qp, g)
         m = acc = l_sum = None
         for ch in g.chunks:
-            s = _scores(setup, qt, sched.load_kv(kp, ch), n, r)
-            s = setup.transform(s, ch.index)
-            bias, keep = setup.terms(ch.index)
-            if ch.keep is not None:
-                extra = ch.keep.view(1, 1, n, 1, r, -1)
-                keep = extra if keep is None else keep & extra
-            if bias is not None:
-                s = s + bias
-            elif setup.score_mod is not None:
-                s = s.clone()  # score_mod's result may alias its inputs; the steps below work in place
-            if keep is not None:
-                s = s.masked_fill_(~keep, float("-inf"))
+            extra = None if ch.keep is None else ch.keep.view(1, 1, n, 1, r, -1)
+            s = setup.masked_logits(_scores(setup, qt, sched.load_kv(kp, ch), n, r), ch.index, extra)
+            if setup.score_mod is not None:
+                s = s.clone()  # the result may alias its inputs (score_mod); the steps below work in place
             m_new = s.amax(-1, keepdim=True)
             if m is not None:
                 m_new = torch.maximum(m, m_new)
@@ -125,7 +116,7 @@ def _forward(setup: TileSetup, sched: Schedule, q5: Tensor, k4: Tensor, v4: Tens
             row = p.sum(-1, keepdim=True)
             pd = p * _dropout_keep(setup, p.shape, seed, tile, p.device) * inv_keep if setup.dropout_p > 0 else p
             vt = sched.load_kv(vp, ch)
-            pv = torch.matmul(pd.view(B, Hkv, n, G * r, -1).to(vt.dtype), vt).to(setup.acc)
+            pv = torch.matmul(pd.view(B, Hkv, n, G * r, -1), vt)
             if m is None:
                 acc, l_sum = pv, row
             else:
@@ -140,9 +131,9 @@ def _forward(setup: TileSetup, sched: Schedule, q5: Tensor, k4: Tensor, v4: Tens
         safe_l = torch.where(nonempty, l_sum, torch.ones_like(l_sum))
         o = acc / safe_l.view(B, Hkv, n, G * r, 1)
         lse_t = torch.where(nonempty, m + torch.log(safe_l), torch.full_like(m, float("-inf")))
-        sched.store_q(out, g, o.to(out.dtype))
+        sched.store_q(out, g, o)
         sched.store_q(lse, g, lse_t.view(B, Hkv, n, G * r, 1))
-    return out[:, :, :, :Lq], lse[:, :, :, :Lq]
+    return out[:, :, :, :Lq].to(v4.dtype), lse[:, :, :, :Lq]
 
 
 def _backward(setup, sched, q5, k4, v4, out5, lse5, dout5, dlse5, seed):
@@ -153,12 +144,9 @@ def _backward(setup, sched, q5, k4, v4, out5, lse5, dout5, dlse5, seed):
     if dlse5 is not None:
         delta = delta - dlse5.to(acc)
     lse_safe = torch.where(torch.isneginf(lse5), torch.zeros_like(lse5), lse5)
-    qp, dop = _pad(q5, sched.q_pad, 3), _pad(dout5.to(q5.dtype), sched.q_pad, 3)
-    prescaled = _prescaled(setup, qp)
-    if prescaled:
-        qp = qp * setup.scale
+    qp, dop = _pad(setup.prepare_query(q5), sched.q_pad, 3), _pad(dout5.to(acc), sched.q_pad, 3)
     lp, deltap = _pad(lse_safe, sched.q_pad, 3), _pad(delta, sched.q_pad, 3)
-    kp, vp = _pad(k4, sched.kv_pad, 2), _pad(v4, sched.kv_pad, 2)
+    kp, vp = _pad(setup.prepare_kv(k4), sched.kv_pad, 2), _pad(setup.prepare_kv(v4), sched.kv_pad, 2)
     dq = torch.zeros(qp.shape, dtype=acc, device=q5.device)
     dk = torch.zeros(kp.shape, dtype=acc, device=q5.device)
     dv = torch.zeros(vp.shape, dtype=acc, device=q5.device)
@@ -196,26 +184,24 @@ def _backward(setup, sched, q5, k4, v4, out5, lse5, dout5, dlse5, seed):
                 pd, dp = p * z, dp * z
             else:
                 pd = p
-            pd = pd.view(B, Hkv, n, G * r, -1).to(vt.dtype)
-            sched.add_kv(dv, ch, torch.matmul(pd.transpose(-1, -2), dot).to(acc))
+            pd = pd.view(B, Hkv, n, G * r, -1)
+            sched.add_kv(dv, ch, torch.matmul(pd.transpose(-1, -2), dot))
             ds = p.mul_(dp.sub_(delta_t))
             setup.accumulate_bias_grad(bias_bufs, ds, ch.index)
             if setup.score_mod is not None:
                 (ds,) = torch.autograd.grad(s_mod, s_raw, ds)
             else:
                 ds = setup.transform_grad(s_raw, s_mod, ds)
-            if not prescaled:  # d(scale q k^T) = scale · ds; with a pre-scaled q, dk = ds^T (scale q) already
-                ds = ds * setup.scale
-            ds = ds.view(B, Hkv, n, G * r, -1).to(qt.dtype)
-            part = torch.matmul(ds, kt).to(acc)
+            # q is pre-scaled: dk = ds^T (scale q) directly, and dq = scale · (ds k), scaled once at the end.
+            ds = ds.view(B, Hkv, n, G * r, -1)
+            part = torch.matmul(ds, kt)
             dq_t = part if dq_t is None else dq_t.add_(part)
-            sched.add_kv(dk, ch, torch.matmul(ds.transpose(-1, -2), qt).to(acc))
+            sched.add_kv(dk, ch, torch.matmul(ds.transpose(-1, -2), qt))
             tile += 1
         if dq_t is not None:
             sched.store_q(dq, g, dq_t)
     Lk = k4.shape[2]
-    if prescaled:
-        dq.mul_(setup.scale)
+    dq.mul_(setup.scale)
     grads = (dq[:, :, :, :Lq].to(q5.dtype), dk[:, :, :Lk].to(k4.dtype), dv[:, :, :Lk].to(v4.dtype))
     return grads, setup.bias_grads(bias_bufs)
 
@@ -243,10 +229,7 @@ def flash_attention(setup: TileSetup, sched: Schedule) -> tuple[Tensor, Tensor]:
         float ``attn_bias``/``attn_mask`` through the tile-recomputing backward.
     """
     spec = setup.spec
-    B, Hkv, G = setup.B, setup.Hkv, setup.G
-    q5 = spec.query.reshape(B, Hkv, G, spec.q_len, spec.query.shape[-1])
-    k4 = spec.key.reshape(B, Hkv, spec.kv_len, spec.key.shape[-1])
-    v4 = spec.value.reshape(B, Hkv, spec.kv_len, spec.value.shape[-1])
+    q5, k4, v4 = reshape_qkv(spec)
     seed = int(torch.randint(0, 2**62, ())) if setup.dropout_p > 0 else 0
     bias_inputs = [orig for orig, _ in setup.biases]
     out5, lse5 = _FlashFunction.apply(setup, sched, seed, q5, k4, v4, *bias_inputs)

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.backends.registry import Backend, register
-from attnkit.functional.spec import AttentionSpec, lse_dtype, tile_terms
+from attnkit.functional.registry import Backend, register
+from attnkit.functional.spec import AttentionSpec, lse_dtype
+from attnkit.functional.tiles import TileSetup, to_heads, whole
 
 __all__ = ["sdpa_attention"]
 
@@ -35,14 +36,21 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 use_cpu_flash_op = True
 
 
+def _needs_grad(spec: AttentionSpec) -> bool:
+    tensors = (spec.query, spec.key, spec.value, spec.attn_mask, spec.attn_bias, spec.alibi_slopes)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _use_cpu_flash(spec: AttentionSpec) -> bool:
     """Use the CPU flash op for ``return_lse`` only (F.sdpa has a lower fixed cost on small inputs).
 
-    It serves CPU tensors with equal query/value head sizes and no differentiable mask.
+    It serves CPU tensors with equal query/value head sizes and no differentiable mask; its lse output has no
+    gradient, so it serves only calls that need none.
     """
     return (
         spec.return_lse
         and use_cpu_flash_op
+        and not _needs_grad(spec)
         and _CPU_FLASH is not None
         and spec.query.device.type == "cpu"
         and spec.query.shape[-1] == spec.value.shape[-1]
@@ -54,8 +62,8 @@ def _use_cpu_flash(spec: AttentionSpec) -> bool:
 def _check(spec: AttentionSpec) -> str | None:
     if spec.return_lse and not _use_cpu_flash(spec):
         return (
-            "return_lse needs the CPU flash kernel (CPU tensors, D == Dv); "
-            "F.scaled_dot_product_attention does not return it"
+            "return_lse needs the CPU flash kernel (CPU tensors, D == Dv, no dropout, no gradients: its lse is "
+            "not differentiable); F.scaled_dot_product_attention does not return it"
         )
     if spec.query.dtype in _LOW_PRECISION:
         if spec.alibi_slopes is not None:
@@ -67,43 +75,41 @@ def _check(spec: AttentionSpec) -> str | None:
 
 
 def _as_4d(t: Tensor) -> Tensor:
-    """``(*batch, H, L, D)`` -> ``(B, H, L, D)`` (a view when possible), unit stride in the last dim.
+    """``(*batch, H, L, D)`` -> ``(B, H, L, D)`` with the batch dims flattened, unit stride in the last dim.
 
     torch 2.13's CPU flash op returns wrong values when the head_dim stride is not 1 (``F.sdpa`` copies
     such inputs first); so do we.
     """
-    return _pad4(t.contiguous() if t.stride(-1) != 1 else t)
+    t = t.contiguous() if t.stride(-1) != 1 else t
+    return t.reshape((-1, *tuple(t.shape[-3:])))
 
 
 def _kernel_mask(spec: AttentionSpec) -> tuple[Tensor | None, bool, Tensor | None]:
-    """``(mask in the query dtype or None, pass is_causal to torch, empty-row flags or None)``."""
+    """``(mask (B'|1, H|1, Lq|1, Lk) in the query dtype or None, pass is_causal to torch, empty-row flags or None)``.
+
+    The terms come from :class:`~attnkit.functional.tiles.TileSetup` (the one definition), as one tile.
+    """
     dtype = spec.query.dtype
     only_causal = spec.is_causal and spec.window_size is None
     plain = spec.attn_mask is None and spec.attn_bias is None and spec.alibi_slopes is None
     if only_causal and plain and spec.q_len == spec.kv_len:
         return None, True, None
-    bias, keep = tile_terms(spec)
+    setup = TileSetup(spec)
+    bias, keep = setup.terms(whole(spec))
     if bias is None and keep is None:
         return None, False, None
+    if keep is not None:
+        keep = to_heads(keep, setup.Hkv, setup.G)
     if bias is None:
         empty = ~keep.any(dim=-1, keepdim=True)
         mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~(keep | empty), -torch.inf)
     else:
-        mask = bias.to(dtype)
+        mask = to_heads(bias, setup.Hkv, setup.G).to(dtype)
         if keep is not None:
             mask = mask.masked_fill(~keep, float("-inf"))
         empty = torch.isneginf(mask).all(dim=-1, keepdim=True)
         mask = mask.masked_fill(empty, 0.0)
     return mask, False, (empty if bool(empty.any()) else None)
-
-
-def _pad4(t: Tensor) -> Tensor:
-    """Exactly 4 dims: leading size-1 dims added, or the leading dims flattened into one (a view when possible)."""
-    if t.ndim < 4:
-        return t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
-    if t.ndim > 4:
-        return t.reshape((-1, *tuple(t.shape[-3:])))
-    return t
 
 
 def sdpa_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -113,13 +119,8 @@ def sdpa_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor |
         ``(output, None, lse or None)``.
     """
     q, k, v = spec.query, spec.key, spec.value
-    batch_shape = spec.batch_shape
-    mask, torch_causal, empty = _kernel_mask(spec)
-    if mask is not None and q.ndim > 4:  # flatten the batch dims of the mask as those of q
-        mask = mask.reshape((1,) * (q.ndim - mask.ndim) + tuple(mask.shape))
-        mask = mask.expand(tuple(batch_shape) + tuple(mask.shape[-3:]))
+    mask4, torch_causal, empty = _kernel_mask(spec)
     q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
-    mask4 = None if mask is None else _pad4(mask)
     lse = None
     if _use_cpu_flash(spec):
         out, lse = _CPU_FLASH(q4, k4, v4, spec.dropout_p, torch_causal, attn_mask=mask4, scale=spec.scale)
@@ -139,14 +140,13 @@ def sdpa_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor |
             scale=spec.scale,
             **extra,
         )
-    out = out.reshape((*q.shape[:-1], v.shape[-1]))
-    if lse is not None:
-        lse = lse.reshape(q.shape[:-1])
-    if empty is not None:
-        empty = empty.expand((*spec.scores_shape[:-1], 1))
+    if empty is not None:  # (B'|1, H|1, Lq|1, 1) against the kernel's (B, H, Lq, Dv)
         out = out.masked_fill(empty, 0.0)
         if lse is not None:
             lse = lse.masked_fill(empty.squeeze(-1), float("-inf"))
+    out = out.reshape((*q.shape[:-1], v.shape[-1]))
+    if lse is not None:
+        lse = lse.reshape(q.shape[:-1])
     return out, None, (lse.to(lse_dtype(q.dtype)) if spec.return_lse else None)
 
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.backends.flash_core import Chunk, Group, flash_attention
-from attnkit.backends.flash_terms import TileIndex, TileSetup
-from attnkit.backends.registry import ALL_OPTIONS, Backend, register
-from attnkit.functional.masks import effective_window
+from attnkit.backends.flash_core import Chunk, Group, check_alibi_grad, flash_attention
+from attnkit.functional.masks import bottom_right_offset, effective_window
+from attnkit.functional.registry import ALL_OPTIONS, Backend, register
 from attnkit.functional.spec import AttentionSpec
+from attnkit.functional.tiles import TileIndex, TileSetup
 
 __all__ = ["TiledSchedule", "tiled_attention"]
 
@@ -40,7 +40,7 @@ AUTO_MIN_SCORE_BYTES = 32 << 20
 def kv_bounds(spec: AttentionSpec, q0: int, q1: int) -> tuple[int, int]:
     """Key range ``[lo, hi)`` that query rows ``[q0, q1)`` may attend under ``is_causal``/``window_size``."""
     left, right = effective_window(spec.is_causal, spec.window_size)
-    off = spec.kv_len - spec.q_len
+    off = bottom_right_offset(spec.q_len, spec.kv_len)
     lo = 0 if left == -1 else max(0, q0 + off - left)
     hi = spec.kv_len if right == -1 else min(spec.kv_len, q1 - 1 + off + right + 1)
     return lo, max(lo, hi)
@@ -128,12 +128,6 @@ def tiled_attention(
     return out, None, (lse if spec.return_lse else None)
 
 
-def _check(spec: AttentionSpec) -> str | None:
-    if spec.alibi_slopes is not None and spec.alibi_slopes.requires_grad and torch.is_grad_enabled():
-        return "alibi_slopes that require grad (the tiled backward does not differentiate ALiBi slopes)"
-    return None
-
-
 def _fit(spec: AttentionSpec) -> str | None:
     score_bytes = 4 * spec.query[..., 0].numel() * spec.kv_len
     if score_bytes < AUTO_MIN_SCORE_BYTES:
@@ -152,7 +146,7 @@ TILED = register(
         priority=50,
         description="FlashAttention-2 in PyTorch: online softmax over tiles, O(L) memory, every option but "
         "return_weights; auto picks it when sdpa cannot serve the call and math's scores would be large",
-        check=_check,
+        check=check_alibi_grad,
         fit=_fit,
     )
 )

@@ -5,22 +5,24 @@ Everything installed in ``__enter__`` is removed in ``__exit__``, also when the 
 
 from __future__ import annotations
 
-import sys
+import inspect
 from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import attnkit.backends as _backends
 from attnkit.explain._detection import deformable_pre_hook, is_hf_deformable
-from attnkit.explain._mha import ModuleHooks
+from attnkit.backends.math import math_forward
+from attnkit.explain._mha import ModuleHooks, _same
 from attnkit.explain._recompute import (
     probability_tiles,
-    sdpa_math,
     select_index,
     select_weights,
     spec_from_sdpa,
+    unfold_packed_gqa,
 )
 from attnkit.explain.records import AttentionRecord, TokenLayout, layout_from_dict
 from attnkit.functional import observe
@@ -33,8 +35,42 @@ _CROSS_KWARGS = ("encoder_hidden_states", "key_value_states", "cross_attention_s
 #: Module-path fragments of cross-attention modules (BERT "crossattention", T5 "EncDecAttention", BART
 #: "encoder_attn", annotated-transformer "src_attn").
 _CROSS_NAMES = ("cross", "encdec", "encoder_attn", "src_attn")
-#: Callers whose F.scaled_dot_product_attention calls are attnkit backends (reported through the observer).
-_BACKEND_PREFIXES = ("attnkit.backends.", "attnkit.functional.")
+#: Keyword arguments whose presence marks a module call as running with a KV cache (self-attention over cached
+#: keys: transformers' ``past_key_values``/``cache``, GPT-2's ``layer_past``, attnkit's ``kv_cache``).
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "cache", "layer_past", "kv_cache")
+#: Per module type: whether ``forward`` takes ``(query, key, ...)`` first (then key is not query = cross).
+_QUERY_KEY_FORWARD: dict[type, bool] = {}
+
+
+def _takes_query_key(module: nn.Module) -> bool:
+    cls = type(module)
+    known = _QUERY_KEY_FORWARD.get(cls)
+    if known is None:
+        try:
+            names = list(inspect.signature(module.forward).parameters)[:2]
+        except (TypeError, ValueError):
+            names = []
+        known = _QUERY_KEY_FORWARD[cls] = names == ["query", "key"]
+    return known
+
+
+def _call_hint(module: nn.Module, args: tuple, kwargs: dict) -> bool | None:
+    """Whether a module call is cross-attention, from what the call is; ``None`` when it does not say.
+
+    Cross when a cross-attention keyword (``encoder_hidden_states``, ...) is given, or when a module taking
+    ``(query, key, ...)`` gets a key that is not its query; self when it gets its query as key, or runs with a
+    KV cache (``past_key_values``, ``cache``, ``kv_cache``, ...).
+    """
+    if kwargs and any(kwargs.get(k) is not None for k in _CROSS_KWARGS):
+        return True
+    if kwargs and any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+        return False
+    if _takes_query_key(module):
+        q = args[0] if args else kwargs.get("query")
+        k = args[1] if len(args) > 1 else kwargs.get("key")
+        if isinstance(q, Tensor):
+            return isinstance(k, Tensor) and not _same(q, k)
+    return None
 
 
 class Interceptor(ModuleHooks):
@@ -66,7 +102,6 @@ class Interceptor(ModuleHooks):
         self.mha_entries: dict[int, int] = {}
         self.pending: dict[int, Tensor] = {}
         self.mha_start: dict[int, int] = {}
-        self.seen_cross: dict[str, bool] = {}
         self.mha_wants: dict[int, tuple[bool, bool]] = {}
         self.enc_start: dict[int, int] = {}
         self.auto_layout: TokenLayout | None = None
@@ -95,39 +130,36 @@ class Interceptor(ModuleHooks):
                     self.handles.append(
                         module.register_forward_pre_hook(deformable_pre_hook(self._event), with_kwargs=True)
                     )
+            # The one way to see foreign calls: replace torch's function for the block (see observe.in_backend).
             self.prev_sdpa = F.scaled_dot_product_attention
             F.scaled_dot_product_attention = self._sdpa
-            self.prev_dispatch = _backends.dispatch
+            self.contexts = ExitStack()
+            self.contexts.enter_context(observe.observer(self._event))
             if self.differentiable or self.head_gates is not None:
-                _backends.dispatch = self._dispatch
-            self.observer = observe.observer(self._event)
-            self.observer.__enter__()
+                self.contexts.enter_context(observe.interceptor(self._intercept_call))
         except BaseException:
             self._remove()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.observer.__exit__(*exc)
         self._remove()
 
     def _remove(self) -> None:
+        contexts = getattr(self, "contexts", None)
+        if contexts is not None:
+            contexts.close()
+            self.contexts = None
         for h in self.handles:
             h.remove()
         self.handles.clear()
         if getattr(self, "prev_sdpa", None) is not None:
             F.scaled_dot_product_attention = self.prev_sdpa
             self.prev_sdpa = None
-        if getattr(self, "prev_dispatch", None) is not None:
-            _backends.dispatch = self.prev_dispatch
-            self.prev_dispatch = None
 
     # ---------------------------------------------------------------- module stack
     def _pre(self, module, args, kwargs):
-        hint = None
-        if kwargs and any(kwargs.get(k) is not None for k in _CROSS_KWARGS):
-            hint = True
-        self.stack.append((self.names[module], hint, module))
+        self.stack.append((self.names[module], _call_hint(module, args, kwargs or {}), module))
 
     def _post(self, module, args, output):
         if self.stack:
@@ -136,18 +168,14 @@ class Interceptor(ModuleHooks):
     def _where(self, q_len: int | None = None, kv_len: int | None = None) -> tuple[str, bool]:
         """Innermost module path, and whether the call is cross-attention.
 
-        Cross when the module got a cross-attention keyword (``encoder_hidden_states``, ...) or query and key
-        tensors that differ (``nn.MultiheadAttention``), or its path names cross-attention; otherwise, when
-        ``Lq != Lk``, cross unless the same module ran self-attention before (KV-cache decoding).
+        From what the call is (:func:`_call_hint`: a cross-attention keyword, a key that is not the query, a KV
+        cache), else from a module path naming cross-attention; only a module that says nothing about itself
+        and attends ``Lq != Lk`` keys is taken as cross-attention (a hand-written decoder block).
         """
         name, cross, _ = self.stack[-1]
         if cross is None:
             low = name.lower()
-            cross = any(f in low for f in _CROSS_NAMES)
-            if not cross and q_len is not None and q_len != kv_len:
-                cross = self.seen_cross.get(name, True)
-        if q_len is not None:
-            self.seen_cross.setdefault(name, cross)
+            cross = any(f in low for f in _CROSS_NAMES) or (q_len is not None and q_len != kv_len)
         return name, cross
 
     def _layer(self, name: str) -> int:
@@ -178,44 +206,46 @@ class Interceptor(ModuleHooks):
 
     # ---------------------------------------------------------------- producers
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        caller = sys._getframe(1).f_globals.get("__name__")
-        if self.suspended or not self.stack or (caller or "").startswith(_BACKEND_PREFIXES):
+        if self.suspended or not self.stack or observe.in_backend():
             return self.prev_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
         name, cross = self._where(query.shape[-2], key.shape[-2])
         layer = self._layer(name)
         wanted = self.layers is None or layer in self.layers
-        gate = self.head_gates(layer, query.shape[-3]) if self.head_gates is not None else None
-        if self.differentiable and wanted:
-            spec = spec_from_sdpa(
-                query, key, value, attn_mask, dropout_p, is_causal, scale, kwargs.get("enable_gqa", False)
-            )
-            spec = _with_dropout(spec, dropout_p)
-            out, probs = sdpa_math(spec)
-            self._record(name, layer, cross, "sdpa", spec=spec, weights=probs)
-            return out if gate is None else out * gate.view(-1, 1, 1).to(out.dtype)
-        out = self.prev_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        unfolded = unfold_packed_gqa(self.stack[-1][2], query, key, attn_mask)
+        gate = None
+        if self.head_gates is not None:
+            gate = self.head_gates(layer, query.shape[-3] if unfolded is None else unfolded[0].shape[-3])
         if wanted:
-            spec = spec_from_sdpa(
-                query, key, value, attn_mask, dropout_p, is_causal, scale, kwargs.get("enable_gqa", False)
-            )
-            self._record(name, layer, cross, "sdpa", spec=spec)
+            q_seen, mask_seen = (query, attn_mask) if unfolded is None else unfolded
+            spec = spec_from_sdpa(q_seen, key, value, mask_seen, dropout_p, is_causal, scale)
+        if self.differentiable and wanted:
+            out, probs, _ = math_forward(replace(spec, dropout_p=float(dropout_p)), probs_leaf=True)
+            self._record(name, layer, cross, "sdpa", spec=spec, weights=probs)
         else:
-            self._count()
-        return out if gate is None else out * gate.view(-1, 1, 1).to(out.dtype)
+            out = self.prev_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+            if wanted:
+                self._record(name, layer, cross, "sdpa", spec=spec)
+            else:
+                self._count()
+        if gate is not None:
+            shape = out.shape
+            out = out.reshape(*shape[:-3], gate.numel(), -1, shape[-1]) * gate.view(-1, 1, 1).to(out.dtype)
+            out = out.reshape(shape)
+        return out.reshape(*query.shape[:-1], value.shape[-1])
 
-    def _dispatch(self, spec: AttentionSpec, backend: str = "auto"):
-        """Replaces :func:`attnkit.backends.dispatch` in differentiable / head-gate modes."""
+    def _intercept_call(self, spec: AttentionSpec, run):
+        """The interceptor of :func:`attnkit.functional.registry.dispatch` in differentiable / head-gate modes."""
         if self.suspended or not self.stack:
-            return self.prev_dispatch(spec, backend)
+            return run(spec)
         name, _ = self._where()
         gate = self.head_gates(self._layer(name), spec.num_heads) if self.head_gates is not None else None
         if self.differentiable:
-            out, probs = sdpa_math(spec)
+            out, probs, lse = math_forward(spec, probs_leaf=True)
             self.pending[id(spec)] = probs
             weights = probs.to(spec.query.dtype) if spec.return_weights else None
-            lse = self.prev_dispatch(spec, backend)[2] if spec.return_lse else None
+            lse = lse if spec.return_lse else None
         else:
-            out, weights, lse = self.prev_dispatch(spec, backend)
+            out, weights, lse = run(spec)
         if gate is not None:
             out = out * gate.view(-1, 1, 1).to(out.dtype)
         return out, weights, lse
@@ -223,8 +253,7 @@ class Interceptor(ModuleHooks):
     def _event(self, event: observe.AttentionEvent) -> None:
         if self.suspended or not self.stack:
             return
-        spec = event.spec
-        name, cross = self._where(*((spec.q_len, spec.kv_len) if spec is not None else (None, None)))
+        name, cross = self._where()
         layer = self._layer(name)
         if self.layers is not None and layer not in self.layers:
             self._count()
@@ -314,13 +343,10 @@ class Interceptor(ModuleHooks):
             for red in self.reducers:
                 red.finish(rec)
         if self.store:
+            if not parts:  # an empty call (no query row): an empty map of the recorded shape
+                b, h = shape[0], 1 if self.head_mean else (num_heads if heads is None else len(heads))
+                parts = [torch.zeros(b, h, 0 if rows is None else len(rows), shape[-1])]
             rec.weights = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
             if full is not None:
                 rec.weights = rec.weights.float() if rec.weights.dtype != torch.float64 else rec.weights
         self.rec.maps.append(rec)
-
-
-def _with_dropout(spec: AttentionSpec, dropout_p: float) -> AttentionSpec:
-    from dataclasses import replace
-
-    return replace(spec, dropout_p=float(dropout_p)) if dropout_p else spec

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
 from attnkit.functional import observe
+from attnkit.functional.block_mask import BlockMask
+from attnkit.functional.mods import MaskMod, ScoreMod
+from attnkit.functional.registry import dispatch
 from attnkit.functional.spec import AttentionOutput, make_spec
-
-if TYPE_CHECKING:
-    from attnkit.sparse.block_mask import BlockMask
 
 __all__ = ["attention"]
 
@@ -31,9 +28,10 @@ def attention(
     dropout_p: float = 0.0,
     return_weights: bool = False,
     return_lse: bool = False,
-    mask_mod: Callable[..., Tensor] | None = None,
-    score_mod: Callable[..., Tensor] | None = None,
+    mask_mod: MaskMod | None = None,
+    score_mod: ScoreMod | None = None,
     block_mask: BlockMask | None = None,
+    sinks: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor | AttentionOutput:
     r"""Scaled dot-product attention: ``softmax(mask(softcap(scale · Q Kᵀ) + bias)) V``.
@@ -49,7 +47,7 @@ def attention(
         s = softcap * tanh(scale * q @ k.mT / softcap)
         s = score_mod(s, b, h, i, j) + attn_bias + alibi + float_mask
         s = s.masked_fill(~(bool_mask & causal & window & mask_mod(b, h, i, j) & block_mask), -inf)
-        p = softmax(s, -1)            # rows with no key left: p = 0, not NaN
+        p = softmax([s, sink], -1)[..., :-1]   # sink column dropped; rows with no key left: p = 0, not NaN
         out = dropout(p, dropout_p) @ v
 
     Alignment when ``Lq != Lk`` is **bottom-right** (FlashAttention >= 2.1; what a KV cache needs): query ``i``
@@ -81,7 +79,8 @@ def attention(
             ``1 / (1 - p)``), applied whenever ``> 0`` as in SDPA: pass ``0.0`` at evaluation.
         return_weights: also return the probabilities ``(B..., H, Lq, Lk)`` (before dropout).
         return_lse: also return the log-sum-exp ``(B..., H, Lq)`` of the scaled, masked scores, in float32
-            (float64 for float64 inputs; ``-inf`` for rows with no key to attend to).
+            (float64 for float64 inputs; ``-inf`` for rows with no key to attend to). Differentiable on every
+            backend (``auto`` avoids the fused CPU kernel, whose lse has no gradient, when gradients are needed).
         mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (FlexAttention's signature), True = may attend;
             combined with the other masks by "and". It is called on broadcastable int64 index tensors (``b``
             indexes the flattened batch dims, ``h`` the query head, ``q_idx``/``kv_idx`` absolute positions), one
@@ -93,6 +92,11 @@ def attention(
             the ``"math"`` backend.
         block_mask: an :class:`attnkit.sparse.BlockMask` built for ``(Lq, Lk)``: a mask shared by every batch
             element and head, combined by "and"; the ``"blocksparse"`` backend skips its empty blocks.
+        sinks: ``(H,)`` or ``(B..., H)`` attention-sink logits: one learned logit per head that joins every row's
+            softmax with a zero value (Xiao et al. 2023; gpt-oss's ``s_aux``). Weights then sum to
+            ``1 - sink mass``, ``lse`` includes the sink, and a row with no key left puts all its mass on the
+            sink (output 0). Differentiable on every backend; merged through the lse
+            (:func:`attnkit.functional.merge.add_sinks`).
         backend: ``"auto"`` (the fastest registered backend that supports the call; see
             :func:`attnkit.backends.select`) or a name from :func:`attnkit.backends.available`
             (``"math"``, ``"sdpa"``, ...).
@@ -101,14 +105,15 @@ def attention(
         ``(B..., H, Lq, Dv)`` tensor in the dtype of ``value``; or, when ``return_weights`` or ``return_lse`` is
         set, an :class:`attnkit.AttentionOutput` ``(output, weights, lse)`` with the unrequested fields ``None``.
         A query row with no key left to attend to gives output 0, weights 0, lse ``-inf`` and zero gradients.
-        In float16/bfloat16 the softmax is accumulated in float32.
+        In float16/bfloat16 the softmax is accumulated in float32. Empty calls (a zero batch dim, no heads,
+        ``Lq = 0`` or ``Lk = 0``) return an empty (``Lk = 0``: zero) output on every backend.
 
     Raises:
         TypeError: a non-tensor or non-floating input, mixed dtypes, a mask of a non-bool non-float dtype.
         ValueError: wrong ranks, batch/head/head_dim sizes that do not match, ``H`` not a multiple of ``Hkv``,
             a mask or bias that does not broadcast to ``(B..., H, Lq, Lk)``, mixed devices, a window side below
-            ``-1``, ``dropout_p`` outside ``[0, 1)``, an unknown backend, or a named backend that cannot do an
-            option of the call (the message names it).
+            ``-1``, ``dropout_p`` outside ``[0, 1)``, ``softcap`` not a positive finite number, ``D = 0``, an
+            unknown backend, or a named backend that cannot do an option of the call (the message names it).
 
     References:
         Vaswani et al. 2017, "Attention Is All You Need", Eq. 1. Masking/alignment semantics match
@@ -121,9 +126,6 @@ def attention(
         >>> attnkit.attention(q, k, v, is_causal=True).shape
         torch.Size([2, 4, 8, 16])
     """
-    # Imported here so that attnkit.functional does not import the backends at module level.
-    from attnkit.backends import dispatch
-
     spec = make_spec(
         query,
         key,
@@ -141,6 +143,7 @@ def attention(
         mask_mod=mask_mod,
         score_mod=score_mod,
         block_mask=block_mask,
+        sinks=sinks,
     )
     out, weights, lse = dispatch(spec, backend)
     if observe._OBSERVERS:

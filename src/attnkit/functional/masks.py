@@ -27,6 +27,7 @@ __all__ = [
     "alibi_slopes",
     "band_keep",
     "block_diagonal",
+    "bottom_right_offset",
     "causal",
     "effective_window",
     "from_key_padding_mask",
@@ -35,6 +36,15 @@ __all__ = [
     "positional_mask",
     "sliding_window",
 ]
+
+
+def bottom_right_offset(q_len: int, kv_len: int) -> int:
+    """Key position of query row 0 under bottom-right alignment: ``Lk - Lq`` (query ``i`` sits at ``i + Lk - Lq``).
+
+    The one definition of attnkit's alignment of queries against keys when ``Lq != Lk`` (FlashAttention >= 2.1;
+    what a KV cache needs: the new queries are the last ``Lq`` positions of the ``Lk`` keys).
+    """
+    return kv_len - q_len
 
 
 def normalize_window_size(window_size: int | Sequence[int] | None, *, name: str = "window_size"):
@@ -96,7 +106,7 @@ def positional_mask(
     left, right = effective_window(is_causal, window_size)
     q0, q1 = q_range if q_range is not None else (0, q_len)
     k0, k1 = kv_range if kv_range is not None else (0, kv_len)
-    offset = kv_len - q_len
+    offset = bottom_right_offset(q_len, kv_len)
     # d = j - (i + offset) spans [k0 - (q1 - 1) - offset, (k1 - 1) - q0 - offset] inside the tile.
     d_min = k0 - (q1 - 1) - offset
     d_max = (k1 - 1) - q0 - offset
@@ -302,7 +312,8 @@ def alibi_bias(
     """
     q0, q1 = q_range if q_range is not None else (0, q_len)
     k0, k1 = kv_range if kv_range is not None else (0, kv_len)
-    rows = torch.arange(q0 + kv_len - q_len, q1 + kv_len - q_len, device=slopes.device).unsqueeze(-1)
+    off = bottom_right_offset(q_len, kv_len)
+    rows = torch.arange(q0 + off, q1 + off, device=slopes.device).unsqueeze(-1)
     cols = torch.arange(k0, k1, device=slopes.device)
     dist = (rows - cols).abs().to(dtype)
     return -slopes.to(dtype)[..., None, None] * dist

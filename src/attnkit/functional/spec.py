@@ -6,18 +6,28 @@ public boundary) and hands it to a backend. Backends never re-validate; they rea
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from attnkit.functional.masks import alibi_bias, normalize_window_size, positional_mask
+from attnkit.functional.block_mask import BlockMask
+from attnkit.functional.masks import normalize_window_size
+from attnkit.functional.mods import MASK_MOD_PARAMS, SCORE_MOD_PARAMS, MaskMod, ScoreMod, check_mod
 
-__all__ = ["AttentionOutput", "AttentionSpec", "call_mask_mod", "call_score_mod", "make_spec", "tile_terms"]
+__all__ = [
+    "AttentionOutput",
+    "AttentionSpec",
+    "check_block_mask",
+    "check_masks",
+    "check_number",
+    "check_per_head",
+    "check_qkv",
+    "lse_dtype",
+    "make_spec",
+]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -46,7 +56,7 @@ class AttentionSpec:
     ``attn_mask`` and ``attn_bias`` are already checked to broadcast to ``(*batch, H, Lq, Lk)``;
     ``window_size`` is a ``(left, right)`` pair or ``None``; ``scale`` is a float. ``mask_mod`` / ``score_mod``
     are FlexAttention-style callables (signatures checked); ``block_mask`` is an :class:`attnkit.sparse.BlockMask`
-    whose lengths match ``Lq`` and ``Lk``.
+    whose lengths match ``Lq`` and ``Lk``; ``sinks`` is ``(H,)`` or ``(B..., H)`` (one logit per head).
     """
 
     query: Tensor
@@ -62,9 +72,10 @@ class AttentionSpec:
     dropout_p: float = 0.0
     return_weights: bool = False
     return_lse: bool = False
-    mask_mod: Callable[..., Tensor] | None = None
-    score_mod: Callable[..., Tensor] | None = None
-    block_mask: Any = None
+    mask_mod: MaskMod | None = None
+    score_mod: ScoreMod | None = None
+    block_mask: BlockMask | None = None
+    sinks: Tensor | None = None
 
     @property
     def num_heads(self) -> int:
@@ -120,7 +131,13 @@ class AttentionSpec:
             used.append("score_mod")
         if self.block_mask is not None:
             used.append("block_mask")
+        if self.sinks is not None:
+            used.append("sinks")
         return frozenset(used)
+
+    def is_empty(self) -> bool:
+        """True when the call has no work: a zero batch dim, zero heads, ``Lq = 0`` or ``Lk = 0``."""
+        return self.query.numel() == 0 or self.key.numel() == 0
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -141,30 +158,12 @@ def _check_broadcast(name: str, t: Tensor, target: torch.Size) -> None:
         )
 
 
-def make_spec(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    *,
-    attn_mask: Tensor | None = None,
-    is_causal: bool = False,
-    window_size=None,
-    attn_bias: Tensor | None = None,
-    alibi_slopes: Tensor | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    return_weights: bool = False,
-    return_lse: bool = False,
-    mask_mod: Callable[..., Tensor] | None = None,
-    score_mod: Callable[..., Tensor] | None = None,
-    block_mask: Any = None,
-) -> AttentionSpec:
-    """Validate the arguments of :func:`attnkit.attention` and return them as an :class:`AttentionSpec`.
+def check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
+    """Types, ranks, dtypes, devices and sizes of ``query``, ``key``, ``value`` (see :func:`attnkit.attention`).
 
     Raises:
-        TypeError: a tensor argument is not a tensor, or has the wrong dtype.
-        ValueError: shapes, devices or values that do not fit (the message names the argument).
+        TypeError: a non-tensor or non-floating input, or mixed dtypes.
+        ValueError: ranks, batch dims, head_dim, lengths or head counts that do not fit; ``D = 0``.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
@@ -198,11 +197,17 @@ def make_spec(
             f"attention: query head_dim D={query.shape[-1]} differs from key head_dim {key.shape[-1]} "
             f"(query {_shape(query)}, key {_shape(key)})"
         )
+    if query.shape[-1] == 0 or value.shape[-1] == 0:
+        raise ValueError(
+            f"attention: expected head_dim D >= 1 and Dv >= 1, got query {_shape(query)} and value {_shape(value)}"
+        )
     if key.shape[-2] != value.shape[-2] or key.shape[-3] != value.shape[-3]:
         raise ValueError(
             f"attention: key {_shape(key)} and value {_shape(value)} must agree in heads (dim -3) and length (dim -2)"
         )
     num_heads, num_kv_heads = query.shape[-3], key.shape[-3]
+    if num_heads == num_kv_heads == 0:
+        return
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
         valid = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
         raise ValueError(
@@ -210,6 +215,14 @@ def make_spec(
             f"(Hkv={num_kv_heads}), got key {_shape(key)}. Valid Hkv: {', '.join(map(str, valid))}."
         )
 
+
+def check_masks(query: Tensor, key: Tensor, attn_mask: Tensor | None, attn_bias: Tensor | None) -> None:
+    """``attn_mask`` (bool or float) and ``attn_bias`` (float) broadcast to ``(*batch, H, Lq, Lk)``.
+
+    Raises:
+        TypeError: a non-tensor, or a mask of a non-bool non-float dtype, or a non-float bias.
+        ValueError: a shape that does not broadcast, or another device.
+    """
     target = (*query.shape[:-1], key.shape[-2])
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
@@ -228,49 +241,107 @@ def make_spec(
         if attn_bias.device != query.device:
             raise ValueError(f"attention: attn_bias is on {attn_bias.device}, query on {query.device}")
         _check_broadcast("attn_bias", attn_bias, target)
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, Tensor) or not alibi_slopes.dtype.is_floating_point:
-            raise TypeError("attention: alibi_slopes must be a floating tensor of shape (H,) or (B, H)")
-        batch = query.shape[:-3]
-        ok = alibi_slopes.ndim >= 1 and alibi_slopes.shape[-1] == num_heads
-        ok = ok and alibi_slopes.ndim - 1 <= len(batch)
-        ok = ok and all(s in (1, n) for s, n in zip(reversed(alibi_slopes.shape[:-1]), reversed(batch)))
-        if not ok:
-            raise ValueError(
-                f"attention: alibi_slopes of shape {_shape(alibi_slopes)} do not fit query {_shape(query)}; "
-                f"expected (H,) = ({num_heads},) or (B, H) = ({', '.join(map(str, batch))}, {num_heads})"
-            )
-        if alibi_slopes.device != query.device:
-            raise ValueError(f"attention: alibi_slopes is on {alibi_slopes.device}, query on {query.device}")
+
+
+def check_per_head(name: str, t: Tensor | None, query: Tensor) -> None:
+    """A per-head float tensor (``alibi_slopes``, ``sinks``) of shape ``(H,)`` or ``(B..., H)``.
+
+    Raises:
+        TypeError: not a floating tensor.
+        ValueError: a shape that does not fit ``query``'s heads and batch dims, another device.
+    """
+    if t is None:
+        return
+    if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+        raise TypeError(f"attention: {name} must be a floating tensor of shape (H,) or (B, H)")
+    num_heads, batch = query.shape[-3], query.shape[:-3]
+    ok = t.ndim >= 1 and t.shape[-1] == num_heads and t.ndim - 1 <= len(batch)
+    ok = ok and all(s in (1, n) for s, n in zip(reversed(t.shape[:-1]), reversed(batch)))
+    if not ok:
+        raise ValueError(
+            f"attention: {name} of shape {_shape(t)} do not fit query {_shape(query)}; "
+            f"expected (H,) = ({num_heads},) or (B, H) = ({', '.join(map(str, batch))}, {num_heads})"
+        )
+    if t.device != query.device:
+        raise ValueError(f"attention: {name} is on {t.device}, query on {query.device}")
+
+
+def check_number(name: str, value, ok, expected: str) -> float:
+    """``value`` as a float if it is a finite real number (not a bool) for which ``ok(value)`` holds.
+
+    Raises:
+        ValueError: anything else: ``"attention: {name} must {expected}, got {value!r}"``.
+    """
+    good = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and ok(value)
+    if not good:
+        raise ValueError(f"attention: {name} must {expected}, got {value!r}")
+    return float(value)
+
+
+def check_block_mask(block_mask, query: Tensor, key: Tensor) -> None:
+    """``block_mask`` is a :class:`~attnkit.functional.block_mask.BlockMask` for ``(Lq, Lk)`` on query's device.
+
+    Raises:
+        TypeError: another type.
+        ValueError: built for other lengths or on another device.
+    """
+    if block_mask is None:
+        return
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(
+            f"attention: expected block_mask to be an attnkit.sparse.BlockMask, got {type(block_mask).__name__}"
+        )
+    if (block_mask.q_len, block_mask.kv_len) != (query.shape[-2], key.shape[-2]):
+        raise ValueError(
+            f"attention: block_mask was built for (Lq, Lk) = ({block_mask.q_len}, {block_mask.kv_len}), "
+            f"but query/key have (Lq, Lk) = ({query.shape[-2]}, {key.shape[-2]}); build it for these lengths"
+        )
+    if block_mask.device != query.device:
+        raise ValueError(f"attention: block_mask is on {block_mask.device}, query on {query.device}")
+
+
+def make_spec(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    window_size=None,
+    attn_bias: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    return_lse: bool = False,
+    mask_mod: MaskMod | None = None,
+    score_mod: ScoreMod | None = None,
+    block_mask: BlockMask | None = None,
+    sinks: Tensor | None = None,
+) -> AttentionSpec:
+    """Validate the arguments of :func:`attnkit.attention` and return them as an :class:`AttentionSpec`.
+
+    Raises:
+        TypeError: a tensor argument is not a tensor, or has the wrong dtype.
+        ValueError: shapes, devices or values that do not fit (the message names the argument).
+    """
+    check_qkv(query, key, value)
+    check_masks(query, key, attn_mask, attn_bias)
+    check_per_head("alibi_slopes", alibi_slopes, query)
+    check_per_head("sinks", sinks, query)
     if not isinstance(is_causal, bool):
         raise TypeError(f"attention: is_causal must be a bool, got {type(is_causal).__name__}")
     window = normalize_window_size(window_size, name="attention: window_size")
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
-            raise ValueError(f"attention: softcap must be a positive number or None, got {softcap!r}")
-        softcap = float(softcap)
+        softcap = check_number("softcap", softcap, lambda x: x > 0, "be a positive number (finite) or None")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must lie in [0, 1), got {dropout_p!r}")
-    _check_mod(mask_mod, "mask_mod", ("b", "h", "q_idx", "kv_idx"))
-    _check_mod(score_mod, "score_mod", ("score", "b", "h", "q_idx", "kv_idx"))
-    if block_mask is not None:
-        from attnkit.sparse.block_mask import BlockMask  # lazy: attnkit.sparse builds on this module
-
-        if not isinstance(block_mask, BlockMask):
-            raise TypeError(
-                f"attention: expected block_mask to be an attnkit.sparse.BlockMask, got {type(block_mask).__name__}"
-            )
-        if (block_mask.q_len, block_mask.kv_len) != (query.shape[-2], key.shape[-2]):
-            raise ValueError(
-                f"attention: block_mask was built for (Lq, Lk) = ({block_mask.q_len}, {block_mask.kv_len}), "
-                f"but query/key have (Lq, Lk) = ({query.shape[-2]}, {key.shape[-2]}); build it for these lengths"
-            )
-        if block_mask.device != query.device:
-            raise ValueError(f"attention: block_mask is on {block_mask.device}, query on {query.device}")
+    scale = check_number("scale", scale, lambda x: True, "be a finite number or None")
+    dropout_p = check_number("dropout_p", dropout_p, lambda x: 0.0 <= x < 1.0, "lie in [0, 1)")
+    check_mod(mask_mod, "mask_mod", MASK_MOD_PARAMS)
+    check_mod(score_mod, "score_mod", SCORE_MOD_PARAMS)
+    check_block_mask(block_mask, query, key)
     return AttentionSpec(
         query=query,
         key=key,
@@ -282,141 +353,11 @@ def make_spec(
         alibi_slopes=alibi_slopes,
         softcap=softcap,
         scale=float(scale),
-        dropout_p=float(dropout_p),
+        dropout_p=dropout_p,
         return_weights=bool(return_weights),
         return_lse=bool(return_lse),
         mask_mod=mask_mod,
         score_mod=score_mod,
         block_mask=block_mask,
+        sinks=sinks,
     )
-
-
-def _check_mod(fn, name: str, params: tuple[str, ...]) -> None:
-    """Raise unless ``fn`` is ``None`` or a callable accepting exactly ``len(params)`` positional arguments."""
-    if fn is None:
-        return
-    expected = f"{name}({', '.join(params)})"
-    if not callable(fn):
-        raise TypeError(f"attention: expected {name} to be a callable {expected}, got {type(fn).__name__}")
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins without a signature: checked when called
-        return
-    kinds = [p.kind for p in sig.parameters.values()]
-    if inspect.Parameter.VAR_POSITIONAL in kinds:
-        return
-    positional = [
-        p
-        for p in sig.parameters.values()
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    required = [p for p in positional if p.default is inspect.Parameter.empty]
-    if len(required) > len(params) or len(positional) < len(params):
-        raise TypeError(
-            f"attention: {name} must take {len(params)} positional arguments, {expected} (FlexAttention's "
-            f"signature), got a callable with signature {name}{sig}"
-        )
-
-
-def call_mask_mod(mask_mod, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor, *, name="mask_mod") -> Tensor:
-    """Evaluate ``mask_mod(b, h, q_idx, kv_idx)`` on broadcastable int64 index tensors and check the result.
-
-    Returns:
-        a bool tensor broadcastable to ``broadcast_shapes(b, h, q_idx, kv_idx)`` (True = may attend).
-
-    Raises:
-        TypeError: the result is not a bool tensor.
-        ValueError: its shape does not broadcast to the indices' shape.
-    """
-    out = mask_mod(b, h, q_idx, kv_idx)
-    if not isinstance(out, Tensor) or out.dtype != torch.bool:
-        got = out.dtype if isinstance(out, Tensor) else type(out).__name__
-        raise TypeError(
-            f"attention: {name}(b, h, q_idx, kv_idx) must return a bool tensor (True = may attend), got {got}; "
-            f"it is called on broadcastable int64 index tensors, so use elementwise tensor operations"
-        )
-    _check_mod_shape(name, out, b, h, q_idx, kv_idx)
-    return out
-
-
-def call_score_mod(score_mod, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-    """Evaluate ``score_mod(score, b, h, q_idx, kv_idx)`` and check that it returns a float tensor like ``score``.
-
-    Raises:
-        TypeError: the result is not a floating tensor.
-        ValueError: its shape does not broadcast to ``score``'s.
-    """
-    out = score_mod(score, b, h, q_idx, kv_idx)
-    if not isinstance(out, Tensor) or not out.dtype.is_floating_point:
-        got = out.dtype if isinstance(out, Tensor) else type(out).__name__
-        raise TypeError(f"attention: score_mod(score, b, h, q_idx, kv_idx) must return a float tensor, got {got}")
-    _check_mod_shape("score_mod", out, score, b, h, q_idx, kv_idx)
-    if out.shape != score.shape:
-        out = out.expand(score.shape)
-    return out.to(score.dtype)
-
-
-def _check_mod_shape(name: str, out: Tensor, *inputs: Tensor) -> None:
-    target = torch.broadcast_shapes(*(t.shape for t in inputs))
-    try:
-        if torch.broadcast_shapes(out.shape, target) != target:
-            raise RuntimeError
-    except RuntimeError:
-        raise ValueError(
-            f"attention: {name} returned shape {_shape(out)}, which does not broadcast to the tile's shape "
-            f"{tuple(target)}; it must work elementwise on broadcastable index tensors"
-        ) from None
-
-
-def _narrow_tile(t: Tensor, q_range: tuple[int, int], kv_range: tuple[int, int]) -> Tensor:
-    """Take rows ``q_range`` and columns ``kv_range`` of a mask/bias whose last dims may be broadcast (size 1)."""
-    if t.ndim >= 2 and t.shape[-2] != 1:
-        t = t[..., q_range[0] : q_range[1], :]
-    if t.ndim >= 1 and t.shape[-1] != 1:
-        t = t[..., kv_range[0] : kv_range[1]]
-    return t
-
-
-def tile_terms(
-    spec: AttentionSpec,
-    q_range: tuple[int, int] | None = None,
-    kv_range: tuple[int, int] | None = None,
-) -> tuple[Tensor | None, Tensor | None]:
-    """Everything a backend adds to the (soft-capped) scores of one tile, except the scores themselves.
-
-    Args:
-        spec: the call.
-        q_range: ``(start, stop)`` query rows of the tile; default all.
-        kv_range: ``(start, stop)`` key columns of the tile; default all.
-
-    Returns:
-        ``(bias, keep)``: ``bias`` is a float32 (float64 for float64 inputs) additive term broadcastable to
-        ``(*batch, H, rows, cols)`` — the sum of ``attn_bias``, ALiBi and a float ``attn_mask`` — or ``None``;
-        ``keep`` is a bool mask (True = may attend) combining a bool ``attn_mask``, ``is_causal`` and
-        ``window_size``, or ``None`` when nothing is masked. Neither is expanded beyond what broadcasting needs.
-    """
-    q_range = q_range if q_range is not None else (0, spec.q_len)
-    kv_range = kv_range if kv_range is not None else (0, spec.kv_len)
-    acc = lse_dtype(spec.query.dtype)
-    bias = None
-    if spec.attn_bias is not None:
-        bias = _narrow_tile(spec.attn_bias, q_range, kv_range).to(acc)
-    if spec.alibi_slopes is not None:
-        alibi = alibi_bias(spec.alibi_slopes, spec.q_len, spec.kv_len, q_range=q_range, kv_range=kv_range, dtype=acc)
-        bias = alibi if bias is None else bias + alibi
-    keep = positional_mask(
-        spec.q_len,
-        spec.kv_len,
-        is_causal=spec.is_causal,
-        window_size=spec.window_size,
-        device=spec.query.device,
-        q_range=q_range,
-        kv_range=kv_range,
-    )
-    if spec.attn_mask is not None:
-        mask = _narrow_tile(spec.attn_mask, q_range, kv_range)
-        if mask.dtype == torch.bool:
-            keep = mask if keep is None else keep & mask
-        else:
-            bias = mask.to(acc) if bias is None else bias + mask
-    return bias, keep

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.backends.math import masked_softmax
+from attnkit.functional.tiles import masked_softmax
 from attnkit.functional import observe
 
 __all__ = ["check_inputs", "softmax_context"]

@@ -11,7 +11,7 @@ Example:
     torch.Size([1, 2, 512, 16])
 """
 
-from attnkit.sparse.block_mask import BlockMask, LayoutGroup
+from attnkit.functional.block_mask import BlockMask, LayoutGroup
 from attnkit.sparse.layouts import bigbird, causal, document, global_tokens, longformer, sliding_window
 
 __all__ = [

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from attnkit.functional.masks import normalize_window_size
-from attnkit.sparse.block_mask import BlockMask, _check_len
+from attnkit.functional.block_mask import BlockMask, check_block_len
+from attnkit.functional.masks import bottom_right_offset, normalize_window_size
 
 __all__ = ["bigbird", "causal", "document", "global_tokens", "longformer", "sliding_window"]
 
 
 def _block_bounds(length: int, block_size: int, device) -> tuple[Tensor, Tensor]:
-    _check_len("length", length), _check_len("block_size", block_size)
+    check_block_len("length", length), check_block_len("block_size", block_size)
     start = torch.arange(0, length, block_size, device=device)
     return start, (start + block_size).clamp(max=length) - 1
 
@@ -51,7 +51,7 @@ def sliding_window(
     left, right = normalize_window_size(window_size, name="sliding_window: window_size")
     if is_causal:
         right = 0 if right == -1 else min(right, 0)
-    off = kv_len - q_len
+    off = bottom_right_offset(q_len, kv_len)
     q0, q1 = _block_bounds(q_len, block_size, device)
     k0, k1 = _block_bounds(kv_len, block_size, device)
     d_min = k0[None, :] - q1[:, None] - off  # min over the block of j - (i + off)
@@ -108,7 +108,7 @@ def global_tokens(seq_len: int, tokens, *, block_size: int = 128, device=None) -
     Raises:
         ValueError: positions outside ``[0, L)``.
     """
-    _check_len("seq_len", seq_len), _check_len("block_size", block_size)
+    check_block_len("seq_len", seq_len), check_block_len("block_size", block_size)
     flags = _as_flags(tokens, seq_len, "global_tokens", device)
     nb = -(-seq_len // block_size)
     padded = torch.cat([flags, flags.new_zeros(nb * block_size - seq_len)]).view(nb, block_size)
@@ -157,7 +157,7 @@ def bigbird(
             raise ValueError(f"bigbird: expected {name} >= 0, got {n}")
     if num_random_blocks < 0:
         raise ValueError(f"bigbird: expected num_random_blocks >= 0, got {num_random_blocks}")
-    _check_len("seq_len", seq_len), _check_len("block_size", block_size)
+    check_block_len("seq_len", seq_len), check_block_len("block_size", block_size)
     nb = -(-seq_len // block_size)
     i = torch.arange(nb)
     table = (i[:, None] - i[None, :]).abs() <= num_window_blocks // 2

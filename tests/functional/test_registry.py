@@ -3,7 +3,7 @@ import torch
 
 import attnkit
 from attnkit.backends import Backend, register
-from attnkit.backends.registry import _ORDER, _REGISTRY
+from attnkit.functional.registry import _ORDER, _REGISTRY
 
 
 def test_available_lists_backends_with_their_options():

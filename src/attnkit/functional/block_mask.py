@@ -17,15 +17,14 @@ Reference: the block-sparse layouts of Child et al. 2019 (Sparse Transformers), 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from attnkit.functional.spec import call_mask_mod, make_spec
+from attnkit.functional.mods import MASK_MOD_PARAMS, MaskMod, call_mask_mod, check_mod
 
-__all__ = ["BlockMask", "LayoutGroup"]
+__all__ = ["BlockMask", "LayoutGroup", "check_block_len"]
 
 #: Element evaluations per chunk when a mask_mod is evaluated over a whole layout.
 _EVAL_CHUNK = 1 << 22
@@ -46,15 +45,16 @@ class LayoutGroup:
     keep: Tensor | None
 
 
-def _check_len(name: str, value) -> int:
+def check_block_len(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"BlockMask: expected {name} to be a positive int, got {value!r}")
     return value
 
 
 def _check_mod(mask_mod) -> None:
-    probe = torch.zeros(1, 1, 1, 1)
-    make_spec(probe, probe, probe, mask_mod=mask_mod)  # signature check with attention's message
+    if mask_mod is None:
+        raise TypeError("BlockMask: expected mask_mod to be a callable mask_mod(b, h, q_idx, kv_idx), got None")
+    check_mod(mask_mod, "mask_mod", MASK_MOD_PARAMS, who="BlockMask")
 
 
 class BlockMask:
@@ -74,7 +74,7 @@ class BlockMask:
 
     def __init__(
         self,
-        mask_mod: Callable[..., Tensor],
+        mask_mod: MaskMod,
         q_len: int,
         kv_len: int,
         *,
@@ -85,8 +85,8 @@ class BlockMask:
     ):
         """Low-level constructor; ``visited``/``full`` must satisfy the invariants of the module docstring
         (the layout functions guarantee them). Raises ValueError for wrong shapes or sizes."""
-        self.q_len, self.kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
-        self.block_size = _check_len("block_size", block_size)
+        self.q_len, self.kv_len = check_block_len("q_len", q_len), check_block_len("kv_len", kv_len)
+        self.block_size = check_block_len("block_size", block_size)
         _check_mod(mask_mod)
         shape = (-(-q_len // block_size), -(-kv_len // block_size))
         for name, t in (("visited", visited), ("full", full)):
@@ -185,14 +185,14 @@ class BlockMask:
     # ---------------------------------------------------------------------------------------------------
     @classmethod
     def from_mask_mod(
-        cls, mask_mod: Callable[..., Tensor], q_len: int, kv_len: int, *, block_size: int = 128, device=None
+        cls, mask_mod: MaskMod, q_len: int, kv_len: int, *, block_size: int = 128, device=None
     ) -> BlockMask:
         """Find the layout of any ``mask_mod`` by evaluating it on every position, in chunks of query blocks.
 
         Costs ``Lq · Lk`` elementwise evaluations once (the layout functions of :mod:`attnkit.sparse` compute
         their layouts directly instead). Raises TypeError for a ``mask_mod`` of the wrong signature/result.
         """
-        _check_len("q_len", q_len), _check_len("kv_len", kv_len), _check_len("block_size", block_size)
+        check_block_len("q_len", q_len), check_block_len("kv_len", kv_len), check_block_len("block_size", block_size)
         _check_mod(mask_mod)
         nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
         visited = torch.zeros(nq, nk, dtype=torch.bool, device=device)
@@ -234,7 +234,7 @@ class BlockMask:
         Raises:
             ValueError: wrong shape, wrong number of rows, or a block number outside ``[0, ceil(Lk/block))``.
         """
-        _check_len("q_len", q_len), _check_len("kv_len", kv_len), _check_len("block_size", block_size)
+        check_block_len("q_len", q_len), check_block_len("kv_len", kv_len), check_block_len("block_size", block_size)
         nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
         if not isinstance(layout, Tensor):
             rows = list(layout)

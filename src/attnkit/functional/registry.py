@@ -1,4 +1,10 @@
-"""The backend registry: every attention implementation registers here, and ``"auto"`` picks among them.
+"""The backend registry and dispatch: every attention implementation registers here, and ``"auto"`` picks among them.
+
+:func:`dispatch` is the one path from a validated call to a backend. What it does for every backend, once:
+empty calls (a zero batch, zero heads, ``Lq = 0`` or ``Lk = 0``) never reach a kernel; attention sinks are
+merged through the log-sum-exp (:func:`attnkit.functional.merge.add_sinks`), so every backend that returns an
+lse supports them; and the one interception point, :func:`attnkit.functional.observe.interceptor`, may wrap the
+run (what :func:`attnkit.explain.capture` uses for differentiable capture and head gates).
 
 A backend is an object with a ``name``, the set of ``options`` it implements, a ``priority`` for
 ``backend="auto"`` (lower runs first), a ``check(spec)`` returning why it cannot serve a call (or ``None``),
@@ -9,13 +15,16 @@ and a ``forward(spec)`` returning ``(output, weights, lse)``. Registering a name
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import torch
 from torch import Tensor
 
-from attnkit.functional.spec import AttentionSpec
+from attnkit.functional import observe
+from attnkit.functional.merge import add_sinks
+from attnkit.functional.spec import AttentionSpec, lse_dtype
 
-__all__ = ["Backend", "BackendInfo", "Selection", "available", "get", "register", "select_for_spec"]
+__all__ = ["Backend", "BackendInfo", "Selection", "available", "dispatch", "get", "register", "select_for_spec"]
 
 #: Every option a call can use, as named in :meth:`AttentionSpec.options`.
 ALL_OPTIONS = frozenset(
@@ -149,6 +158,8 @@ def select_for_spec(spec: AttentionSpec, backend: str = "auto") -> Selection:
     Raises:
         ValueError: a named backend cannot serve the call, or the name is unknown.
     """
+    if spec.sinks is not None:  # sinks are merged through the lse: select for the call without them
+        spec = _without_sinks(spec)
     if backend != "auto":
         chosen = get(backend)
         why = chosen.why_not(spec)
@@ -176,3 +187,51 @@ def select_for_spec(spec: AttentionSpec, backend: str = "auto") -> Selection:
 def _serving(spec: AttentionSpec) -> str:
     names = [b.name for b in _ORDER if b.why_not(spec) is None]
     return ", ".join(repr(n) for n in names) or "none"
+
+
+def _without_sinks(spec: AttentionSpec) -> AttentionSpec:
+    return replace(spec, sinks=None, return_lse=True)
+
+
+def _empty(spec: AttentionSpec) -> ForwardResult:
+    """The result of a call with no work: zeros, lse ``-inf`` (the sink where there is one), zero gradients."""
+    q, k, v = spec.query, spec.key, spec.value
+    out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=v.dtype, device=q.device)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out = out + 0.0 * (q.sum() + k.sum() + v.sum()).to(v.dtype)  # connected: zero gradients, not an error
+    weights = torch.zeros(spec.scores_shape, dtype=q.dtype, device=q.device) if spec.return_weights else None
+    lse = None
+    if spec.return_lse:
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+        if spec.sinks is not None:
+            lse = lse.clone() if spec.sinks.numel() == 0 else spec.sinks.to(lse.dtype).unsqueeze(-1).expand_as(lse)
+    return out, weights, lse
+
+
+def _run(spec: AttentionSpec, backend: str) -> ForwardResult:
+    chosen = get(select_for_spec(spec, backend).backend)
+    inner = spec if spec.sinks is None else _without_sinks(spec)
+    with observe.inside_backend():
+        out, weights, lse = chosen.forward(inner)
+    if spec.sinks is not None:
+        out, lse, weights = add_sinks(out, lse, spec.sinks, weights=weights)
+        lse = lse if spec.return_lse else None
+    return out, weights, lse
+
+
+def dispatch(spec: AttentionSpec, backend: str = "auto") -> ForwardResult:
+    """Run ``spec`` on ``backend`` (``"auto"``: the first capable backend in priority order).
+
+    Returns:
+        ``(output, weights or None, lse or None)`` as described in :class:`attnkit.AttentionOutput`.
+
+    Raises:
+        ValueError: unknown backend, or a named backend that cannot serve the call.
+    """
+    if spec.is_empty():
+        select_for_spec(spec, backend)  # a named backend that cannot serve the call still raises
+        return _empty(spec)
+    wrap = observe.current_interceptor()
+    if wrap is not None:
+        return wrap(spec, lambda s: _run(s, backend))
+    return _run(spec, backend)

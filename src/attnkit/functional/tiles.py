@@ -1,10 +1,30 @@
-"""Per-tile score terms for the tiled kernels: everything :func:`attnkit.attention` adds to ``scale · q kᵀ``.
+"""What a tile of attention is: the one definition of the scores and the keep-mask of :func:`attnkit.attention`.
 
-A tile covers ``N`` query blocks of ``r`` rows and, for each, ``c`` key columns; its scores are laid out as
-``(B, Hkv, N, G, r, c)`` (``B`` the flattened batch, ``G = H // Hkv`` query heads per key head). Row and column
-positions are given as int64 index tensors ``q_idx (N, r)`` and ``kv_idx (N, c)`` (absolute positions, possibly
-past the end for padded blocks), and, when the tile is a plain rectangle, as ``(start, stop)`` ranges so that
-dense masks are sliced instead of gathered.
+Every consumer of attention semantics goes through :class:`TileSetup`: the ``"math"`` backend (one tile covering
+the whole call), the ``"sdpa"`` backend's mask, the tiled and block-sparse backends (many tiles), and
+:mod:`attnkit.explain`'s recomputation of probabilities (tiles of query rows). A new option of
+:func:`attnkit.attention` is added here once.
+
+For query row ``i`` and key ``j`` of the call (``b`` the flattened batch index, ``h`` the query head)::
+
+    s   = (scale · q_i) · k_j                                    # logits(), accumulation dtype
+    s   = softcap · tanh(s / softcap)                            # transform()
+    s   = score_mod(s, b, h, i, j)                               # transform()
+    s   = s + attn_bias + alibi + float attn_mask                # terms() -> bias
+    s   = -inf where not (bool attn_mask & causal & window & mask_mod & block_mask)    # terms() -> keep
+    p   = softmax over [s_i·, sink_h] without the sink column    # masked_softmax(); rows with no key: p = 0
+
+Tile layout: ``N`` query blocks of ``r`` rows, each with ``c`` key columns; scores are
+``(B, Hkv, N, G, r, c)`` (``B`` the flattened batch, ``G = H // Hkv`` query heads per key/value head, so
+grouped-query heads share their key tiles without copies). Positions are int64 ``q_idx (N, r)`` and
+``kv_idx (N, c)``, absolute in the call (possibly past the end for padded blocks), and, for a plain rectangle,
+``(start, stop)`` ranges so that dense masks are sliced instead of gathered. The accumulation dtype is float32
+(float64 for float64 inputs): scores are never formed in float16/bfloat16.
+
+References:
+    Vaswani et al. 2017 (Eq. 1); softcap: Gemma 2 (Team et al. 2024); ALiBi: Press et al. 2022 with
+    FlashAttention's bottom-right convention; sinks: Xiao et al. 2023 and gpt-oss (a learned per-head logit in
+    the softmax denominator); mask_mod/score_mod: PyTorch FlexAttention's signatures.
 """
 
 from __future__ import annotations
@@ -15,10 +35,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnkit.functional.masks import band_keep, effective_window, positional_mask
-from attnkit.functional.spec import AttentionSpec, call_mask_mod, call_score_mod, lse_dtype
+from attnkit.functional.masks import band_keep, bottom_right_offset, effective_window, positional_mask
+from attnkit.functional.mods import call_mask_mod, call_score_mod
+from attnkit.functional.spec import AttentionSpec, lse_dtype
 
-__all__ = ["TileIndex", "TileSetup"]
+__all__ = ["TileIndex", "TileSetup", "flatten_batch", "masked_softmax", "reshape_qkv", "to_heads", "whole"]
 
 
 @dataclass
@@ -30,9 +51,24 @@ class TileIndex:
     q_range: tuple[int, int] | None = None
     kv_range: tuple[int, int] | None = None
 
+    @classmethod
+    def rect(cls, q_range: tuple[int, int], kv_range: tuple[int, int], device) -> TileIndex:
+        """The rectangle of rows ``[q0, q1)`` and columns ``[k0, k1)``."""
+        q_idx = torch.arange(*q_range, device=device).unsqueeze(0)
+        kv_idx = torch.arange(*kv_range, device=device).unsqueeze(0)
+        return cls(q_idx, kv_idx, q_range, kv_range)
 
-def _to_4d(t: Tensor, spec: AttentionSpec) -> Tensor:
-    """A mask/bias broadcastable to ``(*batch, H, Lq, Lk)`` as ``(B' in {1, B}, H', Lq', Lk')``."""
+    @classmethod
+    def rows(cls, rows: Tensor, kv_len: int, device) -> TileIndex:
+        """Arbitrary query rows ``(r,)`` against every key."""
+        return cls(rows.to(device).unsqueeze(0), torch.arange(kv_len, device=device).unsqueeze(0), None, (0, kv_len))
+
+
+def flatten_batch(t: Tensor, spec: AttentionSpec) -> Tensor:
+    """A mask/bias broadcastable to ``(*batch, H, Lq, Lk)`` as ``(B' in {1, B}, H', Lq', Lk')`` (a view if possible).
+
+    The one place where attnkit's any-number-of-batch-dims convention is folded into one batch dim.
+    """
     nd = spec.query.ndim
     t = t.reshape((1,) * (nd - t.ndim) + tuple(t.shape))
     batch = tuple(spec.batch_shape)
@@ -42,8 +78,48 @@ def _to_4d(t: Tensor, spec: AttentionSpec) -> Tensor:
     return t.reshape((-1, *t.shape[len(batch) :]))
 
 
+def to_heads(t: Tensor, num_kv_heads: int, groups: int) -> Tensor:
+    """A one-block tile term ``(B', Hkv|1, 1, G|1, r, c)`` as ``(B', H|1, r, c)`` (query head ``kv · G + g``)."""
+    if t.shape[1] == 1 and t.shape[3] == 1:
+        return t[:, :, 0, 0]
+    t = t[:, :, 0]
+    return t.expand(t.shape[0], num_kv_heads, groups, t.shape[-2], t.shape[-1]).flatten(1, 2)
+
+
+def masked_softmax(scores: Tensor, keep: Tensor | None = None, sink: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Softmax over the last dim, optionally with a sink logit in the denominator; 0 (not NaN) for empty rows.
+
+    Args:
+        scores: ``(..., Lk)`` floating scores; ``-inf`` entries are masked.
+        keep: bool mask broadcastable to ``scores`` (True = keep), or ``None``.
+        sink: logits broadcastable to ``scores[..., :1]`` that join every row's denominator with a zero value
+            (attention sinks), or ``None``.
+
+    Returns:
+        ``(probs, lse)``: probabilities shaped like ``scores`` (rows sum to ``1 - sink mass``; all-zero where
+        nothing is kept) and the row log-sum-exp ``(...,)`` including the sink (``-inf`` for a row with no key
+        and no sink). Gradients of both are finite everywhere.
+    """
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    if sink is not None:
+        sink = sink.to(scores.dtype).expand_as(row_max) if sink.dim() else sink.to(scores.dtype)
+        row_max = torch.maximum(row_max, sink)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    exp = torch.exp(scores - row_max)
+    total = exp.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        total = total + torch.exp(sink - row_max)
+    nonempty = total > 0
+    safe_total = torch.where(nonempty, total, torch.ones_like(total))
+    probs = exp / safe_total
+    lse = torch.where(nonempty, row_max + torch.log(safe_total), torch.full_like(total, float("-inf")))
+    return probs, lse.squeeze(-1)
+
+
 class TileSetup:
-    """The terms of one call, prepared once and evaluated per tile.
+    """The terms of one call, prepared once and evaluated per tile (see the module docstring).
 
     Args:
         spec: the validated call.
@@ -60,7 +136,7 @@ class TileSetup:
         self.H, self.Hkv = spec.num_heads, spec.num_kv_heads
         self.G = self.H // self.Hkv
         self.q_len, self.kv_len = spec.q_len, spec.kv_len
-        self.offset = spec.kv_len - spec.q_len
+        self.offset = bottom_right_offset(spec.q_len, spec.kv_len)
         self.scale, self.softcap, self.score_mod = spec.scale, spec.softcap, spec.score_mod
         self.mask_mod = spec.mask_mod
         self.block_mask = spec.block_mask if block_mask_elements else None
@@ -72,19 +148,36 @@ class TileSetup:
             if t is None:
                 continue
             if t.dtype == torch.bool:
-                self.bool_masks.append(_to_4d(t, spec))
+                self.bool_masks.append(flatten_batch(t, spec))
             else:
-                self.biases.append((t, _to_4d(t, spec)))
-        self.alibi = None
-        if spec.alibi_slopes is not None:
-            slopes = spec.alibi_slopes.detach().to(self.acc)
-            slopes = _to_4d(slopes[..., None, None], spec)[..., 0, 0]  # (B', H)
-            self.alibi = slopes.reshape(slopes.shape[0], self.Hkv, 1, self.G, 1, 1)
+                self.biases.append((t, flatten_batch(t, spec)))
+        self.alibi = self._per_head(spec.alibi_slopes)
+        self.sink = self._per_head(spec.sinks)
         dev = q.device
         self.b_idx = torch.arange(self.B, device=dev).view(-1, 1, 1, 1, 1, 1)
         self.h_idx = torch.arange(self.H, device=dev).view(1, self.Hkv, 1, self.G, 1, 1)
 
-    # ----------------------------------------------------------------------------------------------------
+    def _per_head(self, t: Tensor | None) -> Tensor | None:
+        """``(H,)`` or ``(B..., H)`` as ``(B', Hkv, 1, G, 1, 1)`` in the accumulation dtype (autograd kept)."""
+        if t is None:
+            return None
+        t = flatten_batch(t.to(self.acc)[..., None, None], self.spec)[..., 0, 0]  # (B', H)
+        return t.reshape(t.shape[0], self.Hkv, 1, self.G, 1, 1)
+
+    # ---------------------------------------------------------------------------------------------- scores
+    def prepare_query(self, q: Tensor) -> Tensor:
+        """Queries in the accumulation dtype, multiplied by ``scale`` (the one place the scale is applied)."""
+        return q.to(self.acc) * self.scale
+
+    def prepare_kv(self, t: Tensor) -> Tensor:
+        """Keys or values in the accumulation dtype (scores and outputs are never formed in fp16/bf16)."""
+        return t.to(self.acc)
+
+    def logits(self, qt: Tensor, kt: Tensor, n: int, r: int) -> Tensor:
+        """Scaled scores ``(B, Hkv, N, G, r, c)`` of prepared ``qt (B, Hkv, N, G·r, D)``, ``kt (B, Hkv, N, c, D)``."""
+        s = torch.matmul(qt, kt.transpose(-1, -2))
+        return s.view(s.shape[0], s.shape[1], n, self.G, r, s.shape[-1])
+
     def _mod_indices(self, ti: TileIndex) -> tuple[Tensor, Tensor]:
         n, r = ti.q_idx.shape
         c = ti.kv_idx.shape[1]
@@ -165,7 +258,23 @@ class TileSetup:
         left, right = effective_window(self.spec.is_causal, self.spec.window_size)
         return band_keep(ti.kv_idx[:, None, :] - (ti.q_idx[:, :, None] + self.offset), left, right)
 
-    # ----------------------------------------------------------------------------------------------------
+    def masked_logits(self, s_raw: Tensor, ti: TileIndex, extra_keep: Tensor | None = None) -> Tensor:
+        """The tile's final logits: ``transform`` + bias, ``-inf`` where not kept (``extra_keep`` and-ed in)."""
+        s = self.transform(s_raw, ti)
+        bias, keep = self.terms(ti)
+        if extra_keep is not None:
+            keep = extra_keep if keep is None else keep & extra_keep
+        if bias is not None:
+            s = s + bias
+        if keep is not None:
+            s = s.masked_fill(~keep, float("-inf"))
+        return s
+
+    def tile_probs(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        """Softmax of final logits ``(B, Hkv, N, G, r, c)`` over the whole key axis, with this call's sinks."""
+        return masked_softmax(s, None, self.sink)
+
+    # ---------------------------------------------------------------------------------------------- grads
     def bias_grad_buffers(self) -> list[Tensor | None]:
         """Zero accumulators for the float terms that require grad (``None`` for the others)."""
         return [
@@ -219,3 +328,18 @@ class TileSetup:
                 g = buf.reshape(batch + tuple(buf.shape[1:]))
             grads.append(g.sum_to_size(padded).reshape(orig.shape).to(orig.dtype))
         return grads
+
+
+def whole(spec: AttentionSpec) -> TileIndex:
+    """The one tile covering the whole call."""
+    return TileIndex.rect((0, spec.q_len), (0, spec.kv_len), spec.query.device)
+
+
+def reshape_qkv(spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """``q5 (B, Hkv, G, Lq, D)``, ``k4 (B, Hkv, Lk, D)``, ``v4 (B, Hkv, Lk, Dv)`` with the batch dims flattened."""
+    B = math.prod(spec.batch_shape)
+    hkv = spec.num_kv_heads
+    q5 = spec.query.reshape(B, hkv, spec.num_heads // hkv, spec.q_len, spec.query.shape[-1])
+    k4 = spec.key.reshape(B, hkv, spec.kv_len, spec.key.shape[-1])
+    v4 = spec.value.reshape(B, hkv, spec.kv_len, spec.value.shape[-1])
+    return q5, k4, v4

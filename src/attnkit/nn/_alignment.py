@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.functional.tiles import masked_softmax
 from attnkit.functional import observe
+from attnkit.functional.tiles import masked_softmax
 
 __all__ = ["check_inputs", "softmax_context"]
 

@@ -33,9 +33,18 @@ def reference_attention(
     alibi_slopes=None,
     softcap=None,
     scale=None,
+    sinks=None,
+    mask_mod=None,
+    score_mod=None,
+    block_mask=None,
     compute_dtype=torch.float64,
 ):
-    """Return ``(output, weights, lse)`` computed in ``compute_dtype`` straight from the definitions."""
+    """Return ``(output, weights, lse)`` computed in ``compute_dtype`` straight from the definitions.
+
+    ``sinks`` ``(H,)`` or ``(B..., H)``: an extra logit per head in each row's softmax, with value 0 (its column is
+    dropped from the weights). ``mask_mod``/``score_mod`` are evaluated on full index grids; ``block_mask`` through
+    its dense form.
+    """
     q, k, v = (t.to(compute_dtype) for t in (q, k, v))
     H, Lq, D = q.shape[-3:]
     Hkv, Lk = k.shape[-3], k.shape[-2]
@@ -45,6 +54,14 @@ def reference_attention(
     s = torch.einsum("...id,...jd->...ij", q, k) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
+    nb = 1
+    for n in q.shape[:-3]:
+        nb *= n
+    bi = torch.arange(nb).view(*q.shape[:-3], 1, 1, 1) if q.ndim > 3 else torch.zeros((), dtype=torch.long)
+    hi = torch.arange(H).view(H, 1, 1)
+    qi, ki = torch.arange(Lq).view(-1, 1), torch.arange(Lk).view(1, -1)
+    if score_mod is not None:
+        s = score_mod(s, bi, hi, qi, ki).expand(s.shape).to(compute_dtype)
     i = torch.arange(Lq).view(-1, 1) + (Lk - Lq)  # bottom-right: query i sits at key position i + Lk - Lq
     j = torch.arange(Lk).view(1, -1)
     allowed = torch.ones(Lq, Lk, dtype=torch.bool)
@@ -65,11 +82,20 @@ def reference_attention(
             allowed = allowed & attn_mask
         else:
             s = s + attn_mask.to(compute_dtype)
+    if mask_mod is not None:
+        allowed = allowed & mask_mod(bi, hi, qi, ki)
+    if block_mask is not None:
+        allowed = allowed & block_mask.to_dense()
     allowed = allowed.expand(s.shape)
     s = s.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:  # softmax over [scores, sink], the sink column dropped
+        sink = sinks.to(compute_dtype)[..., None, None].expand(*s.shape[:-1], 1)
+        full = torch.cat([s, sink], dim=-1)
+        p = torch.softmax(full, dim=-1)[..., :-1]
+        return p @ v, p, torch.logsumexp(full, dim=-1)
     empty = torch.isneginf(s).all(dim=-1, keepdim=True)
     p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    lse = torch.logsumexp(s, dim=-1)
+    lse = torch.logsumexp(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))
     out = p @ v
     return out, p, lse
 

@@ -25,7 +25,7 @@ class AttentionCase:
 
         kwargs = {}
         for name, val in self.kwargs.items():
-            if isinstance(val, torch.Tensor) and val.dtype.is_floating_point and name != "alibi_slopes":
+            if isinstance(val, torch.Tensor) and val.dtype.is_floating_point and name not in ("alibi_slopes",):
                 val = val.to(dtype if name == "attn_mask" else torch.float32 if dtype != torch.float64 else dtype)
             kwargs[name] = val
         return prep(self.q), prep(self.k), prep(self.v), kwargs
@@ -44,8 +44,12 @@ def _broadcast_shape(draw, full):
 
 
 @st.composite
-def attention_case(draw, *, max_len=17, options=None):
-    """Draw an :class:`AttentionCase`; ``options`` (backend option names) restricts what may be drawn."""
+def attention_case(draw, *, max_len=17, options=None, extras=False):
+    """Draw an :class:`AttentionCase`; ``options`` (backend option names) restricts what may be drawn.
+
+    ``extras`` also draws the options beyond the dense reference's first set: ``mask_mod``, ``score_mod``,
+    ``block_mask`` (small blocks) and ``sinks``.
+    """
 
     def allowed(name):
         return options is None or name in options
@@ -94,4 +98,23 @@ def attention_case(draw, *, max_len=17, options=None):
         kwargs["softcap"] = draw(st.floats(0.5, 20.0))
     if draw(st.booleans()):
         kwargs["scale"] = draw(st.floats(0.05, 2.0))
+    if extras:
+        _draw_extras(draw, g, kwargs, allowed, batch, H, Lq, Lk)
     return AttentionCase(q, k, v, kwargs, non_contiguous=draw(st.booleans()))
+
+
+def _draw_extras(draw, g, kwargs, allowed, batch, H, Lq, Lk):
+    from attnkit.sparse import BlockMask
+
+    if allowed("mask_mod") and draw(st.booleans()):
+        table = torch.rand(H, Lq, Lk, generator=g) < draw(st.sampled_from([0.3, 0.8]))
+        kwargs["mask_mod"] = lambda b, h, q_idx, kv_idx: table[h, q_idx, kv_idx]
+    if allowed("score_mod") and draw(st.booleans()):
+        bias = torch.randn(H, Lq, Lk, generator=g, dtype=torch.float64)
+        kwargs["score_mod"] = lambda score, b, h, q_idx, kv_idx: score + bias[h, q_idx, kv_idx].to(score.dtype)
+    if allowed("block_mask") and draw(st.booleans()):
+        dense = torch.rand(Lq, Lk, generator=g) < draw(st.sampled_from([0.3, 0.8]))
+        kwargs["block_mask"] = BlockMask.from_dense(dense, block_size=draw(st.sampled_from([2, 4, 16])))
+    if draw(st.booleans()):
+        shape = [H] if not batch or draw(st.booleans()) else [*batch, H]
+        kwargs["sinks"] = torch.randn(*shape, generator=g, dtype=torch.float64)

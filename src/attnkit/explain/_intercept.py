@@ -270,7 +270,6 @@ class Interceptor(ModuleHooks):
                     "attnkit",
                     spec=event.spec,
                     weights=event.weights,
-                    lse=event.lse,
                     layout=event.layout,
                 )
         elif event.kind == "token" and event.weights is not None:
@@ -295,7 +294,7 @@ class Interceptor(ModuleHooks):
     def _count(self) -> None:
         self.rec.num_calls += 1
 
-    def _record(self, name, layer, cross, source, *, spec=None, weights=None, lse=None, layout=None):
+    def _record(self, name, layer, cross, source, *, spec=None, weights=None, layout=None):
         self.rec.num_calls += 1
         full = weights.reshape((-1, *tuple(weights.shape[-3:]))) if weights is not None else None
         if spec is not None:
@@ -331,7 +330,7 @@ class Interceptor(ModuleHooks):
             if full is not None:
                 tiles = [(select_weights(full, heads, rows), rows if rows is not None else torch.arange(lq))]
             else:
-                tiles = probability_tiles(spec, heads=heads, rows=rows, lse=lse)
+                tiles = probability_tiles(spec, heads=heads, rows=rows)
             for r in self.reducers:
                 r.start(rec)
             parts = []

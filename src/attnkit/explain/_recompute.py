@@ -70,7 +70,6 @@ def probability_tiles(
     *,
     heads: Tensor | None = None,
     rows: Tensor | None = None,
-    lse: Tensor | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(probs, row_index)`` tiles of the attention probabilities of ``spec``.
 
@@ -81,8 +80,6 @@ def probability_tiles(
         spec: the call.
         heads: long ``(H',)`` query heads to keep, or ``None`` for all.
         rows: long ``(Lq',)`` query rows to compute, or ``None`` for all.
-        lse: ``(*batch, H, Lq)`` log-sum-exp of the call (with its sinks) when the kernel returned it; then
-            ``p = exp(s - lse)`` replaces the softmax reductions.
 
     Yields:
         ``probs`` ``(B, H', t, Lk)`` float32 (float64 for float64 inputs) with the batch dims flattened, and the
@@ -94,7 +91,6 @@ def probability_tiles(
     B, Hkv, G, Lq, D = q5.shape
     Lk, H = spec.kv_len, spec.num_heads
     kt = setup.prepare_kv(k4).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
-    lse5 = None if lse is None else lse.reshape(B, Hkv, 1, G, Lq, 1).to(setup.acc)
     row_index = rows if rows is not None else torch.arange(Lq, device=q5.device)
     step = max(1, _TILE_ELEMENTS // max(1, B * H * Lk))
     for start in range(0, row_index.numel(), step):
@@ -102,17 +98,13 @@ def probability_tiles(
         t = r.numel()
         if rows is None:
             ti = TileIndex.rect((start, start + t), (0, Lk), q5.device)
-            qt, lt = q5[:, :, :, start : start + t], None if lse5 is None else lse5[..., start : start + t, :]
+            qt = q5[:, :, :, start : start + t]
         else:
             ti = TileIndex.rows(r, Lk, q5.device)
-            qt, lt = q5.index_select(3, r), None if lse5 is None else lse5.index_select(4, r)
+            qt = q5.index_select(3, r)
         qt = setup.prepare_query(qt).reshape(B, Hkv, 1, G * t, D)
         s = setup.masked_logits(setup.logits(qt, kt, 1, t), ti)  # (B, Hkv, 1, G, t, Lk)
-        if lt is None:
-            p, _ = setup.tile_probs(s)
-        else:
-            p = s.sub_(torch.where(torch.isfinite(lt), lt, torch.zeros_like(lt))).exp_()
-            p = p.masked_fill_(torch.isneginf(lt), 0.0)
+        p, _ = setup.tile_probs(s)
         p = p.reshape(B, H, t, Lk)
         if heads is not None:
             p = p.index_select(1, heads.to(p.device))

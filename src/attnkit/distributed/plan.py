@@ -127,7 +127,7 @@ def _and(a, b):
 def _sub_block_mask(opts: GlobalOptions, q0: int, q1: int, k0: int, k1: int, cache: dict):
     """The user's global ``block_mask`` restricted to the rectangle: a :class:`BlockMask` when the rectangle is
     block-aligned (the block-sparse backend then skips its empty blocks), else ``None`` and a ``mask_mod``."""
-    from attnkit.sparse.block_mask import BlockMask
+    from attnkit.sparse import BlockMask
 
     bm, length = opts.block_mask, opts.seq_len
     bs = bm.block_size

@@ -387,7 +387,7 @@ def ring_attention(
     rank, size = _group_rank_size(group)
     seq_len = spec.q_len * size
     if block_mask is not None:
-        from attnkit.sparse.block_mask import BlockMask
+        from attnkit.sparse import BlockMask
 
         if not isinstance(block_mask, BlockMask):
             raise TypeError(f"ring_attention: expected block_mask to be a BlockMask, got {type(block_mask).__name__}")

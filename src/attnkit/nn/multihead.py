@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.functional.attention import attention
-from attnkit.functional.masks import alibi_slopes, from_key_padding_mask
+from attnkit.functional.masks import alibi_slopes, bottom_right_offset, from_key_padding_mask
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rotary import RotaryEmbedding
 
@@ -267,7 +267,7 @@ class MultiHeadAttention(nn.Module):
         elif self.rope is not None:
             kv_len = past + k.shape[-2]
             k = self.rope(k, torch.arange(past, kv_len, device=k.device))
-            q = self.rope(q, torch.arange(kv_len - q_len, kv_len, device=q.device))
+            q = self.rope(q, torch.arange(bottom_right_offset(q_len, kv_len), kv_len, device=q.device))
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         if cp:

@@ -2,7 +2,7 @@
 """Train the two digit classifiers shipped in ``attnkit/data`` and measure them on held-out canvases.
 
 Trains a :class:`attnkit.vision.VisionTransformer` (an 8x8 grid of 64 patch tokens + a class token, with the
-centred convolutional stem :class:`attnkit.datasets.digits_models.ConvPatchEmbed`) and a
+centred convolutional stem :class:`attnkit.vision.ConvPatchEmbed`) and a
 :class:`attnkit.vision.HybridResNet` with CBAM on :class:`attnkit.datasets.DigitCanvases` (real scikit-learn
 digits among decoys on 64x64 canvases; fresh canvases every epoch, from the training scans only), then measures
 on test canvases (scans never seen in training): accuracy; the pointing game of ViT attention rollout, ViT
@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from attnkit.datasets import DigitCanvases, split_scans
 from attnkit.datasets import digits_eval as ev
-from attnkit.datasets.digits_models import DATA_DIR, DEFAULT_CONFIGS, METADATA_NAME, MODEL_NAMES, build_model
+from attnkit.models.digits import DATA_DIR, DEFAULT_CONFIGS, METADATA_NAME, MODEL_NAMES, build_model
 
 #: Optimisation settings per model (the ViT needs more epochs than the CNN on 1,078 training scans).
 RECIPES = {

@@ -12,7 +12,7 @@ import torch
 
 from attnkit.datasets import DigitCanvases, split_scans
 from attnkit.datasets import digits_eval as ev
-from attnkit.datasets.digits_models import DATA_DIR, load_metadata, load_model
+from attnkit.models.digits import DATA_DIR, load_metadata, load_model
 from attnkit.explain import capture, rollout
 
 NUM_CANVASES = 300

@@ -6,7 +6,7 @@ from torch import nn
 
 from attnkit.datasets import DigitCanvases
 from attnkit.datasets import digits_eval as ev
-from attnkit.datasets.digits_models import DEFAULT_CONFIGS, build_model
+from attnkit.models.digits import DEFAULT_CONFIGS, build_model
 
 
 def test_pointing_game_half_open_boxes_and_tolerance():

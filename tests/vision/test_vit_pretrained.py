@@ -98,7 +98,7 @@ def test_bad_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="hidden_act 'relu'"):
         VisionTransformer.from_pretrained(path)
     (path / "config.json").write_text(config.replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
-    with pytest.raises(CheckpointError, match=r"missing \(16\): blocks\.2\."):
+    with pytest.raises(CheckpointError, match="num_hidden_layers=3, the weights hold 2"):
         VisionTransformer.from_pretrained(path)
     (path / "config.json").write_text(config.replace('"model_type": "vit"', '"model_type": "bert"'))
     with pytest.raises(CheckpointError, match="expected a ViT checkpoint"):

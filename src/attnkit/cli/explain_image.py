@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_classifier(checkpoint: str):
     """``(model, kind, image_size, in_chans, normalize)`` for a shipped name or a Hugging Face ViT directory."""
     if checkpoint in SHIPPED:
-        from attnkit.datasets.digits_models import load_model
+        from attnkit.models.digits import load_model
 
         kind = SHIPPED[checkpoint]
         try:

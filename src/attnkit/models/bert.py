@@ -7,6 +7,7 @@ GELU. Outputs match ``transformers.BertModel`` (``last_hidden_state``, ``pooler_
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -14,7 +15,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from attnkit.models._checkpoint import CheckpointError, load_state, read_config, read_tensors
+from attnkit.io.checkpoint import (
+    CheckpointError,
+    layer_count,
+    load_from_header,
+    read_config,
+    read_header,
+)
 from attnkit.nn.encoder_layer import TransformerEncoderLayer
 
 __all__ = ["BertConfig", "BertModel"]
@@ -66,23 +73,55 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, config: dict) -> BertConfig:
-        """Read the known fields of a ``config.json`` dict (others are ignored).
+        """Read and check the known fields of a ``config.json`` dict (others are ignored).
 
         Raises:
-            ValueError: an unsupported ``hidden_act`` or ``position_embedding_type``.
+            ValueError: a field of the wrong type or out of range (sizes are integers >= 1, at most 2**31;
+                probabilities in [0, 1); ``layer_norm_eps`` finite and > 0), ``hidden_size`` not a multiple of
+                ``num_attention_heads``, an unsupported ``hidden_act`` or ``position_embedding_type``.
         """
         known = {f.name for f in fields(cls)}
         out = cls(**{k: v for k, v in config.items() if k in known})
-        if out.hidden_act not in HF_ACTIVATIONS:
+        for name in _INT_FIELDS:
+            value, low = getattr(out, name), 0 if name == "pad_token_id" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 2**31:
+                raise ValueError(f"BertConfig: {name} must be an integer in [{low}, 2**31], got {value!r:.60}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(out, name)
+            bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            top = math.inf if name == "layer_norm_eps" else 1.0
+            if bad or not (0 < value < top if name == "layer_norm_eps" else 0 <= value < top):
+                raise ValueError(f"BertConfig: {name} must be a finite number in its range, got {value!r:.60}")
+        if out.hidden_size % out.num_attention_heads:
             raise ValueError(
-                f"BertConfig: unsupported hidden_act {out.hidden_act!r}; valid: {', '.join(map(repr, HF_ACTIVATIONS))}"
+                f"BertConfig: hidden_size ({out.hidden_size}) must be a multiple of num_attention_heads "
+                f"({out.num_attention_heads})"
+            )
+        if not isinstance(out.hidden_act, str) or out.hidden_act not in HF_ACTIVATIONS:
+            raise ValueError(
+                f"BertConfig: unsupported hidden_act {out.hidden_act!r:.60}; valid: {', '.join(map(repr, HF_ACTIVATIONS))}"
             )
         if out.position_embedding_type != "absolute":
             raise ValueError(
-                f"BertConfig: position_embedding_type {out.position_embedding_type!r} is not supported; "
+                f"BertConfig: position_embedding_type {out.position_embedding_type!r:.60} is not supported; "
                 f"expected 'absolute'"
             )
+        if out.pad_token_id >= out.vocab_size:
+            raise ValueError(f"BertConfig: pad_token_id ({out.pad_token_id}) must be below vocab_size ({out.vocab_size})")
         return out
+
+
+_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "pad_token_id",
+)
+_FLOAT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps")
 
 
 class BertEmbeddings(nn.Module):
@@ -269,19 +308,28 @@ class BertModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, backend: str = "auto", device=None, dtype: torch.dtype | None = None
+        cls,
+        path: str | Path,
+        *,
+        backend: str = "auto",
+        device=None,
+        dtype: torch.dtype | None = None,
+        nonfinite: str = "warn",
     ) -> BertModel:
         """Load a Hugging Face BERT checkpoint directory (``config.json`` + ``model.safetensors``).
 
         Keys of ``transformers.BertModel`` checkpoints are mapped to this module; task checkpoints
         (``BertForMaskedLM``, ... with a ``bert.`` prefix) load their encoder and skip their heads. The pooler
-        is built when the checkpoint has one. Weights are read with ``safetensors`` only (never pickle).
+        is built when the checkpoint has one. Weights are read with ``safetensors`` only (never pickle). The
+        config is checked against the safetensors headers and the model built on the ``meta`` device before
+        any memory is allocated, so a hostile ``config.json`` (``hidden_size=10**9``) fails fast.
 
         Args:
             path: the checkpoint directory.
             backend: attention backend for every layer.
             device: where to put the model (default CPU).
             dtype: parameter dtype (default float32); floating checkpoint tensors are cast to it.
+            nonfinite: weights holding NaN or inf: ``"warn"`` (default), ``"error"`` or ``"ignore"``.
 
         Returns:
             the model in eval mode.
@@ -289,23 +337,32 @@ class BertModel(nn.Module):
         Raises:
             FileNotFoundError, NotADirectoryError: no such directory, a file instead of a directory, or no
                 ``config.json`` / ``model.safetensors`` in it.
-            CheckpointError: (a ``ValueError``) an unreadable or truncated file, or tensors that are missing,
-                unexpected, mis-shaped or of a wrong dtype (all listed in the message).
-            ValueError: an unsupported config.
+            CheckpointError: (a ``ValueError``) an invalid config, a config that disagrees with the weights, an
+                unreadable or truncated file, or tensors that are missing, unexpected, mis-shaped or of a wrong
+                dtype (all listed in the message), or non-finite weights with ``nonfinite="error"``.
             ImportError: ``safetensors`` is missing (``pip install attnkit[hf]``).
         """
-        config = BertConfig.from_dict(read_config(path))
-        tensors = read_tensors(path)
-        has_prefix = any(name.startswith("bert.") for name in tensors)
-        has_pooler = any(hf_bert_key(name, has_prefix=has_prefix) in ("pooler.weight",) for name in tensors)
+        source = f"checkpoint {str(path)!r}"
         try:
-            model = cls(config, add_pooling_layer=has_pooler, backend=backend, device=device, dtype=dtype)
-        except ValueError as err:
-            raise CheckpointError(f"{path}: config.json describes an invalid model: {err}") from None
-        load_state(
-            model,
-            tensors,
-            lambda name: hf_bert_key(name, has_prefix=has_prefix),
-            source=f"checkpoint {str(path)!r}",
-        )
+            config = BertConfig.from_dict(read_config(path))
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{source}: config.json describes an invalid model: {err}") from None
+        header = read_header(path)
+        has_prefix = any(name.startswith("bert.") for name in header)
+
+        def rename(name: str) -> str | None:
+            return hf_bert_key(name, has_prefix=has_prefix)
+
+        renamed = {rename(name): info for name, info in header.items() if rename(name) is not None}
+        # Only the layer count decides how much work building costs (even on the meta device); every other
+        # size is compared tensor by tensor against the meta model below.
+        layers = layer_count(renamed, "layers.")
+        if layers != config.num_hidden_layers:
+            raise CheckpointError(
+                f"{source}: config.json says num_hidden_layers={config.num_hidden_layers}, the weights hold {layers}"
+            )
+        model = cls(config, add_pooling_layer="pooler.weight" in renamed, backend=backend, device="meta", dtype=dtype)
+        load_from_header(model, path, header, rename, device=device, nonfinite=nonfinite, source=source)
         return model.eval()

@@ -5,6 +5,7 @@ its attention map to :mod:`attnkit.functional.observe`, so :func:`attnkit.explai
 """
 
 from attnkit.vision.cbam import CBAM, ChannelAttention, SpatialAttention
+from attnkit.vision.conv_patch_embed import ConvPatchEmbed
 from attnkit.vision.cross import CrossAttentionBlock
 from attnkit.vision.deformable import (
     DeformableAttentionOutput,
@@ -28,6 +29,7 @@ __all__ = [
     "INSERT_KINDS",
     "BasicBlock",
     "ChannelAttention",
+    "ConvPatchEmbed",
     "CrossAttentionBlock",
     "DeformableAttentionOutput",
     "HybridResNet",

@@ -208,8 +208,46 @@ class VisionTransformer(nn.Module):
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        nonfinite: str = "warn",
     ) -> VisionTransformer:
-        """Load a Hugging Face ViT checkpoint directory; see :func:`attnkit.vision.vit_hf.load_hf_vit`."""
-        from attnkit.vision.vit_hf import load_hf_vit
+        """Build a :class:`VisionTransformer` from a Hugging Face ViT checkpoint directory.
 
-        return load_hf_vit(path, backend=backend, device=device, dtype=dtype)
+        Reads ``config.json`` and ``model.safetensors`` as written by ``ViTModel.save_pretrained`` or
+        ``ViTForImageClassification.save_pretrained`` (safetensors only; pickle files are never read). The config
+        is checked against the safetensors headers and the model built on the ``meta`` device before any memory
+        is allocated. With a ``pooler.dense`` in the checkpoint ``model(x)`` equals ``ViTModel``'s
+        ``pooler_output``; with a ``classifier`` it equals ``ViTForImageClassification``'s logits;
+        ``forward_features`` equals ``last_hidden_state`` for every checkpoint. Inputs of another size than
+        ``image_size`` get interpolated positions, as transformers' ``interpolate_pos_encoding=True``.
+
+        Args:
+            path: the checkpoint directory.
+            backend: :func:`attnkit.attention` backend for every layer.
+            device: where to put the model (default CPU).
+            dtype: parameter dtype (default float32); floating checkpoint tensors are cast to it.
+            nonfinite: weights holding NaN or inf: ``"warn"`` (default), ``"error"`` or ``"ignore"``.
+
+        Returns:
+            the model, in eval mode.
+
+        Raises:
+            FileNotFoundError, NotADirectoryError: no such directory, or no ``config.json`` / ``model.safetensors``.
+            CheckpointError: (a ``ValueError``) a config that is not a ViT, uses options this model does not have
+                or disagrees with the weights (see :func:`attnkit.vision.vit_hf.vit_kwargs`); unreadable files;
+                tensors that are missing, unexpected or mis-shaped (all listed); non-finite weights with
+                ``nonfinite="error"``.
+            ImportError: ``safetensors`` is missing (``pip install attnkit[hf]``).
+        """
+        from attnkit.io.checkpoint import CheckpointError, load_from_header, read_config, read_header
+        from attnkit.vision.vit_hf import hf_vit_key, vit_kwargs
+
+        source = f"checkpoint {str(path)!r}"
+        config = read_config(path)
+        header = read_header(path)
+        kwargs = vit_kwargs(config, header, source)
+        try:
+            model = cls(**kwargs, backend=backend, device="meta", dtype=dtype)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{source}: config.json describes an invalid model: {err}") from None
+        load_from_header(model, path, header, hf_vit_key, device=device, nonfinite=nonfinite, source=source)
+        return model.eval()

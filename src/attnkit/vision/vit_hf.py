@@ -1,17 +1,16 @@
-"""Loading Hugging Face ViT checkpoints (``ViTModel`` / ``ViTForImageClassification``) into
-:class:`attnkit.vision.VisionTransformer`."""
+"""The Hugging Face ViT checkpoint format (``ViTModel`` / ``ViTForImageClassification``): tensor names and config
+fields, translated for :meth:`attnkit.vision.VisionTransformer.from_pretrained` (this module does not import the
+model, so the model may import it)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
 
-import torch
+from attnkit.io.checkpoint import CheckpointError, TensorInfo, config_int, layer_count
 
-from attnkit.models._checkpoint import CheckpointError, load_state, read_config, read_tensors
-from attnkit.vision.vit import VisionTransformer
-
-__all__ = ["hf_vit_key", "load_hf_vit"]
+__all__ = ["hf_vit_key", "vit_kwargs"]
 
 # Per-layer names: the on-disk layout written by save_pretrained (encoder.layer.i...) and the in-memory layout
 # of transformers >= 5 (layers.i...), both mapped to attnkit.nn.TransformerEncoderLayer names.
@@ -63,79 +62,55 @@ def hf_vit_key(name: str) -> str | None:
     return name
 
 
-def _require(config: dict, key: str, kinds: type | tuple[type, ...], source: str):
-    if key not in config or not isinstance(config[key], kinds) or isinstance(config[key], bool):
-        raise CheckpointError(f"{source}: config.json needs {key!r} of type {kinds}, got {config.get(key)!r}")
-    return config[key]
+def _int(config: dict, key: str, source: str, default: int | None = None) -> int:
+    return config_int(config, key, source, default=default, maximum=2**20)
 
 
-def load_hf_vit(
-    path: str | Path,
-    *,
-    backend: str = "auto",
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> VisionTransformer:
-    """Build a :class:`VisionTransformer` from a Hugging Face ViT checkpoint directory.
+def vit_kwargs(config: dict, header: Mapping[str, TensorInfo], source: str) -> dict[str, Any]:
+    """:class:`VisionTransformer` constructor arguments for a transformers ViT ``config.json`` and the header of
+    its weights (names as on disk), checked against each other before anything is built.
 
-    Reads ``config.json`` and ``model.safetensors`` as written by ``ViTModel.save_pretrained`` or
-    ``ViTForImageClassification.save_pretrained`` (safetensors only; pickle files are never read). The model gets
-    ``layer_norm_eps`` from the config (transformers' default 1e-12), a ``pooler`` when the checkpoint has
-    ``pooler.dense`` (then ``model(x)`` equals ``ViTModel``'s ``pooler_output``), and a head of
-    ``classifier``'s width when there is one (then ``model(x)`` equals ``ViTForImageClassification``'s logits);
-    ``forward_features`` equals ``last_hidden_state`` for every checkpoint. Inputs of another size than
-    ``image_size`` get interpolated positions, as transformers' ``interpolate_pos_encoding=True``.
-
-    Args:
-        path: the checkpoint directory.
-        backend: :func:`attnkit.attention` backend for every layer.
-        device: where to put the model (default CPU).
-        dtype: parameter dtype (default float32); floating checkpoint tensors are cast to it.
-
-    Returns:
-        the model, in eval mode.
+    The model gets ``layer_norm_eps`` from the config (transformers' default 1e-12), a ``pooler`` when the
+    checkpoint has ``pooler.dense``, and a head of ``classifier``'s width when there is one.
 
     Raises:
-        FileNotFoundError, NotADirectoryError: no such directory, or no ``config.json`` / ``model.safetensors``.
-        CheckpointError: (a ``ValueError``) a config that is not a ViT or uses options this model does not have
-            (``hidden_act`` other than ``"gelu"``, ``qkv_bias=False``, a pooler of another width or activation),
-            or tensors that are missing, unexpected or mis-shaped (all listed).
-        ImportError: ``safetensors`` is missing (``pip install attnkit[hf]``).
+        CheckpointError: not a ViT config, options this model does not have (``hidden_act`` other than
+            ``"gelu"``, ``qkv_bias=False``, a pooler of another width or activation), sizes that are not positive
+            integers (``image_size`` and ``patch_size`` are single integers, as transformers writes them), or a
+            layer count that differs from the weights.
     """
-    source = f"checkpoint {str(path)!r}"
-    config = read_config(path)
     if config.get("model_type", "vit") != "vit":
-        raise CheckpointError(f"{source}: expected a ViT checkpoint (model_type 'vit'), got {config['model_type']!r}")
-    embed_dim = _require(config, "hidden_size", int, source)
+        raise CheckpointError(
+            f"{source}: expected a ViT checkpoint (model_type 'vit'), got {config['model_type']!r:.60}"
+        )
+    embed_dim = _int(config, "hidden_size", source)
     if config.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"{source}: hidden_act {config['hidden_act']!r} is not supported; expected 'gelu'")
-    if not config.get("qkv_bias", True):
+        raise CheckpointError(f"{source}: hidden_act {config['hidden_act']!r:.60} is not supported; expected 'gelu'")
+    if config.get("qkv_bias", True) is not True:
         raise CheckpointError(f"{source}: qkv_bias=False is not supported (attnkit's ViT has query/key/value biases)")
-    tensors = read_tensors(path)
-    names = {hf_vit_key(n) for n in tensors}
+    eps = config.get("layer_norm_eps", 1e-12)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise CheckpointError(f"{source}: config.json needs 'layer_norm_eps' in (0, 1), got {eps!r:.60}")
+    names = {hf_vit_key(n): info for n, info in header.items()}
     has_pooler = "pooler.dense.weight" in names
     if has_pooler and (
         config.get("pooler_act", "tanh") != "tanh" or config.get("pooler_output_size", embed_dim) != embed_dim
     ):
         raise CheckpointError(f"{source}: only a tanh pooler of width hidden_size ({embed_dim}) is supported")
-    head = next((t for n, t in tensors.items() if hf_vit_key(n) == "head.weight"), None)
-    try:
-        model = VisionTransformer(
-            image_size=_require(config, "image_size", (int, list), source),
-            patch_size=_require(config, "patch_size", (int, list), source),
-            in_chans=config.get("num_channels", 3),
-            num_classes=0 if head is None else head.shape[0],
-            embed_dim=embed_dim,
-            depth=_require(config, "num_hidden_layers", int, source),
-            num_heads=_require(config, "num_attention_heads", int, source),
-            mlp_ratio=_require(config, "intermediate_size", int, source) / embed_dim,
-            pooler=has_pooler,
-            layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-            backend=backend,
-            device=device,
-            dtype=dtype,
-        )
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source}: config.json describes an invalid model: {err}") from None
-    load_state(model, tensors, hf_vit_key, source=source)
-    return model.eval()
+    depth = _int(config, "num_hidden_layers", source)
+    found = layer_count(names, "blocks.")
+    if depth != found:
+        raise CheckpointError(f"{source}: config.json says num_hidden_layers={depth}, the weights hold {found}")
+    head = names.get("head.weight")
+    return {
+        "image_size": _int(config, "image_size", source, 224),
+        "patch_size": _int(config, "patch_size", source, 16),
+        "in_chans": _int(config, "num_channels", source, 3),
+        "num_classes": head.shape[0] if head is not None and head.shape else 0,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": _int(config, "num_attention_heads", source),
+        "mlp_ratio": _int(config, "intermediate_size", source) / embed_dim,
+        "pooler": has_pooler,
+        "layer_norm_eps": float(eps),
+    }

@@ -8,13 +8,14 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+import torch
+from torch import nn
 
-from attnkit.vision._common import check_feature_map
+from attnkit.io.checkpoint import CheckpointError, file_in, layer_count, load_from_header, read_header, read_json
+from attnkit.vision.conv_patch_embed import ConvPatchEmbed
 from attnkit.vision.hybrid import HybridResNet
 from attnkit.vision.vit import VisionTransformer
 
@@ -23,7 +24,6 @@ __all__ = [
     "DEFAULT_CONFIGS",
     "METADATA_NAME",
     "MODEL_NAMES",
-    "ConvPatchEmbed",
     "build_model",
     "load_metadata",
     "load_model",
@@ -64,47 +64,6 @@ _CLASSES = {"vit": VisionTransformer, "cnn": HybridResNet}
 _PATCH_EMBEDS = ("linear", "conv")
 
 
-class ConvPatchEmbed(nn.Module):
-    """A convolutional stem in place of the linear patch embedding: ``log2(P)`` stride-2 ``4x4`` convolutions
-    (padding 1, BatchNorm, ReLU; widths doubling up to ``embed_dim``) and a ``1x1`` projection to ``embed_dim``.
-
-    Same interface as :class:`attnkit.vision.patch_embed.PatchEmbed` (``patch_size``, ``grid_size``, ``(B, C, Hi,
-    Wi) -> (B, Gh·Gw, E)``, one token per ``P x P`` cell in row-major order), so it drops into
-    :class:`VisionTransformer` as ``model.patch_embed``. Token ``(i, j)`` sees a ``(3P - 2)``-pixel square
-    centred on its cell (22 px for ``P = 8``): even kernels with padding 1 keep every stride-2 window centred on
-    its output cell, so the token grid lines up with the image and an attention map over the tokens can be
-    upsampled onto the image. (The usual ``3x3`` / padding 1 stem shifts each token's receptive field ``P/2``
-    pixels up and to the left of its cell, which misplaces attention maps by half a patch.)
-
-    References:
-        Xiao et al., "Early Convolutions Help Transformers See Better", NeurIPS 2021 (convolutional stems for
-        ViTs; theirs uses ``3x3`` kernels).
-    """
-
-    def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int) -> None:
-        super().__init__()
-        if patch_size < 2 or patch_size & (patch_size - 1):
-            raise ValueError(f"ConvPatchEmbed: expected a power-of-two patch_size >= 2, got {patch_size}")
-        self.patch_size, self.in_chans = (patch_size, patch_size), in_chans
-        layers, cin, width = [], in_chans, max(8, embed_dim // (patch_size // 2))
-        for _ in range(patch_size.bit_length() - 1):
-            layers += [nn.Conv2d(cin, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-            cin, width = width, min(2 * width, embed_dim)
-        layers.append(nn.Conv2d(cin, embed_dim, 1))
-        self.stem = nn.Sequential(*layers)
-
-    def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """Token grid ``(Gh, Gw)`` of an ``(Hi, Wi)`` image (``Hi // P``, ``Wi // P``)."""
-        return image_size[0] // self.patch_size[0], image_size[1] // self.patch_size[1]
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, Hi, Wi)`` -> ``(B, Gh·Gw, E)``; ``Hi`` and ``Wi`` must be multiples of ``P``."""
-        check_feature_map(x, self.in_chans, "ConvPatchEmbed")
-        if x.shape[2] % self.patch_size[0] or x.shape[3] % self.patch_size[1]:
-            raise ValueError(f"ConvPatchEmbed: image {tuple(x.shape[2:])} is not a multiple of {self.patch_size}")
-        return self.stem(x).flatten(2).transpose(1, 2)
-
-
 def _check_name(name: str) -> None:
     if name not in MODEL_NAMES:
         raise ValueError(f"digits model: unknown name {name!r}; valid: {', '.join(MODEL_NAMES)}")
@@ -140,29 +99,46 @@ def load_metadata(directory: str | Path | None = None) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no metadata file there (run ``scripts/train_digits.py``).
+        CheckpointError: not a regular file, or not a small JSON object.
     """
     path = Path(DATA_DIR if directory is None else directory) / METADATA_NAME
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"digits model: no {METADATA_NAME} in {str(path.parent)!r}; train with scripts/train_digits.py"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path, what="digits model")
 
 
-def load_model(name: str, *, directory: str | Path | None = None) -> nn.Module:
+def _check_depth(name: str, config: dict[str, Any], header: dict, source: str) -> None:
+    """The number of blocks the config asks for must be the number in the weights (checked before building)."""
+    if name == "vit":
+        want, have = config.get("depth"), layer_count(header, "blocks.")
+    else:
+        depths = config.get("depths")
+        want = sum(depths) if isinstance(depths, list) and all(type(d) is int for d in depths) else depths
+        have = len({tuple(n.split(".")[1:3]) for n in header if n.startswith("stages.")})
+    if want != have:
+        raise CheckpointError(f"{source}: the config asks for {want!r:.40} blocks, the weights hold {have}")
+
+
+def load_model(name: str, *, directory: str | Path | None = None, nonfinite: str = "warn") -> nn.Module:
     """Rebuild the trained ``"vit"`` or ``"cnn"`` from its recorded config and load its weights, in eval mode.
+
+    The recorded config is checked against the safetensors header and the model built on the ``meta`` device
+    before anything is allocated; the weights file must be a regular file inside ``directory``.
 
     Args:
         name: ``"vit"`` or ``"cnn"``.
         directory: where ``digits.json`` and the weights are; default the package's shipped ``attnkit/data``.
+        nonfinite: weights holding NaN or inf: ``"warn"`` (default), ``"error"`` or ``"ignore"``.
 
     Returns:
         the model (float32, CPU, ``eval()``); it takes ``(B, 1, 64, 64)`` canvases of
         :class:`attnkit.datasets.DigitCanvases` and returns ``(B, 10)`` logits.
 
     Raises:
-        ValueError: an unknown name; FileNotFoundError: missing metadata or weights; RuntimeError: weights that
-        do not fit the config (missing or unexpected tensors).
+        ValueError: an unknown name; FileNotFoundError: missing metadata or weights; CheckpointError (a
+        ``ValueError``): malformed metadata, a bad config, or weights that do not fit it (all listed).
 
     Example:
         >>> model = load_model("vit")
@@ -170,16 +146,25 @@ def load_model(name: str, *, directory: str | Path | None = None) -> nn.Module:
         ('VisionTransformer', False)
     """
     _check_name(name)
-    from safetensors.torch import load_file
-
     directory = Path(DATA_DIR if directory is None else directory)
     meta = load_metadata(directory)
-    if name not in meta.get("models", {}):
+    source = f"digits model {name!r} in {str(directory)!r}"
+    models = meta.get("models")
+    if not isinstance(models, dict) or name not in models:
         raise FileNotFoundError(f"digits model: {METADATA_NAME} in {str(directory)!r} has no {name!r} model")
-    entry = meta["models"][name]
-    weights = directory / entry["weights"]
-    if not weights.is_file():
-        raise FileNotFoundError(f"digits model: weights file {str(weights)!r} is missing")
-    model = build_model(name, entry["config"])
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    entry = models[name]
+    config = entry.get("config") if isinstance(entry, dict) else None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: {METADATA_NAME} needs a 'config' object for the model")
+    weights = file_in(directory, entry.get("weights"), f"{source}: weights file")
+    header = read_header(directory, [weights])
+    _check_depth(name, config, header, source)
+    try:
+        with torch.device("meta"):
+            model = build_model(name, config)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{source}: {METADATA_NAME} describes an invalid model: {err}") from None
+    load_from_header(
+        model, directory, header, lambda n: n, nonfinite=nonfinite, source=f"{source}, weights", files=[weights]
+    )
     return model.eval()

@@ -12,8 +12,8 @@ import torch
 
 from attnkit.datasets import DigitCanvases, split_scans
 from attnkit.datasets import digits_eval as ev
-from attnkit.models.digits import DATA_DIR, load_metadata, load_model
 from attnkit.explain import capture, rollout
+from attnkit.models.digits import DATA_DIR, load_metadata, load_model
 
 NUM_CANVASES = 300
 SEED = 31337  # not the script's evaluation seed: fresh canvases of the held-out scans

@@ -121,9 +121,9 @@ def vision_part(fast: bool):
     """Sections and summary rows for the two digit models shipped with attnkit."""
     from attnkit.datasets.digits import DigitCanvases
     from attnkit.datasets.digits_eval import accuracy, deletion_auc, pointing_game, predict, saliency
-    from attnkit.models.digits import load_metadata, load_model
     from attnkit.explain import plots
     from attnkit.explain.report import Section
+    from attnkit.models.digits import load_metadata, load_model
 
     try:
         meta = load_metadata()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from pathlib import Path
 
 import torch
@@ -28,35 +28,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report and overlays")
 
 
-def load_classifier(checkpoint: str):
+def _normalization(path: Path, channels: int) -> tuple[list[float], list[float]]:
+    """``(mean, std)`` per channel from ``preprocessor_config.json`` (transformers' defaults 0.5 without one)."""
+    from attnkit.io import CheckpointError, read_json
+
+    mean, std = [0.5] * channels, [0.5] * channels  # transformers' ViTImageProcessor defaults
+    processor = path / "preprocessor_config.json"
+    if not processor.exists():
+        return mean, std
+    pre = read_json(processor, what="preprocessor_config.json")
+    out = []
+    for key, default in (("image_mean", mean), ("image_std", std)):
+        value = pre.get(key, default)
+        value = [value] * channels if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        ok = isinstance(value, list) and len(value) == channels
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        if not ok or (key == "image_std" and min(value) <= 0):
+            rule = "positive " if key == "image_std" else ""
+            raise CheckpointError(
+                f"{processor}: {key} must be a list of {channels} finite {rule}numbers, got {value!r:.80}"
+            )
+        out.append([float(v) for v in value])
+    return out[0], out[1]
+
+
+def load_classifier(checkpoint: str, *, nonfinite: str = "warn"):
     """``(model, kind, image_size, in_chans, normalize)`` for a shipped name or a Hugging Face ViT directory."""
+    from attnkit.io import CheckpointError
+
     if checkpoint in SHIPPED:
         from attnkit.models.digits import load_model
 
         kind = SHIPPED[checkpoint]
         try:
-            model = load_model(kind)
-        except (FileNotFoundError, RuntimeError) as exc:
+            model = load_model(kind, nonfinite=nonfinite)
+        except (FileNotFoundError, CheckpointError) as exc:
             raise UserError(f"--checkpoint {checkpoint}: {exc}") from None
         return model, kind, 64, 1, None
     path = Path(checkpoint)
-    if not path.is_dir() or not (path / "config.json").is_file():
+    if not path.is_dir() or not (path / "config.json").exists():
         valid = ", ".join(SHIPPED)
         raise UserError(f"--checkpoint {checkpoint}: not {valid}, nor a checkpoint directory with config.json")
-    from attnkit.models import CheckpointError
     from attnkit.vision import VisionTransformer
 
     try:
-        model = VisionTransformer.from_pretrained(path).eval()
-    except (CheckpointError, OSError, ValueError) as exc:
+        model = VisionTransformer.from_pretrained(path, nonfinite=nonfinite).eval()
+        channels = model.patch_embed.in_chans
+        normalize = _normalization(path, channels)
+    except (CheckpointError, OSError) as exc:
         raise UserError(f"--checkpoint {checkpoint}: {exc}") from None
-    config = json.loads((path / "config.json").read_text())
-    mean, std = [0.5] * 3, [0.5] * 3  # transformers' ViTImageProcessor defaults
-    processor = path / "preprocessor_config.json"
-    if processor.is_file():
-        pre = json.loads(processor.read_text())
-        mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
-    return model, "vit", int(config.get("image_size", 224)), int(config.get("num_channels", 3)), (mean, std)
+    if model.image_size[0] != model.image_size[1]:
+        raise UserError(f"--checkpoint {checkpoint}: only square image_size is supported, got {model.image_size}")
+    return model, "vit", model.image_size[0], channels, normalize
 
 
 def read_image(path: Path, size: int, channels: int) -> Tensor:

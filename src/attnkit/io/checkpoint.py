@@ -246,9 +246,7 @@ def config_int(config: Mapping, key: str, source: str, *, default: int | None = 
     """
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise CheckpointError(
-            f"{source}: config.json needs {key!r} as an integer in [1, {maximum}], got {value!r:.60}"
-        )
+        raise CheckpointError(f"{source}: config.json needs {key!r} as an integer in [1, {maximum}], got {value!r:.60}")
     return value
 
 

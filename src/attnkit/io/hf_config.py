@@ -43,13 +43,21 @@ def _get(config: Mapping, keys: tuple[str, ...], source: str) -> tuple[str, int]
 def check_transformers_config(config: Mapping, header: Mapping[str, TensorInfo], source: str) -> None:
     """Refuse a config whose sizes disagree with the weights (checked on names and shapes only).
 
-    Checked when present: the layer count (``num_hidden_layers``/``n_layer``) against the distinct layer indices
-    in the tensor names; ``vocab_size`` and the hidden size against the token embedding ``(vocab, hidden)``;
-    the position count against a learned position table. Every such field must be an integer in ``[1, 2**31]``.
+    Weights and biases must be floating point. Checked when present: the layer count (``num_hidden_layers`` /
+    ``n_layer``) against the distinct layer indices in the tensor names; ``vocab_size`` and the hidden size
+    against the token embedding ``(vocab, hidden)``; the position count against a learned position table.
+    Every such field must be an integer in ``[1, 2**31]``.
 
     Raises:
         CheckpointError: a field of the wrong type, or a size that disagrees with the weights.
     """
+    ints = [
+        f"{name} ({info.dtype})"
+        for name, info in header.items()
+        if name.endswith(("weight", "bias")) and not info.dtype.is_floating_point
+    ]
+    if ints:
+        raise CheckpointError(f"{source}: weights must be floating point, got {', '.join(ints[:10])}")
     layers = _get(config, _LAYERS, source)
     hidden = _get(config, _HIDDEN, source)
     vocab = _get(config, ("vocab_size",), source)

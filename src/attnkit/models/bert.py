@@ -99,7 +99,8 @@ class BertConfig:
             )
         if not isinstance(out.hidden_act, str) or out.hidden_act not in HF_ACTIVATIONS:
             raise ValueError(
-                f"BertConfig: unsupported hidden_act {out.hidden_act!r:.60}; valid: {', '.join(map(repr, HF_ACTIVATIONS))}"
+                f"BertConfig: unsupported hidden_act {out.hidden_act!r:.60}; valid: "
+                f"{', '.join(map(repr, HF_ACTIVATIONS))}"
             )
         if out.position_embedding_type != "absolute":
             raise ValueError(
@@ -107,7 +108,9 @@ class BertConfig:
                 f"expected 'absolute'"
             )
         if out.pad_token_id >= out.vocab_size:
-            raise ValueError(f"BertConfig: pad_token_id ({out.pad_token_id}) must be below vocab_size ({out.vocab_size})")
+            raise ValueError(
+                f"BertConfig: pad_token_id ({out.pad_token_id}) must be below vocab_size ({out.vocab_size})"
+            )
         return out
 
 
@@ -363,6 +366,11 @@ class BertModel(nn.Module):
             raise CheckpointError(
                 f"{source}: config.json says num_hidden_layers={config.num_hidden_layers}, the weights hold {layers}"
             )
-        model = cls(config, add_pooling_layer="pooler.weight" in renamed, backend=backend, device="meta", dtype=dtype)
+        try:
+            model = cls(
+                config, add_pooling_layer="pooler.weight" in renamed, backend=backend, device="meta", dtype=dtype
+            )
+        except RuntimeError as err:  # sizes overflowing even on the meta device
+            raise CheckpointError(f"{source}: config.json describes an invalid model: {err}") from None
         load_from_header(model, path, header, rename, device=device, nonfinite=nonfinite, source=source)
         return model.eval()

@@ -162,7 +162,7 @@ def load_model(name: str, *, directory: str | Path | None = None, nonfinite: str
     try:
         with torch.device("meta"):
             model = build_model(name, config)
-    except (TypeError, ValueError, KeyError) as err:
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{source}: {METADATA_NAME} describes an invalid model: {err}") from None
     load_from_header(
         model, directory, header, lambda n: n, nonfinite=nonfinite, source=f"{source}, weights", files=[weights]

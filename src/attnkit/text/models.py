@@ -86,58 +86,114 @@ class TextModel:
         return self.tokenizer.convert_ids_to_tokens(input_ids.tolist())
 
 
-def load_text_model(path: str | Path | None) -> TextModel:
+def _vocab_fits(tokenizer, model: torch.nn.Module, path: Path) -> None:
+    rows = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
+    if rows is None:
+        rows = model.embeddings.word_embeddings.num_embeddings
+    if len(tokenizer) > rows:
+        raise TextModelError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} rows "
+            "(tokenizer and weights from different models?)"
+        )
+
+
+def _load_transformers(path: Path, config: dict, nonfinite: str, attn_implementation) -> torch.nn.Module:
+    """A transformers model, after checking the config against the safetensors headers (safetensors only)."""
+    from attnkit.io.checkpoint import CheckpointError, check_finite, read_header
+    from attnkit.io.hf_config import check_transformers_config
+
+    try:
+        check_transformers_config(config, read_header(path), str(path))
+    except (CheckpointError, OSError) as exc:
+        raise TextModelError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
+    from transformers import AutoModel
+
+    try:
+        model, info = AutoModel.from_pretrained(
+            str(path),
+            attn_implementation=attn_implementation,
+            local_files_only=True,
+            use_safetensors=True,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise TextModelError(f"{path}: {' '.join(str(exc).split())[:500]}") from None
+    # transformers initialises missing or mis-shaped weights at random with a log line: refuse instead.
+    problems = {
+        "missing": list(info.get("missing_keys", [])),
+        "mis-shaped": [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])],
+        "unexpected": [k for k in info.get("unexpected_keys", []) if not k.startswith("lm_head.")],
+    }
+    listed = "; ".join(f"{kind} ({len(v)}): {', '.join(sorted(v)[:10])}" for kind, v in problems.items() if v)
+    if listed:
+        raise TextModelError(f"{path}: the weights do not fit {type(model).__name__}: {listed}")
+    try:
+        check_finite(dict(model.state_dict()), nonfinite=nonfinite, source=f"checkpoint {str(path)!r}")
+    except CheckpointError as exc:
+        raise TextModelError(str(exc)) from None
+    return model
+
+
+def load_text_model(path: str | Path | None, *, nonfinite: str = "warn") -> TextModel:
     """Load a local Hugging Face BERT-, GPT-2- or decoder-only-family checkpoint directory (default: MiniLM).
 
+    Only safetensors weights are read (never pickle); the config is checked against their headers before any
+    model is built, and the directory may hold only regular files (a FIFO would hang the tokenizer).
+
+    Args:
+        path: the checkpoint directory, or ``None`` for the shipped MiniLM.
+        nonfinite: weights holding NaN or inf: ``"warn"`` (default), ``"error"`` or ``"ignore"``.
+
     Raises:
-        TextModelError: not a directory, no ``config.json``, an unsupported ``model_type``, unreadable weights.
+        TextModelError: not a directory, no or an invalid ``config.json``, an unsupported ``model_type``,
+            missing or unreadable safetensors weights, a config that disagrees with the weights, a tokenizer
+            larger than the model's vocabulary, or non-finite weights with ``nonfinite="error"``.
         ImportError: transformers/tokenizers (``attnkit[hf]``) or, for the default, the demo model missing.
     """
+    from attnkit.io.checkpoint import CheckpointError, read_config
+    from attnkit.io.checkpoint_files import weight_files
+    from attnkit.io.hf_config import check_directory_entries
+
     path = default_model_dir() if path is None else Path(path)
     if not path.is_dir():
         raise TextModelError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
-    config_file = path / "config.json"
-    if not config_file.is_file():
+    if not (path / "config.json").exists():
         raise TextModelError(f"{path}: no config.json, so this is not a Hugging Face checkpoint directory")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TextModelError(f"{path}: config.json is not valid JSON ({exc})") from None
+        check_directory_entries(path, str(path))
+        config = read_config(path)
+        weight_files(path)  # safetensors only: say so before the tokenizer is even looked at
+    except (CheckpointError, OSError) as exc:
+        raise TextModelError(str(exc)) from None
+    model_type = config.get("model_type")
+    supported = BERT_TYPES + GPT2_TYPES + DECODER_TYPES
+    if model_type not in supported:
+        raise TextModelError(
+            f"{path}: model_type {model_type!r:.60} is not supported (supported: {', '.join(supported)})"
+        )
     try:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except ImportError:
         raise ImportError("explaining text needs transformers and tokenizers: pip install 'attnkit[hf]'") from None
-    except (OSError, ValueError) as exc:
-        raise TextModelError(f"{path}: cannot load its tokenizer ({exc})") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise TextModelError(f"{path}: cannot load its tokenizer ({' '.join(str(exc).split())[:300]})") from None
     if model_type in BERT_TYPES:
-        from attnkit.models import BertModel, CheckpointError
+        from attnkit.models import BertModel
 
         try:
-            model = BertModel.from_pretrained(path)
+            model = BertModel.from_pretrained(path, nonfinite=nonfinite)
         except (CheckpointError, OSError, ValueError) as exc:
-            raise TextModelError(f"{path}: {exc}") from None
+            raise TextModelError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
         family = "bert"
     elif model_type in GPT2_TYPES:
-        from transformers import AutoModel
-
-        try:
-            model = AutoModel.from_pretrained(str(path), attn_implementation="sdpa", local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise TextModelError(f"{path}: {exc}") from None
+        model = _load_transformers(path, config, nonfinite, "sdpa")
         family = "gpt2"
-    elif model_type in DECODER_TYPES:
-        from transformers import AutoModel
-
+    else:
         from attnkit.integrations.transformers import register
 
-        try:
-            model = AutoModel.from_pretrained(str(path), attn_implementation=register(), local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise TextModelError(f"{path}: {exc}") from None
+        model = _load_transformers(path, config, nonfinite, register())
         family = "decoder"
-    else:
-        supported = ", ".join(BERT_TYPES + GPT2_TYPES + DECODER_TYPES)
-        raise TextModelError(f"{path}: model_type {model_type!r} is not supported (supported: {supported})")
+    _vocab_fits(tokenizer, model, path)
     return TextModel(path, family, tokenizer, model.eval())

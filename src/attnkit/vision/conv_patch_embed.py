@@ -30,7 +30,8 @@ class ConvPatchEmbed(nn.Module):
         super().__init__()
         check_int(in_chans, "in_chans", "ConvPatchEmbed")
         check_int(embed_dim, "embed_dim", "ConvPatchEmbed")
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 2 or patch_size & (patch_size - 1):
+        power_of_two = isinstance(patch_size, int) and patch_size >= 2 and not patch_size & (patch_size - 1)
+        if isinstance(patch_size, bool) or not power_of_two:
             raise ValueError(f"ConvPatchEmbed: expected a power-of-two patch_size >= 2, got {patch_size}")
         self.patch_size, self.in_chans = (patch_size, patch_size), in_chans
         layers, cin, width = [], in_chans, max(8, embed_dim // (patch_size // 2))

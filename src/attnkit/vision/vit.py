@@ -247,7 +247,7 @@ class VisionTransformer(nn.Module):
         kwargs = vit_kwargs(config, header, source)
         try:
             model = cls(**kwargs, backend=backend, device="meta", dtype=dtype)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: sizes overflowing even on meta
             raise CheckpointError(f"{source}: config.json describes an invalid model: {err}") from None
         load_from_header(model, path, header, hf_vit_key, device=device, nonfinite=nonfinite, source=source)
         return model.eval()

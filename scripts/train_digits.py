@@ -39,7 +39,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from attnkit.datasets import DigitCanvases, split_scans
-from attnkit.datasets import digits_eval as ev
+from attnkit.explain import saliency as ev
+from attnkit.explain.metrics import deletion, pointing_game
+from attnkit.io.atomic import atomic_write
 from attnkit.models.digits import DATA_DIR, DEFAULT_CONFIGS, METADATA_NAME, MODEL_NAMES, build_model
 
 #: Optimisation settings per model (the ViT needs more epochs than the CNN on 1,078 training scans).
@@ -186,14 +188,15 @@ def evaluate(models: dict[str, nn.Module], args: argparse.Namespace) -> tuple[di
         out: dict = {"accuracy": ev.accuracy(model, test.images, test.labels), "pointing_game": {}, "deletion_auc": {}}
         for method in methods[name]:
             maps = ev.saliency(method, model, test.images, target=test.labels, generator=gen)
-            out["pointing_game"][method] = ev.pointing_game(maps, test.boxes).float().mean().item()
-            auc = ev.deletion_auc(model, test.images[:n_del], maps[:n_del], test.labels[:n_del], step=64)
+            out["pointing_game"][method] = pointing_game(maps, test.boxes).float().mean().item()
+            images, labels = test.images[:n_del], test.labels[:n_del]
+            auc = deletion(model, images, maps[:n_del], target=labels, steps=64, batch_size=256).auc
             out["deletion_auc"][method] = auc.mean().item()
         if name == "cnn":
             blocks = len(DEFAULT_CONFIGS["cnn"]["depths"])
             out["cbam_block"] = ev.CBAM_BLOCK
             out["pointing_game_cbam_per_block"] = [
-                ev.pointing_game(
+                pointing_game(
                     ev.upsample(ev.cbam_maps(model, test.images, block=b), tuple(test.images.shape[-2:])), test.boxes
                 )
                 .float()
@@ -205,23 +208,13 @@ def evaluate(models: dict[str, nn.Module], args: argparse.Namespace) -> tuple[di
     return results, setup
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # safetensors creates its files private (0600)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     targets = _targets(args.out, args.models)
     existing = [str(p) for p in targets if p.exists()]
@@ -275,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, model in models.items():
         path = args.out / f"digits_{name}.safetensors"
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-        _atomic_write(path, lambda tmp, state=state: save_file(state, str(tmp), metadata={"format": "pt"}))
+        atomic_write(path, save(state, metadata={"format": "pt"}), overwrite=True)
         meta["models"][name] = {
             "class": type(model).__name__,
             "config": DEFAULT_CONFIGS[name],
@@ -286,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "test": results[name],
         }
     text = json.dumps(meta, indent=2) + "\n"
-    _atomic_write(args.out / METADATA_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(args.out / METADATA_NAME, text, overwrite=True)
     print(json.dumps({k: v["test"] for k, v in meta["models"].items()}, indent=1))
     print(f"train_digits: wrote {', '.join(str(p) for p in targets)}", file=sys.stderr)
     return 0

@@ -7,8 +7,9 @@ import io
 
 import pytest
 
-from attnkit.ablation.report import planned_files, write_atomic, write_report
+from attnkit.ablation.report import planned_files, write_report
 from attnkit.ablation.results import AblationResult, Alignment, VariantResult
+from attnkit.io.atomic import atomic_write
 
 
 def _result(with_groups=True):
@@ -68,10 +69,10 @@ def test_write_report_files_and_no_clobber(tmp_path):
     assert (out / "results.md").read_text() != before
 
 
-def test_write_atomic(tmp_path):
-    path = write_atomic(tmp_path / "a.txt", "é")
+def test_atomic_write(tmp_path):
+    path = atomic_write(tmp_path / "a.txt", "é")
     assert path.read_bytes() == "é".encode()
     with pytest.raises(FileExistsError):
-        write_atomic(path, b"x")
-    write_atomic(path, b"x", overwrite=True)
+        atomic_write(path, b"x")
+    atomic_write(path, b"x", overwrite=True)
     assert path.read_bytes() == b"x" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]

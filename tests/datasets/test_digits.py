@@ -104,7 +104,8 @@ def test_distractors_are_other_scans_of_other_classes(canvases):
 
 def test_decoys_carry_as_much_ink_as_the_digit(canvases):
     """The most ink is not where the digit is: a digit-sized box filter rarely points at it."""
-    from attnkit.datasets.digits_eval import ink_maps, pointing_game
+    from attnkit.explain.metrics import pointing_game
+    from attnkit.explain.saliency import ink_maps
 
     data = canvases["test"]
     assert pointing_game(ink_maps(data.images), data.boxes).float().mean() < 0.3

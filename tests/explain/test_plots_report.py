@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from attnkit.explain import TokenLayout, _io
+from attnkit.explain import TokenLayout
 from attnkit.explain.plots import (
     alignment_plot,
     distance_plot,
@@ -19,6 +19,7 @@ from attnkit.explain.plots import (
     token_heatmaps,
 )
 from attnkit.explain.report import HeadMaps, Section, report
+from attnkit.io import atomic
 
 
 def test_plots_are_batched():
@@ -127,7 +128,7 @@ def test_report_no_clobber_overwrite_and_atomic_failure(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(_io.os, "replace", boom)
+    monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         report(target, sections, overwrite=True)
     assert target.read_text() == "keep me"
@@ -152,7 +153,7 @@ def test_written_files_follow_the_umask_and_never_clobber_a_racing_writer(tmp_pa
         target.write_text("theirs")
         real_fsync(fd)
 
-    monkeypatch.setattr(_io.os, "fsync", racing_fsync)
+    monkeypatch.setattr(atomic.os, "fsync", racing_fsync)
     with pytest.raises(FileExistsError):
         report(target, sections)
     assert target.read_text() == "theirs"

@@ -1,7 +1,8 @@
 """Write an :class:`~attnkit.ablation.results.AblationResult`: Markdown and CSV tables, an accuracy-vs-latency
 plot, alignment heatmaps (seq2seq) and a section of the self-contained HTML report (:func:`attnkit.explain.report`).
 
-Every file is written atomically (temporary file + rename), and nothing existing is replaced unless
+Every file is written with :func:`attnkit.io.atomic.atomic_write` (temporary file, fsync, link or rename), and
+nothing existing is replaced unless
 ``overwrite=True``: :func:`planned_files` lists the paths up front so a caller can refuse before hours of training.
 Needs matplotlib (``pip install 'attnkit[explain]'``).
 """
@@ -9,11 +10,11 @@ Needs matplotlib (``pip install 'attnkit[explain]'``).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from attnkit.ablation.results import METHOD_NOTE, AblationResult, Alignment
 from attnkit.ablation.stats import mean_std
+from attnkit.io.atomic import atomic_write
 
 __all__ = [
     "alignment_figure",
@@ -21,7 +22,6 @@ __all__ = [
     "curves_figure",
     "planned_files",
     "tradeoff_figure",
-    "write_atomic",
     "write_report",
 ]
 
@@ -42,31 +42,6 @@ def check_writable(paths: list[Path], *, overwrite: bool) -> None:
     if existing:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise FileExistsError(f"{existing[0]} exists{more}; pass --overwrite to replace, or choose another --out")
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str, *, overwrite: bool = False) -> Path:
-    """Write ``data`` (str as UTF-8) to ``path`` via a temporary file in the same directory and ``os.replace``.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace, or choose another --out")
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def tradeoff_figure(result: AblationResult):
@@ -186,18 +161,18 @@ def write_report(result: AblationResult, out_dir: str | os.PathLike, *, overwrit
     check_writable(paths, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     written = [
-        write_atomic(out / "results.md", result.to_markdown(), overwrite=overwrite),
-        write_atomic(out / "results.csv", result.to_csv(), overwrite=overwrite),
+        atomic_write(out / "results.md", result.to_markdown(), overwrite=overwrite),
+        atomic_write(out / "results.csv", result.to_csv(), overwrite=overwrite),
     ]
     plot_png = figure_png(tradeoff_figure(result))
-    written.append(write_atomic(out / "accuracy_vs_latency.png", plot_png, overwrite=overwrite))
+    written.append(atomic_write(out / "accuracy_vs_latency.png", plot_png, overwrite=overwrite))
     curves_png = figure_png(curves_figure(result))
-    written.append(write_atomic(out / "learning_curves.png", curves_png, overwrite=overwrite))
+    written.append(atomic_write(out / "learning_curves.png", curves_png, overwrite=overwrite))
     alignment_pngs = []
     for m in models:
         png = figure_png(alignment_figure([a for a in result.alignments if a.model == m]))
         alignment_pngs.append((m, png))
-        written.append(write_atomic(out / f"alignments_{m}.png", png, overwrite=overwrite))
+        written.append(atomic_write(out / f"alignments_{m}.png", png, overwrite=overwrite))
 
     head, rows = result.main_cells()
     sections = [

@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from attnkit.cli.checks import check_out_dir
 from attnkit.cli.registry import UserError, subcommand
 
 VISION_EPOCHS, SEQ2SEQ_EPOCHS, CUSTOM_EPOCHS = 40, 20, 30  # the maximum under the default budget "plateau"
@@ -220,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
     alignment_models = []
     if args.task == "seq2seq":
         alignment_models = [m for m in _names(args.models, SEQ2SEQ_MODELS, "model") if m != "none"]
-    try:  # before any work: never train for minutes and then refuse to write
+    check_out_dir(out)  # before any work: never train for minutes and then refuse to write
+    try:
         check_writable(planned_files(out, alignment_models), overwrite=args.overwrite)
     except FileExistsError as err:
         raise UserError(str(err)) from None

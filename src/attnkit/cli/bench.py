@@ -18,7 +18,7 @@ def cases(quick: bool, length: int | None = None):
     """The demo/bench cases: dense, causal and sliding window at one long length, float32."""
     from attnkit.benchmark import AttentionCase
 
-    length = length or (2048 if quick else 4096)
+    length = (2048 if quick else 4096) if length is None else length
     if length < 16:
         raise UserError(f"--length must be at least 16, got {length}")
     return [AttentionCase(length=length, mask=m, window=min(256, length // 4)) for m in ("dense", "causal", "window")]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from attnkit.cli.registry import UserError, subcommand
+from attnkit.cli.checks import check_out_dir, check_out_file
+from attnkit.cli.registry import subcommand
 
 AMBIGUITY = ("I sat on the bank of the river", "I deposited cash at the bank")
 CONTROL = "The bank approved my loan application"  # same (financial) sense as the second sentence
@@ -114,15 +115,18 @@ def language_part():
     return sections, summary
 
 
+#: Deletion steps: 64 pixels per step on the 64x64 canvases (the setting scripts/train_digits.py records).
+DELETION_STEPS = 64
 VISION_METHODS = {"vit": ("rollout", "relevance", "random", "ink"), "cnn": ("cbam", "random", "ink")}
 
 
 def vision_part(fast: bool):
     """Sections and summary rows for the two digit models shipped with attnkit."""
     from attnkit.datasets.digits import DigitCanvases
-    from attnkit.datasets.digits_eval import accuracy, deletion_auc, pointing_game, predict, saliency
     from attnkit.explain import plots
+    from attnkit.explain.metrics import deletion, pointing_game
     from attnkit.explain.report import Section
+    from attnkit.explain.saliency import accuracy, predict, saliency
     from attnkit.models.digits import load_metadata, load_model
 
     try:
@@ -146,7 +150,7 @@ def vision_part(fast: bool):
         for method in methods:
             maps = saliency(method, model, images, generator=generator)
             hits = pointing_game(maps, boxes).float().mean().item()
-            auc = deletion_auc(model, images, maps, labels).mean().item()
+            auc = deletion(model, images, maps, target=labels, steps=DELETION_STEPS, batch_size=256).auc.mean().item()
             scores[method] = (hits, auc)
             rows.append([name, f"{acc:.1%}", method, f"{hits:.2f}", f"{auc:.3f}"])
             if method not in ("random", "ink"):
@@ -230,13 +234,10 @@ def _print_summary(rows, seconds: float) -> None:
 def run(args: argparse.Namespace) -> int:
     from attnkit.cli.reports import write_report
 
-    out_dir: Path = args.out
+    out_dir: Path = check_out_dir(args.out)
     path = out_dir / "report.html"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir}: exists and is not a directory")
-    if path.exists() and not args.overwrite:
-        raise UserError(f"{path} exists; pass --overwrite to replace it")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.is_dir():
+        check_out_file(path, overwrite=args.overwrite)
     start = time.perf_counter()
     parts = (
         ("language (all-MiniLM-L6-v2)", language_part),
@@ -249,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         s, rows = part()
         sections += s
         summary += rows
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_report(path, sections, title="attnkit demo: where do models attend?", overwrite=args.overwrite)
     _print_summary(summary, time.perf_counter() - start)
     print(f"\nreport: {path}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attnkit.cli.checks import add_strict, check_out_file, nonfinite_policy
 from attnkit.cli.registry import UserError, subcommand
 
 SHIPPED = {"digits-vit": "vit", "digits-cnn": "cnn"}
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=None, help="rollout | relevance (ViT) or cbam (CNN); default the first")
     parser.add_argument("--out", type=Path, default=None, help="write an HTML report here; overlays go next to it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report and overlays")
+    add_strict(parser)
 
 
 def _normalization(path: Path, channels: int) -> tuple[list[float], list[float]]:
@@ -88,13 +90,17 @@ def read_image(path: Path, size: int, channels: int) -> Tensor:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise UserError("reading images needs Pillow: pip install 'attnkit[demo]'") from None
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file (a directory, FIFO or device); pass a PNG or JPEG file")
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
             pixels = torch.tensor(list(im.getdata()), dtype=torch.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"{path}: refused, too many pixels for an image ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable PNG/JPEG image ({exc})") from None
     image = pixels.reshape(size, size, channels).permute(2, 0, 1)
     if channels == 1 and float(image.mean()) > 0.5:  # dark ink on white paper -> the training convention
@@ -102,15 +108,35 @@ def read_image(path: Path, size: int, channels: int) -> Tensor:
     return image
 
 
-def run(args: argparse.Namespace) -> int:
-    from attnkit.datasets.digits_eval import saliency
+def overlay_names(images: list[Path], method: str) -> list[str]:
+    """One overlay file name per input, unique even when inputs share a name (``a/x.png``, ``b/x.png``)."""
+    width = len(str(len(images)))
+    return [f"{i:0{width}d}_{p.stem}_{method}.png" for i, p in enumerate(images, 1)]
 
-    model, kind, size, channels, normalize = load_classifier(args.checkpoint)
+
+def _planned(args: argparse.Namespace, method: str) -> tuple[Path, list[Path]]:
+    """The overlay folder and files ``--out`` will write, checked before any work."""
+    check_out_file(args.out, overwrite=args.overwrite)
+    files = args.out.with_name(args.out.stem + "_files")
+    if files.exists() and not files.is_dir():
+        raise UserError(f"{files} exists and is not a folder; remove it or choose another --out")
+    overlays = [files / name for name in overlay_names(args.images, method)]
+    if files.is_dir():
+        for path in overlays:
+            check_out_file(path, overwrite=args.overwrite)
+    return files, overlays
+
+
+def run(args: argparse.Namespace) -> int:
+    from attnkit.explain.saliency import saliency
+
+    if args.out is not None:  # cheap checks first: no model is loaded for a run that cannot write
+        check_out_file(args.out, overwrite=args.overwrite)
+    model, kind, size, channels, normalize = load_classifier(args.checkpoint, nonfinite=nonfinite_policy(args))
     method = args.method or METHODS[kind][0]
     if method not in METHODS[kind]:
         raise UserError(f"--method for {args.checkpoint} must be one of {', '.join(METHODS[kind])}, got {method!r}")
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    planned = _planned(args, method) if args.out is not None else None
     images = torch.stack([read_image(p, size, channels) for p in args.images])
     inputs = images
     if normalize is not None:
@@ -125,36 +151,42 @@ def run(args: argparse.Namespace) -> int:
     for path, p, c, m in zip(args.images, pred.tolist(), conf.tolist(), maps):
         peak = int(m.argmax())
         print(f"{path}: class {p} ({c:.1%}); {method} peak at (x={peak % size}, y={peak // size})")
-    if args.out is not None:
-        _write(args, images, maps, pred, conf, method)
+    if planned is not None:
+        _write(args, planned, images, maps, pred, conf, method)
     return 0
 
 
-def _write(args, images: Tensor, maps: Tensor, pred: Tensor, conf: Tensor, method: str) -> None:
+def _write(args, planned, images: Tensor, maps: Tensor, pred: Tensor, conf: Tensor, method: str) -> None:
+    """Overlays and the report; a failure removes every file and folder this run created."""
     from attnkit.cli.reports import write_report
     from attnkit.explain import plots
     from attnkit.explain.report import Section
+    from attnkit.io.atomic import OutputTracker
 
-    files = args.out.with_name(args.out.stem + "_files")
-    files.mkdir(parents=True, exist_ok=True)
-    figures = []
-    for i, path in enumerate(args.images):
-        title = f"{path.name}: class {int(pred[i])} ({float(conf[i]):.0%})"
-        fig = plots.image_overlays(images[i : i + 1], maps[i : i + 1], titles=[title], ncols=1)
-        try:
-            plots.save_figure(fig, files / f"{path.stem}_{method}.png", overwrite=args.overwrite)
-        except FileExistsError:
-            raise UserError(f"{files / (path.stem + '_' + method + '.png')} exists; pass --overwrite") from None
-        figures.append(fig)
-    rows = [[p.name, int(pred[i]), f"{float(conf[i]):.1%}"] for i, p in enumerate(args.images)]
-    section = Section(
-        f"Where the model looks ({method})",
-        text=f"Checkpoint: {args.checkpoint}. Overlays are also saved as PNG files in {files.name}/.",
-        table=rows,
-        table_header=["image", "predicted class", "confidence"],
-        figures=figures,
-    )
-    write_report(args.out, [section], title="attnkit explain-image", overwrite=args.overwrite)
+    files, overlays = planned
+    with OutputTracker() as created:
+        created.mkdir(files)
+        figures = []
+        for i, (path, target) in enumerate(zip(args.images, overlays)):
+            title = f"{path.name}: class {int(pred[i])} ({float(conf[i]):.0%})"
+            fig = plots.image_overlays(images[i : i + 1], maps[i : i + 1], titles=[title], ncols=1)
+            existed = target.exists()  # a replaced file (--overwrite) is not ours to remove on failure
+            try:
+                saved = plots.save_figure(fig, target, overwrite=args.overwrite)
+                if not existed:
+                    created.add(saved)
+            except FileExistsError:
+                raise UserError(f"{target} exists; pass --overwrite to replace it") from None
+            figures.append(fig)
+        rows = [[p.name, int(pred[i]), f"{float(conf[i]):.1%}"] for i, p in enumerate(args.images)]
+        section = Section(
+            f"Where the model looks ({method})",
+            text=f"Checkpoint: {args.checkpoint}. Overlays are also saved as PNG files in {files.name}/.",
+            table=rows,
+            table_header=["image", "predicted class", "confidence"],
+            figures=figures,
+        )
+        write_report(args.out, [section], title="attnkit explain-image", overwrite=args.overwrite)
     print(f"\nreport: {args.out}  (overlays in {files})")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from attnkit.cli.checks import add_strict, check_out_file
 from attnkit.cli.registry import UserError, subcommand
 
 
@@ -24,14 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=8, help="how many tokens to print per text (default 8)")
     parser.add_argument("--out", type=Path, default=None, help="write an HTML report to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_strict(parser)
 
 
-def load(path: Path | None):
-    """Load a text model, turning loader failures into one-line user errors."""
+def load(path: Path | None, *, strict: bool = False):
+    """Load a text model, turning loader failures into one-line user errors (``strict``: refuse NaN/inf)."""
     from attnkit.text import TextModelError, load_text_model
 
     try:
-        return load_text_model(path)
+        return load_text_model(path, nonfinite="error" if strict else "warn")
     except (TextModelError, ImportError) as exc:
         raise UserError(str(exc)) from None
 
@@ -41,11 +43,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    check_out_file(args.out, overwrite=args.overwrite)
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
-    tm = load(args.model)
+    tm = load(args.model, strict=args.strict)
     batch = tm.encode(list(args.text))
     maps, _ = capture_maps(tm, batch)
     try:

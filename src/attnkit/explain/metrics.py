@@ -13,6 +13,7 @@ Saliency ``(B, *S)`` is over *units* of the input ``x`` ``(B, ...)``: the traili
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -42,26 +43,59 @@ def random_saliency(like: Tensor, *, generator: torch.Generator | None = None) -
     return torch.rand(like.shape, generator=generator, dtype=torch.float32).to(like.device)
 
 
+def _box_hits(saliency: Tensor, boxes: Tensor, tolerance: float) -> Tensor:
+    b, _, w = saliency.shape
+    if boxes.shape != (b, 4) or (boxes.is_floating_point() and not bool(torch.isfinite(boxes).all())):
+        raise ValueError(f"pointing_game: boxes must be (B, 4) = ({b}, 4) finite (x0, y0, x1, y1), got {boxes!r:.80}")
+    x0, y0, x1, y1 = boxes.to(torch.float64).unbind(-1)
+    empty = ((x1 <= x0) | (y1 <= y0)).nonzero()[:, 0].tolist()
+    if empty:
+        raise ValueError(f"pointing_game: items {empty} have an empty box (x1 <= x0 or y1 <= y0)")
+    peak = saliency.reshape(b, -1).argmax(-1).to(boxes.device)  # first maximum in row-major order
+    y, x = (peak // w).double(), (peak % w).double()
+    # Distance from the peak pixel to the nearest pixel of the half-open box [x0, x1) x [y0, y1).
+    dx = torch.clamp(torch.maximum(x0 - x, x - (x1 - 1)), min=0)
+    dy = torch.clamp(torch.maximum(y0 - y, y - (y1 - 1)), min=0)
+    return (torch.hypot(dx, dy) <= tolerance).to(saliency.device)
+
+
 def pointing_game(saliency: Tensor, target: Tensor, *, tolerance: float = 0.0) -> Tensor:
-    """Hit (True) when the saliency maximum lies within ``tolerance`` units of a target unit (Zhang et al. 2016).
+    """Hit (True) when the saliency maximum lies within ``tolerance`` units of the target (Zhang et al. 2016).
+
+    The target is either a mask or, for 2-D maps, one box per item; both give the same hits for the same
+    object. Ties: the first maximum in row-major order.
 
     Args:
-        saliency: ``(B, *S)`` scores.
-        target: ``(B, *S)`` bool, True on the annotated object (e.g. a box mask on the patch grid).
-        tolerance: Euclidean distance in units (the paper uses 15 pixels); 0 = the maximum must be on target.
+        saliency: ``(B, *S)`` scores, e.g. ``(B, Hi, Wi)`` pixel maps or ``(B, Gh, Gw)`` patch grids.
+        target: ``(B, *S)`` bool, True on the annotated object; or ``(B, 4)`` integer/float boxes
+            ``(x0, y0, x1, y1)`` in the units of a ``(B, Hi, Wi)`` saliency, half-open (``x0 <= x < x1``).
+        tolerance: Euclidean distance in units (the paper uses 15 pixels) from the maximum to the nearest
+            target unit; 0 = the maximum must be on the target.
 
     Returns:
         ``(B,)`` bool hits; ``hits.float().mean()`` is the pointing accuracy.
 
     Raises:
-        ValueError: shapes differ, or an item has no target unit.
-        TypeError: ``target`` is not bool.
+        ValueError: shapes that fit neither form, an item with no target unit (an empty mask or box), or
+            a negative or non-finite ``tolerance``.
+        TypeError: ``target`` is neither a bool mask nor numeric boxes.
 
     References:
         Zhang et al. 2016/2018, "Top-down Neural Attention by Excitation Backprop", Sec. 5.1.
     """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise ValueError(f"pointing_game: tolerance must be a finite number >= 0, got {tolerance!r}")
+    if not isinstance(saliency, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("pointing_game: saliency and target must be tensors")
     if target.dtype != torch.bool:
-        raise TypeError(f"pointing_game: target must be a bool mask, got {target.dtype}")
+        if target.dtype.is_complex:
+            raise TypeError(f"pointing_game: target must be a bool mask or numeric boxes, got {target.dtype}")
+        if saliency.ndim == 3 and target.ndim == 2 and target.shape[-1] == 4:
+            return _box_hits(saliency, target, float(tolerance))
+        raise TypeError(
+            f"pointing_game: target must be a bool mask (B, *S) or boxes (B, 4) for (B, Hi, Wi) maps, got "
+            f"{target.dtype} {tuple(target.shape)} for saliency {tuple(saliency.shape)}"
+        )
     if saliency.shape != target.shape or saliency.ndim < 2:
         raise ValueError(
             f"pointing_game: saliency {tuple(saliency.shape)} and target {tuple(target.shape)} must both be (B, *S)"
@@ -108,9 +142,26 @@ def _unit_map(x: Tensor, saliency: Tensor) -> Callable[[Tensor], Tensor]:
     )
 
 
-def _curve(model_fn, x, saliency, *, steps, baseline, insert) -> CurveResult:
+def _scores(model_fn, xm: Tensor, target: Tensor | None, batch_size: int | None) -> Tensor:
+    size = batch_size or len(xm)
+    out = []
+    for i in range(0, len(xm), size):
+        score = model_fn(xm[i : i + size])
+        if target is not None:
+            if not isinstance(score, Tensor) or score.ndim != 2:
+                raise ValueError(
+                    f"faithfulness: with target, model_fn must return (B, classes) logits, got {score!r:.80}"
+                )
+            score = score.softmax(-1).gather(1, target[i : i + size, None])[:, 0]
+        out.append(score)
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def _curve(model_fn, x, saliency, *, steps, baseline, insert, target=None, batch_size=None) -> CurveResult:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"faithfulness: steps must be a positive int, got {steps!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"faithfulness: batch_size must be a positive int or None, got {batch_size!r}")
     expand = _unit_map(x, saliency)
     base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
     if base.ndim and base.shape != x.shape:
@@ -118,55 +169,91 @@ def _curve(model_fn, x, saliency, *, steps, baseline, insert) -> CurveResult:
             f"faithfulness: baseline {tuple(base.shape)} must be a scalar or shaped like x {tuple(x.shape)}"
         )
     b = x.shape[0]
+    if target is not None:
+        target = torch.as_tensor(target, device=x.device)
+        if target.shape != (b,) or target.dtype.is_floating_point or target.dtype == torch.bool:
+            raise ValueError(f"faithfulness: target must be (B,) = ({b},) class indices, got {target!r:.80}")
     flat = saliency.reshape(b, -1)
     units = flat.shape[1]
     order = torch.sort(flat, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(units, device=order.device).expand(b, units))
     fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    scores = []
+    scores, previous = [], None
     with torch.no_grad():
         for f in fractions:
             changed = (rank < round(float(f) * units)).reshape(saliency.shape)
             keep_x = ~changed if not insert else changed
             xm = torch.where(expand(keep_x), x, base)
-            score = model_fn(xm)
+            if target is not None and previous is not None:
+                # A classifier scores each item alone: re-run only the items whose input changed this step.
+                todo = (xm != previous[0]).reshape(b, -1).any(-1).nonzero()[:, 0]
+                score = previous[1].clone()
+                if len(todo):
+                    score[todo] = _scores(model_fn, xm[todo], target[todo], batch_size).to(score.dtype)
+            else:
+                score = _scores(model_fn, xm, target, batch_size)
             if not isinstance(score, Tensor) or score.shape != (b,):
                 raise ValueError(f"faithfulness: model_fn must return (B,) = ({b},) scores, got {score!r:.80}")
+            previous = (xm, score)
             scores.append(score.detach().double().cpu())
     curve = torch.stack(scores, 1)
     return CurveResult(torch.trapezoid(curve, fractions), curve, fractions)
 
 
 def deletion(
-    model_fn: Callable[[Tensor], Tensor], x: Tensor, saliency: Tensor, *, steps: int = 20, baseline=0.0
+    model_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    saliency: Tensor,
+    *,
+    steps: int = 20,
+    baseline=0.0,
+    target: Tensor | None = None,
+    batch_size: int | None = None,
 ) -> CurveResult:
     """Deletion curve: replace the most salient units by ``baseline`` first (Petsiuk et al. 2018, RISE).
 
     Args:
-        model_fn: ``x -> (B,)`` scores, e.g. the probability of the explained class.
+        model_fn: ``x -> (B,)`` scores, e.g. the probability of the explained class; with ``target``, a
+            classifier ``x -> (B, classes)`` logits whose softmax probability of ``target`` is the score.
         x: ``(B, ...)`` input (float images, embeddings, or integer token ids with a pad/mask id baseline).
         saliency: ``(B, *S)`` unit scores (see the module docstring for how units map onto ``x``).
-        steps: number of deletion steps (``steps + 1`` forwards of the batch).
+        steps: number of deletion steps (``steps + 1`` evaluations; step ``k`` changes ``round(k / steps *
+            units)`` units).
         baseline: scalar or tensor shaped like ``x`` that replaces deleted units (0 = black image; a mask id).
+        target: ``(B,)`` class indices (see ``model_fn``). Items are then scored independently, so an item whose
+            input did not change at a step (e.g. black pixels set to black) keeps its score without a forward.
+        batch_size: items per ``model_fn`` call (default: the whole batch).
 
     Returns:
         :class:`CurveResult`; lower ``auc`` = more faithful.
 
     Raises:
-        ValueError: saliency units that do not fit ``x``; bad ``steps``/``baseline``; wrong score shape.
+        ValueError: saliency units that do not fit ``x``; bad ``steps``/``baseline``/``target``/``batch_size``;
+            wrong score shape.
 
     References:
         Petsiuk, Das & Saenko 2018, "RISE: Randomized Input Sampling for Explanation of Black-box Models",
         BMVC, Sec. 4.1 (deletion and insertion metrics).
     """
-    return _curve(model_fn, x, saliency, steps=steps, baseline=baseline, insert=False)
+    return _curve(
+        model_fn, x, saliency, steps=steps, baseline=baseline, insert=False, target=target, batch_size=batch_size
+    )
 
 
 def insertion(
-    model_fn: Callable[[Tensor], Tensor], x: Tensor, saliency: Tensor, *, steps: int = 20, baseline=0.0
+    model_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    saliency: Tensor,
+    *,
+    steps: int = 20,
+    baseline=0.0,
+    target: Tensor | None = None,
+    batch_size: int | None = None,
 ) -> CurveResult:
     """Insertion curve: start from ``baseline`` (RISE uses a blurred image) and insert the most salient units
     first. Same arguments as :func:`deletion`; higher ``auc`` = more faithful.
     """
-    return _curve(model_fn, x, saliency, steps=steps, baseline=baseline, insert=True)
+    return _curve(
+        model_fn, x, saliency, steps=steps, baseline=baseline, insert=True, target=target, batch_size=batch_size
+    )

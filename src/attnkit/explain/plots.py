@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.explain._io import atomic_write
 from attnkit.explain.records import TokenLayout
+from attnkit.io.atomic import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -285,15 +285,36 @@ def distance_plot(distance: Tensor, *, unit: str = "tokens") -> Figure:
     return fig
 
 
+def _plain_text(fig: Figure) -> None:
+    """Turn off mathtext on every text of ``fig``: labels (tokens, file names, titles) are plain text, so ``$5
+    and $6`` prints as written and a lone ``$`` cannot break rendering."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
+
+
+def _render(fig: Figure, buf: io.BytesIO, fmt: str, dpi: int) -> None:
+    """The one place attnkit renders figures: texts plain (also tick labels made while drawing), no TeX."""
+    import matplotlib
+
+    _plain_text(fig)
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        fig.savefig(buf, format=fmt, dpi=dpi)
+
+
 def figure_png(fig: Figure, *, dpi: int = 100) -> bytes:
-    """The figure as PNG bytes."""
+    """The figure as PNG bytes (every label rendered as plain text, see :func:`save_figure`)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    _render(fig, buf, "png", dpi)
     return buf.getvalue()
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, *, overwrite: bool = False, dpi: int = 100) -> Path:
     """Save ``fig`` (format from the suffix: png, svg, pdf) atomically.
+
+    Every text is rendered as written: matplotlib's mathtext (``$...$``) is turned off, because attnkit's labels
+    are tokens, file names and user text in which ``$`` is a character.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -304,5 +325,5 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, overwrite: bool = False
     if fmt not in ("png", "svg", "pdf"):
         raise ValueError(f"save_figure: unsupported file type {path.suffix!r}; use .png, .svg or .pdf")
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=dpi)
+    _render(fig, buf, fmt, dpi)
     return atomic_write(path, buf.getvalue(), overwrite=overwrite, who="save_figure")

@@ -18,9 +18,42 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnkit.explain._io import atomic_write
+from attnkit.io.atomic import atomic_write
 
-__all__ = ["SCRIPT", "STYLE", "HeadMaps", "Section", "render_section", "report"]
+__all__ = [
+    "SCRIPT",
+    "STYLE",
+    "HeadMaps",
+    "Section",
+    "escape_html",
+    "render_section",
+    "report",
+    "script_json",
+]
+
+#: Characters that could end or change an inline ``<script>`` block, or a JavaScript string, as JSON escapes.
+_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def escape_html(value: Any) -> str:
+    """``str(value)`` safe in HTML text and in quoted attribute values (``&``, ``<``, ``>``, ``"``, ``'``).
+
+    The one escaping function for everything the report puts into HTML; labels such as ``"<!--"`` or
+    ``"<script>"`` appear as written.
+    """
+    return html.escape(str(value), quote=True)
+
+
+def script_json(value: Any) -> str:
+    """``value`` as JSON that is safe inside an inline ``<script>`` element.
+
+    ``<``, ``>`` and ``&`` are written as ``\\u003c``-style escapes, so no label can close the element
+    (``</script>``) or switch the HTML parser into its comment-like "double escaped" state (``<!--`` then
+    ``<script>``), which would swallow the rest of the page; U+2028/U+2029 are escaped for older JavaScript
+    engines. ``JSON.parse`` of the element's text gives ``value`` back unchanged.
+    """
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    return "".join(_SCRIPT_ESCAPES.get(c, c) for c in text)
 
 
 @dataclass
@@ -185,7 +218,7 @@ def _figure_b64(fig: Any) -> str:
 
 def _head_maps_html(hm: HeadMaps, index: int) -> str:
     hm.check()
-    maps = hm.maps.detach().float().cpu().clamp_min(0)
+    maps = hm.maps.detach().float().cpu().nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp_min(0)
     layers, heads, lq, lk = maps.shape
     flat = maps.reshape(layers * heads, -1)
     peak = flat.amax(-1).clamp_min(1e-30)
@@ -202,11 +235,11 @@ def _head_maps_html(hm: HeadMaps, index: int) -> str:
         "data": base64.b64encode(quant.numpy().tobytes()).decode("ascii"),
     }
     names = hm.layer_names if hm.layer_names is not None else [f"layer {i}" for i in range(layers)]
-    layer_opts = "".join(f'<option value="{i}">{html.escape(str(n))}</option>' for i, n in enumerate(names))
+    layer_opts = "".join(f'<option value="{i}">{escape_html(n)}</option>' for i, n in enumerate(names))
     head_opts = '<option value="mean">mean of heads</option>' + "".join(
         f'<option value="{h}">head {h}</option>' for h in range(heads)
     )
-    payload = json.dumps(meta).replace("</", "<\\/")
+    payload = script_json(meta)
     return (
         f'<div class="headmaps" id="headmaps-{index}"><div class="selector">'
         f'<label>Layer <select class="layer">{layer_opts}</select></label>'
@@ -219,18 +252,18 @@ def _head_maps_html(hm: HeadMaps, index: int) -> str:
 def _section_html(sec: Section, index: int) -> str:
     if not isinstance(sec, Section):
         raise TypeError(f"report: sections must be Section objects, got {type(sec).__name__}")
-    parts = [f"<section><h2>{html.escape(sec.title)}</h2>"]
+    parts = [f"<section><h2>{escape_html(sec.title)}</h2>"]
     if sec.text:
-        parts += [f"<p>{html.escape(p.strip())}</p>" for p in sec.text.split("\n\n") if p.strip()]
+        parts += [f"<p>{escape_html(p.strip())}</p>" for p in str(sec.text).split("\n\n") if p.strip()]
     if sec.table is not None:
         rows = []
         if sec.table_header is not None:
-            rows.append("<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in sec.table_header) + "</tr>")
+            rows.append("<tr>" + "".join(f"<th>{escape_html(c)}</th>" for c in sec.table_header) + "</tr>")
         for row in sec.table:
-            rows.append("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>")
+            rows.append("<tr>" + "".join(f"<td>{escape_html(_cell(c))}</td>" for c in row) + "</tr>")
         parts.append("<table>" + "".join(rows) + "</table>")
     for fig in sec.figures:
-        parts.append(f'<img alt="{html.escape(sec.title)}" src="data:image/png;base64,{_figure_b64(fig)}">')
+        parts.append(f'<img alt="{escape_html(sec.title)}" src="data:image/png;base64,{_figure_b64(fig)}">')
     if sec.head_maps is not None:
         parts.append(_head_maps_html(sec.head_maps, index))
     parts.append("</section>")
@@ -277,8 +310,8 @@ def report(
     body = "".join(_section_html(s, i) for i, s in enumerate(sections))
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>{body}<script>{_JS}</script></body></html>\n"
+        f"<title>{escape_html(title)}</title><style>{_CSS}</style></head>"
+        f"<body><h1>{escape_html(title)}</h1>{body}<script>{_JS}</script></body></html>\n"
     )
     return atomic_write(path, page.encode("utf-8"), overwrite=overwrite, who="report")
 

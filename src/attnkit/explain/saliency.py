@@ -1,6 +1,8 @@
-"""Measurements of the digit models on held-out canvases: accuracy, saliency maps, pointing game, deletion AUC.
+"""Saliency maps of image classifiers over their input pixels, and the accuracy they are reported with.
 
-Saliency maps are ``(B, Hi, Wi)`` over the canvas pixels:
+Measured with :func:`attnkit.explain.metrics.pointing_game` and :func:`attnkit.explain.metrics.deletion`
+(``attnkit demo`` and ``scripts/train_digits.py`` do it for the shipped digit models). Saliency maps are
+``(B, Hi, Wi)`` over the image pixels:
 
 * ``"rollout"`` (ViT): attention rollout (:func:`attnkit.explain.rollout`, Abnar & Zuidema 2020) of the maps
   captured with :func:`attnkit.explain.capture`; the class-token row over the patch grid, ``R[:, 0, 1:]``;
@@ -9,7 +11,7 @@ Saliency maps are ``(B, Hi, Wi)`` over the canvas pixels:
 * ``"cbam"`` (CNN): the spatial map ``M_s`` of the first CBAM block (:data:`CBAM_BLOCK`; 32x32 on 64x64
   canvases). Chosen on validation canvases: the maps of the deeper blocks stay close to 1 almost everywhere (they
   barely gate) and their peaks do not find the digit; every block is measured by ``scripts/train_digits.py``;
-* ``"random"``: uniform noise per pixel (the chance baseline);
+* ``"random"``: uniform noise per pixel (:func:`attnkit.explain.metrics.random_saliency`, the chance baseline);
 * ``"ink"``: the canvas blurred by a digit-sized (15x15) box filter, "where is the most ink" (the trivial
   baseline a saliency method has to beat: on :class:`~attnkit.datasets.DigitCanvases` decoys carry as much ink
   as the digit).
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from attnkit.explain.capture import capture
+from attnkit.explain.metrics import random_saliency
 from attnkit.explain.rollout import rollout
 
 __all__ = [
@@ -31,11 +34,8 @@ __all__ = [
     "METHODS",
     "accuracy",
     "cbam_maps",
-    "deletion_auc",
     "ink_maps",
-    "pointing_game",
     "predict",
-    "random_maps",
     "relevance_maps",
     "rollout_maps",
     "saliency",
@@ -98,11 +98,6 @@ def cbam_maps(model: nn.Module, images: Tensor, *, block: int = -1) -> Tensor:
     return spatial[block][:, 0]
 
 
-def random_maps(images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-    """``(B, Hi, Wi)`` uniform noise: the baseline saliency."""
-    return torch.rand(images.shape[0], *images.shape[-2:], generator=generator)
-
-
 def ink_maps(images: Tensor, *, size: int = 15) -> Tensor:
     """``(B, Hi, Wi)`` local ink mass: ``images`` ``(B, 1, Hi, Wi)`` averaged over ``size x size`` windows."""
     return F.avg_pool2d(images, size, stride=1, padding=size // 2)[:, 0]
@@ -125,7 +120,7 @@ def saliency(
     if method not in METHODS:
         raise ValueError(f"saliency: unknown method {method!r}; valid: {', '.join(METHODS)}")
     if method == "random":
-        return random_maps(images, generator=generator)
+        return random_saliency(images[:, 0], generator=generator)
     if method == "ink":
         return ink_maps(images)
     size = tuple(images.shape[-2:])
@@ -140,52 +135,3 @@ def saliency(
             grid = cbam_maps(model, chunk, block=CBAM_BLOCK)
         parts.append(upsample(grid, size))
     return torch.cat(parts)
-
-
-def pointing_game(maps: Tensor, boxes: Tensor, *, tolerance: int = 0) -> Tensor:
-    """``(B,)`` bool hits: does the peak of each ``(Hi, Wi)`` map fall in its ``(x0, y0, x1, y1)`` box?
-
-    Zhang et al. 2018 ("Top-down Neural Attention by Excitation Backprop", IJCV, Sec. 5.1): a hit when the
-    maximum of the map lies on the object, within ``tolerance`` pixels (their 15 px for 224+ px images; 0 here
-    by default, the strict game). Boxes are half-open; the score is ``hits.float().mean()``. Ties: the first
-    maximum in row-major order.
-    """
-    b, _, w = maps.shape
-    peak = maps.reshape(b, -1).argmax(-1)
-    y, x = peak // w, peak % w
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return (x >= x0 - tolerance) & (x < x1 + tolerance) & (y >= y0 - tolerance) & (y < y1 + tolerance)
-
-
-@torch.no_grad()
-def deletion_auc(
-    model: nn.Module, images: Tensor, maps: Tensor, labels: Tensor, *, step: int = 64, batch_size: int = 256
-) -> Tensor:
-    """``(B,)`` deletion AUC (Petsiuk et al. 2018, RISE, Sec. 4.1): lower is better.
-
-    Pixels are set to the background (0) ``step`` at a time in decreasing order of ``maps`` ``(B, Hi, Wi)``,
-    from the intact image to the empty one; the curve is the softmax probability of ``labels`` after each step,
-    and the AUC its trapezoidal area over the removed fraction in ``[0, 1]``.
-    """
-    b, h, w = maps.shape
-    order = maps.reshape(b, -1).argsort(dim=-1, descending=True, stable=True)  # (B, Hi*Wi)
-    num_steps = -(-(h * w) // step)
-    flat = images.reshape(b, images.shape[1], -1)
-    keep = torch.ones(b, h * w, dtype=images.dtype)
-    curve = torch.empty(b, num_steps + 1)
-    for k in range(num_steps + 1):
-        removed = order[:, max(0, (k - 1) * step) : k * step]
-        keep.scatter_(1, removed, 0.0)
-        # Only re-run canvases whose image changed (removing background pixels, already 0, changes nothing).
-        changed = (flat.gather(2, removed[:, None].expand(-1, flat.shape[1], -1)) != 0).flatten(1).any(1)
-        todo = torch.arange(b) if k == 0 else changed.nonzero()[:, 0]
-        if k > 0:
-            curve[:, k] = curve[:, k - 1]
-        if len(todo):
-            masked = (flat[todo] * keep[todo, None]).reshape(len(todo), *images.shape[1:])
-            probs = torch.cat(
-                [model(masked[i : i + batch_size]).softmax(-1) for i in range(0, len(todo), batch_size)]
-            )  # (B', classes)
-            curve[todo, k] = probs.gather(1, labels[todo, None])[:, 0]
-    xs = torch.clamp(torch.arange(num_steps + 1) * step, max=h * w) / (h * w)
-    return torch.trapezoid(curve, xs, dim=1)

@@ -1,11 +1,13 @@
-"""digits_eval: pointing game and deletion AUC against their definitions; saliency maps of small random models."""
+"""Saliency maps of image classifiers (small random digit models); the pointing game with boxes and the
+deletion curve with a classifier target, against their definitions and against the mask / score forms."""
 
 import pytest
 import torch
 from torch import nn
 
 from attnkit.datasets import DigitCanvases
-from attnkit.datasets import digits_eval as ev
+from attnkit.explain import saliency as ev
+from attnkit.explain.metrics import deletion, pointing_game
 from attnkit.models.digits import DEFAULT_CONFIGS, build_model
 
 
@@ -14,14 +16,35 @@ def test_pointing_game_half_open_boxes_and_tolerance():
     for i, (y, x) in enumerate([(2, 3), (5, 5), (4, 6), (9, 0)]):
         maps[i, y, x] = 1.0
     boxes = torch.tensor([[3, 2, 4, 3], [0, 0, 5, 5], [2, 2, 6, 5], [0, 0, 10, 10]])
-    assert ev.pointing_game(maps, boxes).tolist() == [True, False, False, True]
-    assert ev.pointing_game(maps, boxes, tolerance=1).tolist() == [True, True, True, True]
+    assert pointing_game(maps, boxes).tolist() == [True, False, False, True]
+    # tolerance is a Euclidean distance to the nearest box pixel: (5, 5) is sqrt(2) from the box [0, 5) x [0, 5)
+    assert pointing_game(maps, boxes, tolerance=1).tolist() == [True, False, True, True]
+    assert pointing_game(maps, boxes, tolerance=1.5).tolist() == [True, True, True, True]
+
+
+def test_pointing_game_boxes_equal_box_masks():
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(64, 12, 9, generator=gen)
+    x0, y0 = torch.randint(0, 8, (64,), generator=gen), torch.randint(0, 11, (64,), generator=gen)
+    x1 = x0 + torch.randint(1, 9 - 7, (64,), generator=gen) + (9 - 8 - x0).clamp(min=0)
+    y1 = y0 + 1 + torch.randint(0, 2, (64,), generator=gen)
+    boxes = torch.stack([x0, y0, x1.clamp(max=9), y1.clamp(max=12)], -1)
+    ys, xs = torch.arange(12)[:, None], torch.arange(9)[None, :]
+    masks = torch.stack([(xs >= a) & (xs < c) & (ys >= b) & (ys < d) for a, b, c, d in boxes.tolist()])
+    for tolerance in (0, 1, 2.5):
+        assert torch.equal(
+            pointing_game(maps, boxes, tolerance=tolerance), pointing_game(maps, masks, tolerance=tolerance)
+        )
+    with pytest.raises(ValueError, match="empty box"):
+        pointing_game(maps[:1], torch.tensor([[3, 3, 3, 5]]))
+    with pytest.raises(TypeError, match="bool mask"):
+        pointing_game(maps[:1], torch.zeros(1, 3))
 
 
 def test_pointing_game_ties_take_the_first_maximum():
     maps = torch.ones(1, 4, 4)
-    assert ev.pointing_game(maps, torch.tensor([[0, 0, 1, 1]])).item()
-    assert not ev.pointing_game(maps, torch.tensor([[1, 1, 4, 4]])).item()
+    assert pointing_game(maps, torch.tensor([[0, 0, 1, 1]])).item()
+    assert not pointing_game(maps, torch.tensor([[1, 1, 4, 4]])).item()
 
 
 class _InkModel(nn.Module):
@@ -56,16 +79,20 @@ def test_deletion_auc_matches_the_definition_and_ranks_maps():
     bad = -good
     rand = torch.rand(6, 12, 12, generator=gen)
     for maps in (good, bad, rand):
-        for step in (1, 5, 16):
-            torch.testing.assert_close(
-                ev.deletion_auc(model, images, maps, labels, step=step),
-                _naive_deletion(model, images, maps, labels, step),
-            )
-    auc_good = ev.deletion_auc(model, images, good, labels, step=4)
-    auc_bad = ev.deletion_auc(model, images, bad, labels, step=4)
+        for step in (1, 9, 16):  # pixels per step; 144 / step steps
+            expected = _naive_deletion(model, images, maps, labels, step).double()
+            torch.testing.assert_close(deletion(model, images, maps, target=labels, steps=144 // step).auc, expected)
+            scores = deletion(lambda x: model(x).softmax(-1)[:, 0], images, maps, steps=144 // step, batch_size=4)
+            torch.testing.assert_close(scores.auc, expected)  # the same curve without target (no skipping)
+    auc_good = deletion(model, images, good, target=labels, steps=36).auc
+    auc_bad = deletion(model, images, bad, target=labels, steps=36).auc
     assert (auc_good < auc_bad).all()
-    blank = ev.deletion_auc(model, torch.zeros(1, 1, 12, 12), rand[:1], labels[:1], step=7)
-    torch.testing.assert_close(blank, torch.tensor([torch.tensor([0.0, 2.0]).softmax(0)[0].item()]))
+    blank = deletion(model, torch.zeros(1, 1, 12, 12), rand[:1], target=labels[:1], steps=7).auc
+    torch.testing.assert_close(
+        blank, torch.tensor([torch.tensor([0.0, 2.0]).softmax(0)[0].item()], dtype=torch.float64)
+    )
+    with pytest.raises(ValueError, match="target must be"):
+        deletion(model, images, good, target=labels.float(), steps=4)
 
 
 @pytest.fixture(scope="module")

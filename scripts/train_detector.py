@@ -162,17 +162,10 @@ def evaluate(model: torch.nn.Module, args) -> dict:
     return scores
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def main(argv=None) -> int:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from attnkit.io.atomic import atomic_write
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -206,7 +199,7 @@ def main(argv=None) -> int:
         model, stats = train(name, args)
         scores = evaluate(model, args)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        _atomic_write(path, lambda tmp, state=state: save_file(state, str(tmp), metadata={"format": "pt"}))
+        atomic_write(path, save(state, metadata={"format": "pt"}), overwrite=True)
         meta["models"][name] = {
             "weights": path.name,
             "config": DEFAULT_CONFIGS[name],
@@ -224,7 +217,7 @@ def main(argv=None) -> int:
             "scores": scores,
         }
         text = json.dumps(meta, indent=2) + "\n"
-        _atomic_write(meta_path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(meta_path, text, overwrite=True)
         s = scores["canvas_96"]
         print(f"[{name}] {stats} mAP={s['map']:.3f} mAP50={s['map_50']:.3f}", file=sys.stderr)
     return 0

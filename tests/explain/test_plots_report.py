@@ -170,3 +170,14 @@ def test_report_errors(tmp_path):
     with pytest.raises(TypeError, match="PNG bytes"):
         report(tmp_path / "a.html", [Section("x", figures=["not a figure"])])
     assert not (tmp_path / "a.html").exists()
+
+
+def test_labels_are_plain_text():
+    """A lone ``$`` used to crash matplotlib's mathtext, and ``$5 and $6`` was typeset as math."""
+    from matplotlib.text import Text
+
+    fig = token_heatmaps([["$", "$5 and $6", "$x^2$"]], torch.rand(1, 3), titles=["cost: $5 and $6 $"])
+    fig.axes[0].set_xticks([0, 1], ["$", "a$b"])
+    assert figure_png(fig).startswith(b"\x89PNG")
+    texts = [t for t in fig.findobj(Text) if "$" in t.get_text()]
+    assert texts and not any(t.get_parse_math() for t in texts)

@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -97,7 +98,7 @@ def read_image(path: Path, size: int, channels: int) -> Tensor:
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-            pixels = torch.tensor(list(im.getdata()), dtype=torch.float32) / 255.0
+            pixels = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()) / 255.0
     except Image.DecompressionBombError as exc:
         raise UserError(f"{path}: refused, too many pixels for an image ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:

@@ -29,7 +29,6 @@ import math
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -227,17 +226,15 @@ def main(argv=None) -> int:
 
 
 def write_outputs(out: Path, model: nn.Module, log: dict) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from attnkit.io.atomic import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, write in (
-        ("model.safetensors", lambda path: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)),
-        ("summary.json", lambda path: Path(path).write_text(json.dumps(log, indent=2))),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, out / name)
+    atomic_write(
+        out / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}), overwrite=True
+    )
+    atomic_write(out / "summary.json", json.dumps(log, indent=2), overwrite=True)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,17 @@ def test_tracker_removes_only_what_the_run_created(tmp_path):
     with OutputTracker() as out:
         out.add(atomic_write(out.mkdir(tmp_path / "kept") / "a.png", b"png"))
     assert (tmp_path / "kept" / "a.png").exists()
+
+
+def test_streaming_writer(tmp_path):
+    from attnkit.io.atomic import atomic_file
+
+    with atomic_file(tmp_path / "s.jsonl") as tmp, open(tmp, "w") as f:
+        f.write("one\n")
+    assert (tmp_path / "s.jsonl").read_text() == "one\n"
+    with pytest.raises(FileExistsError):
+        atomic_file(tmp_path / "s.jsonl").__enter__()
+    with pytest.raises(KeyboardInterrupt), atomic_file(tmp_path / "s.jsonl", overwrite=True) as tmp:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    assert (tmp_path / "s.jsonl").read_text() == "one\n" and os.listdir(tmp_path) == ["s.jsonl"]

@@ -14,9 +14,10 @@ import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["OutputTracker", "atomic_write", "check_output_dir", "check_output_file"]
+__all__ = ["OutputTracker", "atomic_file", "atomic_write", "check_output_dir", "check_output_file"]
 
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
@@ -82,6 +83,66 @@ def check_output_dir(path: str | os.PathLike, *, what: str = "output directory")
     return path
 
 
+def _commit(tmp: str, path: Path, overwrite: bool, exists: FileExistsError) -> None:
+    """Give the synced temporary file ``tmp`` the name ``path``: ``os.replace`` with ``overwrite``, else a hard link
+    (fails if the name exists), else an ``O_EXCL`` reservation then ``os.replace`` (no hard links here)."""
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+    if overwrite:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise exists from None
+        except OSError as err:
+            if err.errno not in _NO_LINKS:
+                raise
+            try:  # reserve the name (fails if it exists), then move the data over the placeholder
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                raise exists from None
+            os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, *, overwrite: bool = False, who: str = "write") -> Iterator[Path]:
+    """Context manager for writers that need a file name (streams, Parquet, safetensors): yields a temporary path
+    in the target's directory; on a normal exit the file is ``fsync``-ed and given its name exactly as
+    :func:`atomic_write` does; on an exception (``KeyboardInterrupt`` included) it is removed.
+
+    Example::
+
+        with atomic_file("records.jsonl") as tmp, open(tmp, "w") as f:
+            f.write(...)
+
+    Raises:
+        FileExistsError, IsADirectoryError, FileNotFoundError: as :func:`atomic_write` (checked on entry, and
+            again when the file gets its name).
+    """
+    path = Path(path)
+    exists = FileExistsError(f"{who}: {str(path)!r} exists; pass overwrite=True to replace it")
+    if path.is_dir():
+        raise IsADirectoryError(f"{who}: {str(path)!r} is a directory")
+    if os.path.lexists(path) and not overwrite:
+        raise exists
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{who}: directory {str(path.parent)!r} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _commit(tmp, path, overwrite, exists)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool = False, who: str = "write") -> Path:
     """Write ``data`` (``str`` as UTF-8) to ``path`` atomically, never replacing an existing file unless
     ``overwrite``.
@@ -119,23 +180,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool 
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise exists from None
-            except OSError as err:
-                if err.errno not in _NO_LINKS:
-                    raise
-                try:  # reserve the name (fails if it exists), then move the data over the placeholder
-                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-                except FileExistsError:
-                    raise exists from None
-                os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _commit(tmp, path, overwrite, exists)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from attnkit.io.atomic import atomic_file
 from attnkit.serve.schema import explanations
 from attnkit.serve.store import Filters, Store
 
@@ -68,15 +68,8 @@ def export(
     if path.exists() and not overwrite:
         raise FileExistsError(f"export: {path} exists; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        count = _write_jsonl(store, tmp, filters) if fmt == "jsonl" else _write_parquet(store, tmp, filters)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, overwrite=overwrite, who="export") as tmp:
+        count = _write_jsonl(store, str(tmp), filters) if fmt == "jsonl" else _write_parquet(store, str(tmp), filters)
     return count
 
 

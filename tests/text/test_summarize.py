@@ -72,3 +72,15 @@ def test_embedding_is_unit_norm_and_closer_to_its_own_text(minilm):
 def test_bad_ratio(minilm, ratio):
     with pytest.raises(ValueError, match="ratio"):
         summarize(minilm, DOC, ratio=ratio)
+
+
+def test_batched_windows_equal_one_at_a_time_and_report_progress(minilm):
+    sentences = split_sentences(DOC)
+    calls = []
+    one, windows = sentence_scores(minilm, sentences, max_tokens=24)
+    batched, same = sentence_scores(
+        minilm, sentences, max_tokens=24, batch_size=3, progress=lambda done, total: calls.append((done, total))
+    )
+    assert windows == same > 3
+    torch.testing.assert_close(batched, one, atol=1e-5, rtol=0)  # padded keys get no attention
+    assert calls[-1] == (windows, windows) and [d for d, _ in calls] == sorted(d for d, _ in calls)

@@ -85,8 +85,8 @@ def init_backbone(model: torch.nn.Module) -> None:
     ``fc`` is dropped. Like ImageNet pre-training for DETRs, at digit scale."""
     from safetensors.torch import load_file
 
-    from attnkit.models.digits import DATA_DIR as CLASSIFIER_DIR
-    from attnkit.models.digits import load_metadata
+    from attnkit.vision.digits import DATA_DIR as CLASSIFIER_DIR
+    from attnkit.vision.digits import load_metadata
 
     entry = load_metadata(CLASSIFIER_DIR)["models"]["cnn"]
     cfg = entry["config"]

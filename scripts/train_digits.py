@@ -42,7 +42,7 @@ from attnkit.datasets import DigitCanvases, split_scans
 from attnkit.explain import saliency as ev
 from attnkit.explain.metrics import deletion, pointing_game
 from attnkit.io.atomic import atomic_write
-from attnkit.models.digits import DATA_DIR, DEFAULT_CONFIGS, METADATA_NAME, MODEL_NAMES, build_model
+from attnkit.vision.digits import DATA_DIR, DEFAULT_CONFIGS, METADATA_NAME, MODEL_NAMES, build_model
 
 #: Optimisation settings per model (the ViT needs more epochs than the CNN on 1,078 training scans).
 RECIPES = {

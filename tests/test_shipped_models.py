@@ -14,7 +14,7 @@ from attnkit.datasets import DigitCanvases, split_scans
 from attnkit.explain import capture, rollout
 from attnkit.explain import saliency as ev
 from attnkit.explain.metrics import pointing_game, random_saliency
-from attnkit.models.digits import DATA_DIR, load_metadata, load_model
+from attnkit.vision.digits import DATA_DIR, load_metadata, load_model
 
 NUM_CANVASES = 300
 SEED = 31337  # not the script's evaluation seed: fresh canvases of the held-out scans

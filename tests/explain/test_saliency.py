@@ -8,7 +8,7 @@ from torch import nn
 from attnkit.datasets import DigitCanvases
 from attnkit.explain import saliency as ev
 from attnkit.explain.metrics import deletion, pointing_game
-from attnkit.models.digits import DEFAULT_CONFIGS, build_model
+from attnkit.vision.digits import DEFAULT_CONFIGS, build_model
 
 
 def test_pointing_game_half_open_boxes_and_tolerance():

@@ -92,7 +92,7 @@ def make_valid(family: str, path: Path) -> None:
         GPT2Model(GPT2Config(vocab_size=4, n_positions=16, n_embd=8, n_layer=2, n_head=2)).save_pretrained(path)
         fast.save_pretrained(path)
     else:
-        from attnkit.models.digits import build_model
+        from attnkit.vision.digits import build_model
 
         config = {
             "image_size": 16,
@@ -140,7 +140,7 @@ def load(family: str, path: Path, **kwargs):
         from attnkit.text import load_text_model
 
         return load_text_model(path, **kwargs)
-    from attnkit.models.digits import load_model
+    from attnkit.vision.digits import load_model
 
     return load_model("vit", directory=path, **kwargs)
 

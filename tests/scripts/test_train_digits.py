@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnkit.models.digits import DEFAULT_CONFIGS, load_model
+from attnkit.vision.digits import DEFAULT_CONFIGS, load_model
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_digits.py"
 SMOKE = ["--steps", "2", "--eval-canvases", "12", "--deletion-canvases", "3", "--quiet", "--threads", "1"]

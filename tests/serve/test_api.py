@@ -69,8 +69,7 @@ def test_explain_text_matches_the_library(client, endpoints, method):
 
 @pytest.mark.parametrize("method", ["raw", "rollout", "relevance", "flow"])
 def test_explain_image_matches_the_library(client, endpoints, digit_png, method):
-    from attnkit.datasets.digits_eval import relevance_maps, rollout_maps
-
+    from attnkit.explain.saliency import relevance_maps, rollout_maps
     from attnkit.serve.inputs import decode_image
 
     png, _ = digit_png

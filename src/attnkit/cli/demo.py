@@ -127,7 +127,7 @@ def vision_part(fast: bool):
     from attnkit.explain.metrics import deletion, pointing_game
     from attnkit.explain.report import Section
     from attnkit.explain.saliency import accuracy, predict, saliency
-    from attnkit.models.digits import load_metadata, load_model
+    from attnkit.vision.digits import load_metadata, load_model
 
     try:
         meta = load_metadata()

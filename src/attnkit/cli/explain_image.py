@@ -60,7 +60,7 @@ def load_classifier(checkpoint: str, *, nonfinite: str = "warn"):
     from attnkit.io import CheckpointError
 
     if checkpoint in SHIPPED:
-        from attnkit.models.digits import load_model
+        from attnkit.vision.digits import load_model
 
         kind = SHIPPED[checkpoint]
         try:

@@ -1,1 +1,1 @@
-"""Package data: the shipped digit-model weights and their training metadata (see attnkit.models.digits)."""
+"""Package data: the shipped digit-model weights and their training metadata (see attnkit.vision.digits)."""

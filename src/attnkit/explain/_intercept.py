@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit.explain._detection import deformable_pre_hook, is_hf_deformable
 from attnkit.backends.math import math_forward
+from attnkit.explain._detection import deformable_pre_hook, is_hf_deformable
 from attnkit.explain._mha import ModuleHooks, _same
 from attnkit.explain._recompute import (
     probability_tiles,

@@ -322,11 +322,11 @@ def _shipped_minilm(name: str, **kwargs) -> Endpoint:
 
 
 def _shipped_digits_vit(name: str, **_) -> Endpoint:
-    from attnkit.datasets.digits_models import load_model
+    from attnkit.vision.digits import load_model
 
     try:
         model = load_model("vit")
-    except (FileNotFoundError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # ValueError: attnkit.io.CheckpointError
         raise ModelLoadError(f"--model {name}: {exc}") from None
     return ImageEndpoint(
         name,

@@ -37,7 +37,7 @@ class ConvBackbone(nn.Module):
     With four stage ``widths`` the last three stages give the three levels; with three, the last two stages give
     strides 4 and 8 and a stride-2 3x3 conv-BN-ReLU (``extra``, ``2 * widths[-1]`` channels) adds stride 16, as
     Deformable DETR adds its coarsest level. Three stages fit the shipped digit classifier
-    (``attnkit.models.digits``, ``"cnn"``), whose weights can initialise ``net``.
+    (``attnkit.vision.digits``, ``"cnn"``), whose weights can initialise ``net``.
 
     Args:
         in_chans: image channels; default 1 (grey digits).

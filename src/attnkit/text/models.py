@@ -162,7 +162,6 @@ def load_text_model(path: str | Path | None, *, nonfinite: str = "warn") -> Text
     try:
         check_directory_entries(path, str(path))
         config = read_config(path)
-        weight_files(path)  # safetensors only: say so before the tokenizer is even looked at
     except (CheckpointError, OSError) as exc:
         raise TextModelError(str(exc)) from None
     model_type = config.get("model_type")
@@ -171,6 +170,10 @@ def load_text_model(path: str | Path | None, *, nonfinite: str = "warn") -> Text
         raise TextModelError(
             f"{path}: model_type {model_type!r:.60} is not supported (supported: {', '.join(supported)})"
         )
+    try:
+        weight_files(path)  # safetensors only: say so before the tokenizer is even looked at
+    except (CheckpointError, OSError) as exc:
+        raise TextModelError(str(exc)) from None
     try:
         from transformers import AutoTokenizer
 

@@ -204,13 +204,13 @@ def test_context_parallel_module_refuses_what_a_shard_cannot_do(kwargs, match):
 @pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}])
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 def test_fused_block_backward_equals_the_generic_one(kwargs, num_kv_heads):
+    from attnkit.distributed.blocks import RingCall, block_grads, fusable, fused_block_grads
     from attnkit.distributed.plan import SubCall
-    from attnkit.distributed.ring import _block_grads, _fusable, _fused_block_grads, _Ring
 
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(2, 4, 24, 16, generator=gen)
     k, v = (torch.randn(2, num_kv_heads, 24, 16, generator=gen) for _ in range(2))
-    ring = _Ring(GlobalOptions(48, scale=0.3), "contiguous", None, 0, 2, 24, "auto")
+    ring = RingCall(GlobalOptions(48, scale=0.3), "contiguous", None, 0, 2, 24, "auto")
     # the block's own attention stands in for the merged global result of its rows
     call = SubCall((4, 20), (2, 18), kwargs)
     res = attnkit.attention(q, k, v, scale=0.3, return_lse=True, **kwargs)
@@ -218,8 +218,8 @@ def test_fused_block_backward_equals_the_generic_one(kwargs, num_kv_heads):
     block = attnkit.attention(q[..., 4:20, :], k[..., 2:18, :], v[..., 2:18, :], scale=0.3, return_lse=True, **kwargs)
     out[..., 4:20, :], lse[..., 4:20] = block.output, block.lse
     delta = (dout * out).sum(-1)
-    assert _fusable(ring, q, v, call, None) and not _fusable(ring, q, v, call, torch.zeros(1))
-    fused = _fused_block_grads(ring, q, k, v, call, dout, out, lse)
-    generic = _block_grads(ring, q, k, v, call, dout, lse, delta)
+    assert fusable(ring, q, v, call, None) and not fusable(ring, q, v, call, torch.zeros(1))
+    fused = fused_block_grads(ring, q, k, v, call, dout, out, lse)
+    generic = block_grads(ring, q, k, v, call, dout, lse, delta)
     for a, b in zip(fused, generic):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)

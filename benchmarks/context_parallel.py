@@ -49,7 +49,7 @@ def worker(rank: int, world: int, port: str, case: str, length: int, threads: in
     import torch
     import torch.distributed as dist
 
-    from attnkit.distributed import ring_attention, shard
+    from attnkit.distributed import ring_attention
 
     torch.set_num_threads(threads)
     if world > 1:
@@ -59,8 +59,9 @@ def worker(rank: int, world: int, port: str, case: str, length: int, threads: in
         )  # fmt: skip
     base = _rss_mib()
     opts, layout = CASES[case]
-    gen = torch.Generator().manual_seed(0)
-    q, k, v, g = (shard(torch.randn(1, H, length, D, generator=gen), -2, layout) for _ in range(4))
+    gen = torch.Generator().manual_seed(rank)
+    # only this rank's slice is ever created (its values do not change the work): memory is the rank's own
+    q, k, v, g = (torch.randn(1, H, length // world, D, generator=gen) for _ in range(4))
 
     def sync():
         if world > 1:

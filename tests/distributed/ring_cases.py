@@ -28,10 +28,15 @@ CASES = {
     # without a gradient of the lse the backward of plain and causal blocks runs torch's fused CPU kernel
     "full_out_only": {"out_only": True},
     "causal_gqa_out_only": {"is_causal": True, "num_kv_heads": 2, "out_only": True},
+    # attention sinks join every row's softmax once (gradients of the sinks summed over the ranks)
+    "sinks_window": {"window_size": (6, 2), "sinks": True},
+    "sinks_causal_out_only": {"is_causal": True, "sinks": True, "out_only": True, "num_kv_heads": 2},
 }
 #: The cases also run on 4 processes (4 processes share this machine's 2 cores, so the list is kept short).
-CASES_P4 = ("causal", "causal_window", "alibi_window", "softcap_gqa", "document_causal", "causal_gqa_out_only")
-BF16_CASE = {"is_causal": True, "length": 256, "head_dim": 32}
+CASES_P4 = ("causal", "causal_window", "alibi_window", "softcap_gqa", "document_causal", "sinks_causal_out_only")
+#: bfloat16 blocks on the same kernel as the one-process call they are compared with, so that the difference is
+#: the merge's
+BF16_CASE = {"is_causal": True, "length": 256, "head_dim": 32, "backend": "tiled"}
 
 
 def _mask_mod(b, h, q_idx, kv_idx):
@@ -55,26 +60,30 @@ def build(case: dict, dtype=torch.float32, seed: int = 0):
     g_lse = torch.randn(2, num_heads, length, generator=gen, dtype=torch.float64)
     if case.get("out_only"):
         g_lse = None
-    opts = {key: case[key] for key in ("is_causal", "window_size", "softcap") if key in case}
+    opts = {key: case[key] for key in ("is_causal", "window_size", "softcap", "backend") if key in case}
     if case.get("alibi"):
         opts["alibi_slopes"] = attnkit.masks.alibi_slopes(num_heads)
     if "document" in case:
         opts["block_mask"] = sparse.document(DOCS, is_causal=case["document"], block_size=8)
     if case.get("mods"):
         opts["mask_mod"], opts["score_mod"] = _mask_mod, _score_mod
+    if case.get("sinks"):
+        opts["sinks"] = torch.randn(num_heads, generator=gen)
     return q.to(dtype), k.to(dtype), v.to(dtype), g_out, g_lse, opts
 
 
 def reference(q, k, v, g_out, g_lse, opts):
-    """float64 ``attnkit.attention`` ("math" backend) on the whole sequence: ``(out, lse, dq, dk, dv)``."""
+    """float64 ``attnkit.attention`` ("math" backend) on the whole sequence: ``(out, lse, dq, dk, dv, dsinks)``."""
     q, k, v = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref_opts = dict(opts)
-    if "alibi_slopes" in ref_opts:
-        ref_opts["alibi_slopes"] = ref_opts["alibi_slopes"].double()
+    ref_opts = {key: val for key, val in opts.items() if key != "backend"}
+    for name in ("alibi_slopes", "sinks"):
+        if name in ref_opts:
+            ref_opts[name] = ref_opts[name].detach().double().requires_grad_(name == "sinks")
     res = attnkit.attention(q, k, v, return_lse=True, backend="math", **ref_opts)
     loss = (res.output * g_out).sum()
     (loss if g_lse is None else loss + (res.lse * g_lse).sum()).backward()
-    return res.output.detach(), res.lse.detach(), q.grad, k.grad, v.grad
+    dsinks = ref_opts["sinks"].grad if "sinks" in ref_opts else None
+    return res.output.detach(), res.lse.detach(), q.grad, k.grad, v.grad, dsinks
 
 
 NN_CASES = ("encoder_rope_gqa", "mha_alibi")

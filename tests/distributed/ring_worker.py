@@ -24,12 +24,18 @@ from attnkit.distributed import ring_attention, shard
 def run(case: dict, layout: str, dtype) -> dict:
     q, k, v, g_out, g_lse, opts = ring_cases.build(case, dtype)
     q, k, v = (shard(t, -2, layout).requires_grad_(True) for t in (q, k, v))
+    if "sinks" in opts:
+        opts["sinks"].requires_grad_(True)
     res = ring_attention(q, k, v, layout=layout, return_lse=True, **opts)
     loss = (res.output.double() * shard(g_out, -2, layout)).sum()
     if g_lse is not None:
         loss = loss + (res.lse.double() * shard(g_lse, -1, layout)).sum()
     loss.backward()
-    return {"out": res.output.detach(), "lse": res.lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    result = {"out": res.output.detach(), "lse": res.lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    if "sinks" in opts:  # each rank's gradient covers its own rows: the sum is the full gradient
+        dist.all_reduce(opts["sinks"].grad)
+        result["dsinks"] = opts["sinks"].grad
+    return result
 
 
 def run_module(name: str, layout: str) -> dict:

@@ -2,8 +2,9 @@
 
 The processes are spawned by the fixture (``ring_worker.py``), each with one thread, and killed if they do not
 finish within ``TIMEOUT`` seconds. Tolerances: float32 ring vs float64 reference ``atol = rtol = 2e-5`` for
-outputs and lse, ``1e-4`` for gradients; bfloat16 ring error at most 1.5x the error of the same bfloat16 call on
-one process (the float32 merge keeps it from growing with the number of ranks).
+outputs and lse, ``1e-4`` for gradients; bfloat16 ring error at most 2x the error of the same bfloat16 call on
+one process (FlashAttention's rule; the float32 merge keeps it from growing with the number of ranks: each block's
+output is rounded to bfloat16 once, then merged and summed in float32).
 """
 
 from __future__ import annotations
@@ -82,7 +83,12 @@ def test_matches_float64_reference(ranks, name, layout):
     if (name, layout) not in ranks[0]:
         pytest.skip(f"{name} runs on 2 processes only ({len(ranks)} here)")
     ref = ring_cases.reference(*ring_cases.build(ring_cases.CASES[name], torch.float64))
-    for field, expected in zip(("out", "lse", "dq", "dk", "dv"), ref):
+    for field, expected in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), ref):
+        if field == "dsinks":
+            if expected is not None:
+                got = ranks[0][(name, layout)]["dsinks"].double()
+                torch.testing.assert_close(got, expected, **F32_GRAD, msg=lambda m: f"{name}/{layout}/dsinks: {m}")
+            continue
         got = _gather(ranks, (name, layout), field, layout)
         tol = F32 if field in ("out", "lse") else F32_GRAD
         torch.testing.assert_close(got, expected, **tol, msg=lambda m, f=field: f"{name}/{layout}/{f}: {m}")
@@ -93,14 +99,14 @@ def test_bf16_error_does_not_grow_with_ranks(ranks, layout):
     q, k, v, g_out, g_lse, opts = ring_cases.build(ring_cases.BF16_CASE, torch.bfloat16)
     ref = ring_cases.reference(q, k, v, g_out, g_lse, opts)
     qs, ks, vs = (t.detach().requires_grad_(True) for t in (q, k, v))
-    one = attnkit.attention(qs, ks, vs, return_lse=True, backend="tiled", **opts)
+    one = attnkit.attention(qs, ks, vs, return_lse=True, **opts)
     ((one.output.double() * g_out).sum() + (one.lse.double() * g_lse).sum()).backward()
     single = (one.output, one.lse, qs.grad, ks.grad, vs.grad)
-    for field, expected, base in zip(("out", "lse", "dq", "dk", "dv"), ref, single):
+    for field, expected, base in zip(("out", "lse", "dq", "dk", "dv"), ref[:5], single):
         got = _gather(ranks, ("bf16", layout), field, layout)
         err_ring = (got - expected).abs().max().item()
         err_one = (base.double() - expected).abs().max().item()
-        assert err_ring <= 1.5 * err_one + 1e-6, f"{field}: ring {err_ring:.3g} vs one process {err_one:.3g}"
+        assert err_ring <= 2 * err_one + 1e-6, f"{field}: ring {err_ring:.3g} vs one process {err_one:.3g}"
 
 
 def test_options_checked_across_ranks(ranks):

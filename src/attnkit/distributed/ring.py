@@ -3,7 +3,8 @@
 Forward (Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers", Alg. 1): each rank keeps
 its queries and, step by step, receives the key/value block of another rank (:mod:`.comm`) while it computes
 attention of its queries over the block it already has; partial outputs are merged exactly through their
-log-sum-exp in float32 (:func:`attnkit.distributed.merge_attention`). Backward (Dao 2023, "FlashAttention-2",
+log-sum-exp in float32 (:func:`attnkit.functional.merge.merge_attention`); attention sinks join the merged
+softmax once, at the end (:func:`attnkit.functional.merge.add_sinks`). Backward (Dao 2023, "FlashAttention-2",
 Alg. 2, applied per block): the key/value blocks travel again; for each block the rank computes its gradients
 with the *global* log-sum-exp and ``delta = rowsum(dO · O) - dlse`` (:mod:`.blocks`); the query gradient stays
 local and the key/value gradient of the block is sent back to its owner. Only two key/value blocks and one
@@ -20,9 +21,9 @@ from torch import Tensor
 from attnkit.distributed.blocks import RingCall, block_grads, fusable, fused_block_grads
 from attnkit.distributed.comm import Exchange
 from attnkit.distributed.layout import check_layout, segments
-from attnkit.distributed.merge import merge_attention
 from attnkit.distributed.plan import GlobalOptions
 from attnkit.functional.attention import attention
+from attnkit.functional.merge import add_sinks, merge_attention
 from attnkit.functional.spec import AttentionOutput, lse_dtype, make_spec
 
 __all__ = ["ring_attention"]
@@ -30,7 +31,7 @@ __all__ = ["ring_attention"]
 _KV_TAG, _GRAD_TAG = 0, 1 << 20
 
 
-def _forward(ring: RingCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _forward(ring: RingCall, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
     acc = lse_dtype(q.dtype)
     k, v = k.contiguous(), v.contiguous()  # sent as they are, once per step
     out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=acc, device=q.device)
@@ -60,6 +61,8 @@ def _forward(ring: RingCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, T
         if received is not None:
             compute((ring.rank - t) % ring.size, *received)
     ex.finish()
+    if sinks is not None:  # a sink is one more part of every row's softmax: merged once, not once per block
+        out, lse, _ = add_sinks(out, lse, sinks)
     return out.to(v.dtype), lse
 
 
@@ -110,25 +113,33 @@ def _backward(ring: RingCall, q, k, v, out, lse, dout, dlse):
             dk += got[0]
             dv += got[1]
     ex.finish()
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), delta
 
 
-class RingCallFunction(torch.autograd.Function):
+def _sinks_grad(sinks: Tensor, lse: Tensor, delta: Tensor) -> Tensor:
+    """``dL/dsink_h = -Σ_rows exp(sink_h - lse) · delta`` over this rank's rows (the sink's value is 0)."""
+    p_sink = torch.exp(sinks.to(lse.dtype).unsqueeze(-1) - lse)  # lse >= sink: finite
+    grad = -(p_sink * delta).sum(-1)  # (B..., H)
+    return grad.sum_to_size(sinks.shape).to(sinks.dtype)
+
+
+class _RingFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ring, q, k, v):
-        out, lse = _forward(ring, q, k, v)
+    def forward(ctx, ring, q, k, v, sinks):
+        out, lse = _forward(ring, q, k, v, sinks)
         ctx.set_materialize_grads(False)  # an unused lse gets no gradient (None), which keeps the fused backward
         ctx.ring = ring
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(ctx.ring, q, k, v, out, lse, dout, dlse)
-        return None, dq, dk, dv
+        dq, dk, dv, delta = _backward(ctx.ring, q, k, v, out, lse, dout, dlse)
+        dsinks = _sinks_grad(sinks, lse, delta) if sinks is not None and ctx.needs_input_grad[4] else None
+        return None, dq, dk, dv, dsinks
 
 
 def _fingerprint(parts: tuple) -> int:
@@ -195,10 +206,10 @@ def ring_attention(
     ``block_mask`` are **global** (``0 .. L-1`` with ``L = P · L_local``). Key/value blocks are exchanged with
     asynchronous point-to-point sends overlapped with the computation of the block at hand (:mod:`.comm`);
     blocks that no query may attend to (outside the causal/window band or the ``block_mask`` layout) are neither
-    computed nor sent. Partial results are merged in float32 (float64 for float64 inputs) whatever the input
-    dtype. Differentiable with respect to query, key and value (the backward exchanges the blocks again and
-    returns each block's key/value gradient to its owner). A group of size 1, or no initialized process group,
-    runs :func:`attnkit.attention` directly.
+    computed nor sent. Partial results (and ``sinks``) are merged in float32 (float64 for float64 inputs)
+    whatever the input dtype. Differentiable with respect to query, key, value and ``sinks`` (the backward
+    exchanges the blocks again and returns each block's key/value gradient to its owner). A group of size 1, or
+    no initialized process group, runs :func:`attnkit.attention` directly.
 
     Traffic per step: each rank sends and receives one key/value block, ``2 · B · Hkv · (L/P) · D`` elements
     (forward), plus the block's key/value gradient in float32 (backward); ``P - 1`` steps at most.
@@ -214,7 +225,9 @@ def ring_attention(
         is_causal, window_size, alibi_slopes, softcap, scale, mask_mod, score_mod: as
             :func:`attnkit.attention`, in global positions (``Lq == Lk == L``, so no alignment question).
         block_mask: an :class:`attnkit.sparse.BlockMask` built for the **global** ``(L, L)``.
-        sinks: not supported yet (raises ValueError).
+        sinks: ``(H,)`` or ``(B..., H)`` attention-sink logits (as :func:`attnkit.attention`): they join every
+            row's softmax once, after the blocks are merged. Differentiable; the gradient on each rank covers its
+            own rows, so sum it across ranks like any replicated parameter's gradient.
         attn_mask, attn_bias, dropout_p, return_weights: not supported (dense ``(L, L)`` tensors and
             probability matrices defeat sharding; express masks as ``mask_mod``/``block_mask``); raise ValueError.
         return_lse: also return this rank's rows of the log-sum-exp ``(B..., H, L/P)``, float32 (float64 for
@@ -246,11 +259,6 @@ def ring_attention(
     _reject("attn_bias", attn_bias, None, "pass position-dependent terms as score_mod in global positions")
     _reject("dropout_p", dropout_p, 0.0, "use 0.0 (attention-probability dropout is not implemented for rings)")
     _reject("return_weights", return_weights, False, "the (L, L) weights of a sharded sequence are not formed")
-    if sinks is not None:
-        raise ValueError(
-            "ring_attention: sinks are not supported yet (attnkit.attention has no sinks argument in this version); "
-            "got a tensor"
-        )
     spec = make_spec(
         query,
         key,
@@ -262,6 +270,7 @@ def ring_attention(
         scale=scale,
         mask_mod=mask_mod,
         score_mod=score_mod,
+        sinks=sinks,
     )
     if spec.q_len != spec.kv_len:
         raise ValueError(
@@ -293,6 +302,7 @@ def ring_attention(
             mask_mod=mask_mod,
             score_mod=score_mod,
             block_mask=block_mask,
+            sinks=sinks,
             return_lse=return_lse,
             backend=backend,
         )
@@ -311,6 +321,7 @@ def ring_attention(
         mask_mod is None,
         score_mod is None,
         None if block_mask is None else (block_mask.block_size, int(block_mask.visited.sum())),
+        None if sinks is None else (tuple(sinks.shape), round(float(sinks.detach().double().sum()), 9)),
         return_lse,
         backend,
     )
@@ -327,5 +338,5 @@ def ring_attention(
         block_mask=block_mask,
     )
     ring = RingCall(opts, layout, group, rank, size, spec.q_len, backend)
-    out, lse = RingCallFunction.apply(ring, query, key, value)
+    out, lse = _RingFunction.apply(ring, query, key, value, sinks)
     return AttentionOutput(out, None, lse) if return_lse else out

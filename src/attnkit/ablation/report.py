@@ -205,11 +205,6 @@ def write_report(result: AblationResult, out_dir: str | os.PathLike, *, overwrit
             figures=[curves_png],
         )
     )
-    if result.baseline in {v.name for v in result.variants} and len(result.variants) > 1:
-        verdict = result.verdict()
-        head, rows = verdict.cells()
-        text = "\n\n".join([verdict.decision().replace("**", "").replace("`", ""), *verdict.caveats()])
-        sections.append(Section(title=verdict.title().replace("`", ""), text=text, table=rows, table_header=head))
     variants = "\n".join(f"{v.name}: {v.description}" for v in result.variants if v.description)
     sections.append(
         Section(
@@ -226,5 +221,10 @@ def write_report(result: AblationResult, out_dir: str | os.PathLike, *, overwrit
                 figures=[png],
             )
         )
+    if result.baseline in {v.name for v in result.variants} and len(result.variants) > 1:
+        verdict = result.verdict()
+        head, rows = verdict.cells()
+        text = "\n\n".join([verdict.decision().replace("**", "").replace("`", ""), *verdict.caveats()])
+        sections.append(Section(title=verdict.title().replace("`", ""), text=text, table=rows, table_header=head))
     written.append(report(out / "report.html", sections, title=f"attnkit ablate {result.task}", overwrite=overwrite))
     return written

@@ -241,9 +241,9 @@ class AblationResult:
             caption = f"Learning curves: validation {self.score_name} % after each epoch (mean over seeds)"
             parts += [caption, "", _markdown(head, rows), ""]
         parts += ["Variants:", ""] + [f"- `{v.name}`: {v.description}" for v in self.variants if v.description]
-        if self.baseline in {v.name for v in self.variants} and len(self.variants) > 1:
-            parts += ["", self.verdict().to_markdown().rstrip()]
         parts += ["", METHOD_NOTE, "", f"Wall time: {self.wall_time_s / 60:.1f} min."]
+        if self.baseline in {v.name for v in self.variants} and len(self.variants) > 1:
+            parts += ["", self.verdict().to_markdown().rstrip()]  # the report ends with the decision
         return "\n".join(parts) + "\n"
 
 

@@ -324,8 +324,7 @@ def insert_attention(
 
     References:
         Hu et al. 2018 (SE), Wang et al. 2020 (ECA), Woo et al. 2018 (CBAM), Wang et al. 2018 (non-local),
-        Zhang et al. 2019 (SAGAN, the zero-initialised residual self-attention); placing attention after chosen
-        layers as in Bello et al. 2019 and Srinivas et al. 2021.
+        Zhang et al. 2019 (SAGAN, the zero-initialised residual self-attention).
 
     Example:
         >>> cnn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1))

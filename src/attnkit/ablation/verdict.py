@@ -137,8 +137,8 @@ class Verdict:
                 out.append(
                     f"`{v.name}` had not converged in seed(s) {_seeds(v.not_converged)} (validation score still "
                     f"improving at the last epoch): its {100 * v.lift:+.2f} pp may be a speed-of-learning effect "
-                    "rather than a difference in what the model can reach; re-run with budget 'plateau' and a "
-                    "larger maximum of epochs."
+                    "rather than a difference in what the model can reach; train longer (budget 'plateau' with a "
+                    "larger maximum of epochs) before deciding."
                 )
         return out
 

@@ -10,7 +10,14 @@ from attnkit.explain import plots
 from attnkit.explain.capture import Recording, capture
 from attnkit.explain.flow import attention_flow
 from attnkit.explain.heads import attention_distance, head_entropy, head_importance
-from attnkit.explain.metrics import CurveResult, deletion, insertion, pointing_game, random_saliency
+from attnkit.explain.metrics import (
+    CurveResult,
+    alignment_error_rate,
+    deletion,
+    insertion,
+    pointing_game,
+    random_saliency,
+)
 from attnkit.explain.records import AttentionRecord, TokenLayout
 from attnkit.explain.reducers import Entropy, HeadMean, Received, Reducer, Rollout, TopK
 from attnkit.explain.relevance import Relevance, relevance
@@ -31,6 +38,7 @@ __all__ = [
     "Section",
     "TokenLayout",
     "TopK",
+    "alignment_error_rate",
     "attention_distance",
     "attention_flow",
     "capture",

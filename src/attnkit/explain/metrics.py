@@ -4,6 +4,7 @@
 * :func:`deletion` / :func:`insertion` (Petsiuk, Das & Saenko 2018, RISE, Sec. 4.1): remove (or insert) the
   input units in order of decreasing saliency and integrate the model's score; a faithful saliency makes the
   deletion curve drop fast (low AUC) and the insertion curve rise fast (high AUC).
+* :func:`alignment_error_rate` (Och & Ney 2003): how far a source-target map is from gold word alignments.
 
 Saliency ``(B, *S)`` is over *units* of the input ``x`` ``(B, ...)``: the trailing dims of ``x`` (image pixels
 ``(Hi, Wi)`` of ``(B, C, Hi, Wi)``, token ids ``(B, L)``), the dims right after the batch (token embeddings
@@ -20,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["CurveResult", "deletion", "insertion", "pointing_game", "random_saliency"]
+__all__ = ["CurveResult", "alignment_error_rate", "deletion", "insertion", "pointing_game", "random_saliency"]
 
 
 class CurveResult(NamedTuple):
@@ -257,3 +258,76 @@ def insertion(
     return _curve(
         model_fn, x, saliency, steps=steps, baseline=baseline, insert=True, target=target, batch_size=batch_size
     )
+
+
+def _hard_links(alignment: Tensor) -> Tensor:
+    """Bool links from a bool matrix, or from a soft map by argmax per target row (rows without a positive
+    weight give no link; ties: the first maximum)."""
+    if alignment.dtype == torch.bool:
+        return alignment
+    if not (alignment.is_floating_point() and bool(torch.isfinite(alignment).all())):
+        raise ValueError(f"alignment_error_rate: a soft alignment must be finite floats, got {alignment.dtype}")
+    peak = alignment.argmax(-1, keepdim=True)
+    links = torch.zeros_like(alignment, dtype=torch.bool).scatter_(-1, peak, True)
+    return links & (alignment.amax(-1, keepdim=True) > 0)
+
+
+def alignment_error_rate(
+    alignment: Tensor, sure: Tensor, possible: Tensor | None = None, *, reduction: str = "none"
+) -> Tensor:
+    """Alignment error rate ``AER = 1 - (|A ∩ S| + |A ∩ P|) / (|A| + |S|)`` (Och & Ney 2003, Eq. 4).
+
+    ``A`` are the hypothesised links, ``S`` the sure and ``P`` the possible gold links (``S ⊆ P``). A map that
+    links exactly the sure links (or any subset of ``P`` containing ``S``) scores 0; one whose links all miss
+    ``P`` scores 1.
+
+    Hard links from a soft map: each target position (row) is linked to its highest-weighted source position
+    (``argmax`` over the last dim; ties: the first maximum); a row without a positive weight (e.g. a fully
+    masked row, all 0) gives no link. A soft map therefore proposes at most one link per target position —
+    score only the rows that should have a link (slice the others away first), as a hyphen that comes from no
+    source character would otherwise count as a wrong link.
+
+    Args:
+        alignment: ``(T, S)`` or ``(B, T, S)`` target x source map: bool links, or float weights (attention,
+            rollout, relevance) turned into links as above.
+        sure: bool, shaped like ``alignment``: the sure gold links ``S``.
+        possible: bool, shaped like ``alignment``: the possible gold links ``P``, which must contain ``S``;
+            default ``S`` (no ambiguous links).
+        reduction: ``"none"``: one AER per item; ``"corpus"``: the counts summed over the batch first (Och &
+            Ney's corpus-level AER, what alignment papers report).
+
+    Returns:
+        float64 tensor: ``()`` for a ``(T, S)`` input or ``reduction="corpus"``; ``(B,)`` otherwise. An item
+        with no hypothesised and no sure link (``|A| + |S| = 0``) scores 0.
+
+    Raises:
+        TypeError: non-tensor inputs, or ``sure``/``possible`` that are not bool.
+        ValueError: mismatched shapes, a rank other than 2 or 3, non-finite soft weights, a sure link missing
+            from ``possible``, or an unknown ``reduction``.
+
+    References:
+        Och & Ney 2003, "A Systematic Comparison of Various Statistical Alignment Models", Computational
+        Linguistics 29(1), Sec. 5 (Eq. 4).
+    """
+    if reduction not in ("none", "corpus"):
+        raise ValueError(f"alignment_error_rate: reduction must be 'none' or 'corpus', got {reduction!r}")
+    possible = sure if possible is None else possible
+    for name, t in (("alignment", alignment), ("sure", sure), ("possible", possible)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"alignment_error_rate: expected {name} to be a tensor, got {type(t).__name__}")
+    for name, t in (("sure", sure), ("possible", possible)):
+        if t.dtype != torch.bool:
+            raise TypeError(f"alignment_error_rate: expected {name} to be a bool tensor, got {t.dtype}")
+    if alignment.ndim not in (2, 3) or sure.shape != alignment.shape or possible.shape != alignment.shape:
+        raise ValueError(
+            "alignment_error_rate: expected alignment, sure and possible of one shape (T, S) or (B, T, S), got "
+            f"{tuple(alignment.shape)}, {tuple(sure.shape)}, {tuple(possible.shape)}"
+        )
+    if bool((sure & ~possible).any()):
+        raise ValueError("alignment_error_rate: every sure link must also be possible (S ⊆ P)")
+    links = _hard_links(alignment)
+    dims = (-2, -1) if reduction == "none" else tuple(range(links.ndim))
+    hits_s = (links & sure).sum(dims, dtype=torch.float64)
+    hits_p = (links & possible).sum(dims, dtype=torch.float64)
+    total = links.sum(dims, dtype=torch.float64) + sure.sum(dims, dtype=torch.float64)
+    return torch.where(total > 0, 1 - (hits_s + hits_p) / total.clamp_min(1), torch.zeros_like(total))

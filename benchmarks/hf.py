@@ -9,8 +9,8 @@ memory is that run's alone):
     window 4096; one forward over an L-token prompt (``--mistral-len``, default 32768) with attnkit, HF sdpa
     (which builds a dense windowed boolean mask) and eager where its (16, L, L) float32 scores fit the budget.
   * ``gemma2``: Gemma 2-shaped, 4 layers alternating sliding window 4096 / global, hidden 1024, 8 heads, 4 KV heads
-    (head_dim 128), MLP 2816, attention logit softcap 50; one forward at ``--gemma-len`` (default 16384) with
-    attnkit and eager where it fits (HF refuses sdpa for softcap).
+    (head_dim 128), MLP 2816, attention logit softcap 50; one forward at ``--gemma-eager-len`` (default 8192) and
+    ``--gemma-len`` (default 16384) with attnkit and eager where its scores fit (HF refuses sdpa for softcap).
   * ``decode``: the Mistral-shaped model; a ``--decode-context``-token prompt (default 4096) is prefilled into a
     DynamicCache, then ``--decode-tokens`` greedy tokens (default 32) are generated one forward at a time; tokens
     per second of the decoding loop only, attnkit vs HF sdpa.
@@ -132,6 +132,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="short prompts, a smoke run")
     p.add_argument("--mistral-len", type=int, default=32768)
     p.add_argument("--gemma-len", type=int, default=16384)
+    p.add_argument("--gemma-eager-len", type=int, default=8192, help="a length where eager's scores fit too")
     p.add_argument("--decode-context", type=int, default=4096)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=1, help="forwards per prefill measurement (median)")
@@ -151,37 +152,20 @@ def main() -> None:
         print(json.dumps(result))
         return
     if args.quick:
-        args.mistral_len, args.gemma_len, args.decode_context, args.decode_tokens = 2048, 2048, 512, 8
-    print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
-    rows = []
+        args.mistral_len, args.gemma_len, args.gemma_eager_len = 2048, 2048, 1024
+        args.decode_context, args.decode_tokens = 512, 8
+    print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print("\n| case | L | implementation | time s | peak extra memory GiB | time vs attnkit |", flush=True)
+    print("|---|---|---|---|---|---|", flush=True)
     if args.only in (None, "mistral"):
         L = args.mistral_len
-        res = {"attnkit": run_one(["mistral", "attnkit", str(L), str(args.repeats)])}
-        if args.sdpa_budget_len >= L:
-            res["sdpa"] = run_one(["mistral", "sdpa", str(L), "1"])
-        if eager_fits(16, L, args.eager_budget_gib):
-            res["eager"] = run_one(["mistral", "eager", str(L), "1"])
-        rows.append(("Mistral-shaped, window 4096, prefill", L, res))
+        plan = [("attnkit", args.repeats), ("sdpa", 1) if args.sdpa_budget_len >= L else None]
+        plan.append(("eager", 1) if eager_fits(16, L, args.eager_budget_gib) else None)
+        _table("Mistral-shaped, window 4096", "mistral", L, plan)
     if args.only in (None, "gemma2"):
-        L = args.gemma_len
-        res = {"attnkit": run_one(["gemma2", "attnkit", str(L), str(args.repeats)])}
-        if eager_fits(8, L, args.eager_budget_gib):
-            res["eager"] = run_one(["gemma2", "eager", str(L), "1"])
-        rows.append(("Gemma 2-shaped, softcap 50, prefill", L, res))
-    print(
-        "\n| case | L | implementation | time s | peak extra memory GiB | time vs attnkit |\n|---|---|---|---|---|---|"
-    )
-    for name, L, res in rows:
-        ours = res["attnkit"].get("seconds")
-        for impl, r in res.items():
-            if "error" in r:
-                print(f"| {name} | {L} | {impl} | failed: {r['error']} | - | - |")
-                continue
-            ratio = f"{r['seconds'] / ours:.2f}x" if ours else "-"
-            print(f"| {name} | {L} | {impl} | {r['seconds']:.2f} | {r['peak_extra_gib']:.2f} | {ratio} |")
-        skipped = {"sdpa", "eager"} - set(res) if "Mistral" in name else {"eager"} - set(res)
-        for impl in sorted(skipped):
-            print(f"| {name} | {L} | {impl} | not run: its scores/mask would not fit | - | - |")
+        for L in sorted({args.gemma_eager_len, args.gemma_len}):
+            plan = [("attnkit", args.repeats), ("eager", 1) if eager_fits(8, L, args.eager_budget_gib) else None]
+            _table("Gemma 2-shaped, softcap 50", "gemma2", L, plan)
     if args.only in (None, "decode"):
         n, ctx = args.decode_tokens, args.decode_context
         dec = {impl: run_one(["decode", impl, str(ctx), str(n)]) for impl in ("attnkit", "sdpa")}
@@ -193,6 +177,24 @@ def main() -> None:
             ratio = dec["sdpa"]["tokens_per_s"] / dec["attnkit"]["tokens_per_s"]
             print(f"  sdpa / attnkit tokens/s: {ratio:.2f}x; same greedy tokens: {same}")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+
+
+def _table(title: str, case: str, L: int, plan: list) -> None:
+    """Measure each (implementation, repeats) of ``plan`` (``None``: does not fit) and print its row at once."""
+    ours = None
+    skipped = {"mistral": ["attnkit", "sdpa", "eager"], "gemma2": ["attnkit", "eager"]}[case]
+    for item, impl in zip(plan, skipped):
+        if item is None:
+            print(f"| {title} | {L} | {impl} | not run: its dense scores/mask exceed the budget | - | - |", flush=True)
+            continue
+        r = run_one([case, impl, str(L), str(item[1])])
+        if "error" in r:
+            print(f"| {title} | {L} | {impl} | failed: {r['error']} | - | - |", flush=True)
+            continue
+        ours = r["seconds"] if impl == "attnkit" else ours
+        ratio = f"{r['seconds'] / ours:.2f}x" if ours else "-"
+        line = f"| {title} | {L} | {impl} | {r['seconds']:.2f} | {r['peak_extra_gib']:.2f} | {ratio} |"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -193,3 +193,26 @@ def test_a_window_that_removes_nothing_is_dropped():
     assert _effective_window((8, 8), False, 9, 9) is None
     assert _effective_window((8, 7), False, 9, 9) == (8, 7)  # row 0 does not see key 8
     assert _effective_window((-1, 0), True, 9, 9) is None
+
+
+def test_dropout_in_training_uses_the_same_random_stream_as_eager():
+    """With output_attentions (both run the probabilities through F.dropout on the same (B, H, L, L) layout), a
+    training-mode forward under the same seed gives eager's output: dropout is applied, with HF's probability."""
+    case = next(c for c in CASES if c.name == "llama")
+    model, inputs = case.build(), case.inputs()
+    model.config.attention_dropout = 0.5
+    for layer in model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model.train()
+    real = case.real(inputs)
+    outs = {}
+    for impl in ("eager", "attnkit"):
+        model.set_attn_implementation(impl)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            outs[impl] = model(**inputs, output_attentions=True).last_hidden_state
+    torch.testing.assert_close(outs["attnkit"][real], outs["eager"][real], atol=1e-4, rtol=1e-4)
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(**inputs).last_hidden_state
+    assert (evaluated[real] - outs["attnkit"][real]).abs().max() > 0.1  # dropout did something

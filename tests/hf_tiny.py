@@ -16,6 +16,17 @@ INIT = 1.0
 VOCAB = 97
 
 
+def eager_softmax_in_float64(monkeypatch) -> None:
+    """Make transformers' eager attention a float64 reference: it upcasts scores to float32 for the softmax, which
+    in a float64 model loses precision and turns a padded row's float64 minimum into -inf (NaN rows)."""
+    softmax = torch.nn.functional.softmax
+
+    def softmax64(x, dim=None, _stacklevel=3, dtype=None):
+        return softmax(x, dim=dim, dtype=torch.float64 if x.dtype == torch.float64 else dtype)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
+
+
 @dataclass
 class Case:
     """One architecture: ``build()`` a model in eval mode, ``inputs()`` a batch, ``real`` = (B, L) real query rows
@@ -109,6 +120,7 @@ def gpt_oss(**cfg):
         num_local_experts=4,
         num_experts_per_tok=2,
         layer_types=["sliding_attention", "full_attention"],
+        experts_implementation="eager",  # the grouped_mm experts kernel has no float64
         **cfg,
     )
 

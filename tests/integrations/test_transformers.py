@@ -1,14 +1,11 @@
 """attn_implementation="attnkit" against transformers' eager attention on tiny random models of 13 architectures."""
 
-import inspect
-
 import pytest
 import torch
 
-import attnkit
 from attnkit.integrations import _hf_mask
 from attnkit.integrations.transformers import _effective_window, choose_backend, register
-from hf_tiny import CASES, Case
+from hf_tiny import CASES, Case, eager_softmax_in_float64
 
 #: Tolerances. float64 runs: attnkit vs eager agree to rounding. float32 runs: the issue's bounds (outputs 1e-4,
 #: weights 1e-5), or, where the float32 eager model itself is further than that from its float64 run (sharp maps
@@ -16,33 +13,10 @@ from hf_tiny import CASES, Case
 TOL64 = 1e-9
 OUT_TOL32, WEIGHT_TOL32 = 1e-4, 1e-5
 
-HAS_SINKS = "sinks" in inspect.signature(attnkit.attention).parameters
-SINKS_XFAIL = pytest.mark.xfail(
-    not HAS_SINKS, strict=True, reason="attnkit.attention has no sinks= yet: gpt-oss's s_aux raises ValueError"
-)
-
-
-def _param(case: Case):
-    marks = [SINKS_XFAIL] if case.name == "gpt_oss" else []
-    return pytest.param(case, id=case.name, marks=marks)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _registered():
     assert register() == "attnkit"
-
-
-def _float64_softmax(monkeypatch):
-    """Eager attention upcasts scores to float32 for the softmax, which makes a float64 eager run neither
-    float64-accurate nor NaN-free (a padded row's float64 minimum becomes -inf in float32): keep it in float64."""
-    softmax = torch.nn.functional.softmax
-
-    def softmax64(x, dim=None, _stacklevel=3, dtype=None):
-        if x.dtype == torch.float64 and dtype == torch.float32:
-            dtype = torch.float64
-        return softmax(x, dim=dim, dtype=dtype)
-
-    monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
 
 
 @torch.no_grad()
@@ -73,7 +47,7 @@ def _compared(case: Case, out, real) -> list[torch.Tensor]:
     return [t.double() for t in tensors]
 
 
-@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_outputs_and_attentions_match_eager(case: Case, monkeypatch):
     model, inputs = case.build(), case.inputs()
     real = case.real(inputs)
@@ -83,7 +57,7 @@ def test_outputs_and_attentions_match_eager(case: Case, monkeypatch):
         for impl in ("attnkit", "eager")
         for dtype in (torch.float32, torch.float64)
     }
-    _float64_softmax(monkeypatch)
+    eager_softmax_in_float64(monkeypatch)
     runs["eager", torch.float64] = _compared(
         case, _run(model, "eager", inputs, torch.float64, output_attentions=True), real
     )

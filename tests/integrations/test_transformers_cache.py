@@ -1,24 +1,13 @@
 """attn_implementation="attnkit" with KV caches: DynamicCache chunks, StaticCache prefill, generate() vs eager."""
 
-import inspect
-
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
-import attnkit
 from attnkit.integrations.transformers import register
-from hf_tiny import DECODERS, _ids, causal_lm
+from hf_tiny import DECODERS, _ids, causal_lm, eager_softmax_in_float64
 
 TOL64 = 1e-9
-HAS_SINKS = "sinks" in inspect.signature(attnkit.attention).parameters
-
-
-def _params():
-    xfail = pytest.mark.xfail(
-        not HAS_SINKS, strict=True, reason="attnkit.attention has no sinks= yet: gpt-oss's s_aux raises ValueError"
-    )
-    return [pytest.param(n, id=n, marks=[xfail] if n == "gpt_oss" else []) for n in DECODERS]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,13 +17,7 @@ def _registered():
 
 @pytest.fixture
 def float64_softmax(monkeypatch):
-    """Eager's float32 softmax upcast would make a float64 run inexact (and NaN on padded rows)."""
-    softmax = torch.nn.functional.softmax
-
-    def softmax64(x, dim=None, _stacklevel=3, dtype=None):
-        return softmax(x, dim=dim, dtype=torch.float64 if x.dtype == torch.float64 else dtype)
-
-    monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
+    eager_softmax_in_float64(monkeypatch)
 
 
 def _batch(n=13):
@@ -65,7 +48,7 @@ def _static(model):
     return StaticCache(config=model.config, max_cache_len=24)
 
 
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", list(DECODERS))
 @pytest.mark.parametrize(
     "cache_factory, chunks",
     [(_dynamic, (8, 4, 1)), (_static, (8, 4, 1)), (_static, (13,))],
@@ -84,7 +67,7 @@ def test_cached_chunks_match_eager(name, cache_factory, chunks, float64_softmax)
     torch.testing.assert_close(out[real], full[real], atol=TOL64, rtol=0.0)
 
 
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", list(DECODERS))
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_generate_greedy_tokens_equal_eager(name, cache_implementation):
     model = causal_lm(name)

@@ -57,6 +57,7 @@ _NEUTRAL_KWARGS = frozenset(
         "use_cache",
         "output_attentions",
         "output_hidden_states",
+        "output_router_logits",
         "return_dict",
         "cu_seq_lens_q",
         "cu_seq_lens_k",
@@ -186,7 +187,7 @@ def attention_forward(
     q_len, kv_len = query.shape[-2], key.shape[-2]
     full_kv_len = kv_len
     want_weights = bool(kwargs.get("output_attentions")) or _collecting_attentions()
-    sinks = _sinks(s_aux)
+    sinks = _sinks(s_aux, query)
     attn_mask, causal, window, bias = None, False, None, position_bias
     hf_window = None if sliding_window is None else (int(sliding_window) - 1, 0)
     if isinstance(attention_mask, HFMask):
@@ -241,7 +242,6 @@ def attention_forward(
         return_weights=want_weights,
         backend=backend,
     )
-    extra = {} if sinks is None else {"sinks": sinks}
     result = attention(
         query,
         key,
@@ -254,8 +254,8 @@ def attention_forward(
         scale=scaling,
         dropout_p=float(dropout) if dropout else 0.0,
         return_weights=want_weights,
+        sinks=sinks,
         backend=name,
-        **extra,
     )
     if want_weights:
         out, weights = result.output, result.weights
@@ -277,17 +277,16 @@ def _effective_window(window, causal: bool, q_len: int, kv_len: int) -> tuple[in
     return None if left_free and right_free else window
 
 
-def _sinks(s_aux: Tensor | None) -> Tensor | None:
+def _sinks(s_aux: Tensor | None, query: Tensor) -> Tensor | None:
+    """gpt-oss's ``s_aux`` (one logit per head, ``(H,)``) as :func:`attnkit.attention`'s ``sinks``."""
     if s_aux is None:
         return None
-    import inspect
-
-    if "sinks" not in inspect.signature(attention).parameters:
+    if not isinstance(s_aux, Tensor) or s_aux.shape[-1] != query.shape[1]:
         raise ValueError(
-            "attnkit attention: this model uses attention sinks (s_aux, e.g. gpt-oss), which this attnkit version "
-            "does not support yet; use attn_implementation='eager'"
+            f"attnkit attention: expected s_aux of shape (H,) = ({query.shape[1]},), got "
+            f"{tuple(s_aux.shape) if isinstance(s_aux, Tensor) else type(s_aux).__name__}"
         )
-    return s_aux
+    return s_aux.to(query.dtype)
 
 
 def register(name: str = "attnkit", *, backend: str = "auto") -> str:

@@ -2,12 +2,14 @@
 
 ``capture`` records attention maps from attnkit modules, ``torch.nn.functional.scaled_dot_product_attention``
 and ``nn.MultiheadAttention`` without changing the model's outputs; ``rollout``, ``attention_flow`` and
-``relevance`` turn them into token attributions; ``heads`` and ``metrics`` diagnose heads and check
-faithfulness; ``plots`` and ``report`` draw them (matplotlib: ``pip install attnkit[explain]``).
+``relevance`` turn them into token attributions; ``context_mixing`` weighs attention by the values;
+``heads`` and ``metrics`` diagnose heads and check faithfulness; ``plots`` and ``report`` draw them
+(matplotlib: ``pip install attnkit[explain]``).
 """
 
 from attnkit.explain import plots
 from attnkit.explain.capture import Recording, capture
+from attnkit.explain.context_mixing import ContextMixing, attention_norms, value_zeroing
 from attnkit.explain.flow import attention_flow
 from attnkit.explain.heads import attention_distance, head_entropy, head_importance
 from attnkit.explain.metrics import (
@@ -26,6 +28,7 @@ from attnkit.explain.rollout import rollout
 
 __all__ = [
     "AttentionRecord",
+    "ContextMixing",
     "CurveResult",
     "Entropy",
     "HeadMaps",
@@ -41,6 +44,7 @@ __all__ = [
     "alignment_error_rate",
     "attention_distance",
     "attention_flow",
+    "attention_norms",
     "capture",
     "deletion",
     "head_entropy",
@@ -52,4 +56,5 @@ __all__ = [
     "relevance",
     "report",
     "rollout",
+    "value_zeroing",
 ]

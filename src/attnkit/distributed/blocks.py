@@ -36,6 +36,14 @@ class RingCall:
     def calls(self, src: int) -> list[SubCall]:
         return plan_pair(self.opts, self.segs[self.rank], self.segs[src], self._cache)
 
+    def forward_backend(self, call: SubCall) -> str:
+        """The backend of a block's forward: a windowed block under ``"auto"`` goes to ``"blocksparse"``, whose
+        memory is ``O(L)``, because ``auto`` may pick SDPA with a dense ``(Lq, Lk)`` mask for a block that is
+        denser than the whole call (a 16k-row diagonal block with a 4096-key window covers 27% of its scores)."""
+        if self.backend == "auto" and "window_size" in call.kwargs:
+            return "blocksparse"
+        return self.backend
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, call: SubCall, backend: str) -> AttentionOutput:
         (a, b), (c, d) = call.q, call.kv
         return attention(
@@ -51,8 +59,8 @@ class RingCall:
 
     def grad_backend(self, q: Tensor, k: Tensor, v: Tensor, call: SubCall) -> str:
         """A backend with a differentiable log-sum-exp for the block ``q`` x ``k, v`` (already sliced): "sdpa"'s
-        is not differentiable yet, so it is replaced by "tiled"."""
-        backend = self.backend
+        is not differentiable, so it is replaced by "tiled"."""
+        backend = self.forward_backend(call)
         if backend == "auto":
             from attnkit.backends import select
 

@@ -46,7 +46,7 @@ def _forward(ring: RingCall, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | No
 
     def compute(src: int, kb: Tensor, vb: Tensor) -> None:
         for call in ring.calls(src):
-            part = ring.attend(q, kb, vb, call, ring.backend)
+            part = ring.attend(q, kb, vb, call, ring.forward_backend(call))
             a, b = call.q
             merged, merged_lse = merge_attention([out[..., a:b, :], part.output], [lse[..., a:b], part.lse])
             out[..., a:b, :] = merged

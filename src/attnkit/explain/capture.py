@@ -16,8 +16,10 @@ Module paths come from forward pre-hooks on every submodule.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -35,11 +37,16 @@ class Recording:
     Attributes:
         maps: the :class:`AttentionRecord` list in call order.
         num_calls: attention computations intercepted, including those the filters left out.
+        tokens: token strings of the inputs, set by the caller (one list, or one list per batch item); saved
+            with the maps by :meth:`save`.
+        model: the model's name or path, set by the caller; saved by :meth:`save`.
     """
 
     def __init__(self) -> None:
         self.maps: list[AttentionRecord] = []
         self.num_calls = 0
+        self.tokens: list | None = None
+        self.model: str | None = None
 
     def __len__(self) -> int:
         return len(self.maps)
@@ -72,6 +79,49 @@ class Recording:
         if len(shapes) > 1:
             raise ValueError(f"Recording.stack: {kind!r} maps have different shapes {sorted(shapes)}")
         return torch.stack(ws, 0)
+
+    def save(
+        self,
+        path: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        tokens: list | None = None,
+        model: str | None = None,
+    ) -> Path:
+        """Write the recording to one safetensors file: the stored maps as tensors, and as JSON metadata in its
+        header the records (layer names, kinds, shapes, selected heads/rows, layouts), ``tokens`` and ``model``
+        (format: :mod:`attnkit.explain.recording_io`). Atomic; an existing file is kept unless ``overwrite``.
+
+        Args:
+            path: the file to write (``.safetensors`` by convention).
+            overwrite: replace an existing file.
+            tokens: token strings (default :attr:`tokens`): a list, or one list per batch item.
+            model: the model's name or path (default :attr:`model`).
+
+        Returns:
+            the path written.
+
+        Raises:
+            FileExistsError: ``path`` exists and ``overwrite`` is False.
+            FileNotFoundError: the directory does not exist.
+            TypeError: ``tokens`` that are not strings, a ``model`` that is not a string.
+            ValueError: a layout whose ``extra`` holds values JSON cannot store.
+        """
+        from attnkit.explain.recording_io import save_recording
+
+        return save_recording(self, path, overwrite=overwrite, tokens=tokens, model=model)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Recording:
+        """Read a recording written by :meth:`save` (tensors on the CPU, read with safetensors: no pickle).
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: not a safetensors file or not an attnkit recording.
+        """
+        from attnkit.explain.recording_io import load_recording
+
+        return load_recording(path)
 
 
 def _int_tuple(value, name: str) -> tuple[int, ...] | None:

@@ -28,7 +28,9 @@ __all__ = [
     "escape_html",
     "render_section",
     "report",
+    "save_table",
     "script_json",
+    "table_csv",
 ]
 
 #: Characters that could end or change an inline ``<script>`` block, or a JavaScript string, as JSON escapes.
@@ -314,6 +316,39 @@ def report(
         f"<body><h1>{escape_html(title)}</h1>{body}<script>{_JS}</script></body></html>\n"
     )
     return atomic_write(path, page.encode("utf-8"), overwrite=overwrite, who="report")
+
+
+def table_csv(section: Section) -> str:
+    """The section's table as CSV text (RFC 4180, via :mod:`csv`): the header row first when there is one;
+    cells as :func:`report` shows them, except floats, which keep full precision (``repr``)."""
+    import csv
+    import io
+
+    if not isinstance(section, Section) or section.table is None:
+        raise ValueError("table_csv: expected a Section with a table")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    if section.table_header is not None:
+        writer.writerow([str(h) for h in section.table_header])
+    for row in section.table:
+        writer.writerow([_csv_cell(c) for c in row])
+    return buf.getvalue()
+
+
+def _csv_cell(c: Any) -> str:
+    if isinstance(c, Tensor) and c.numel() == 1:
+        c = c.item()
+    return repr(c) if isinstance(c, float) else str(c)
+
+
+def save_table(section: Section, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the section's table to ``path`` as CSV (:func:`table_csv`), atomically.
+
+    Raises:
+        ValueError: the section has no table.
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    return atomic_write(path, table_csv(section), overwrite=overwrite, who="save_table")
 
 
 #: The report's stylesheet and script, for pages that embed :func:`render_section` output (``attnkit serve``).

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import attnkit
 from attnkit.integrations import _hf_mask
 from attnkit.integrations.transformers import _effective_window, choose_backend, register
 from hf_tiny import CASES, Case, eager_softmax_in_float64
@@ -190,3 +191,33 @@ def test_dropout_in_training_uses_the_same_random_stream_as_eager():
     with torch.no_grad():
         evaluated = model(**inputs).last_hidden_state
     assert (evaluated[real] - outs["attnkit"][real]).abs().max() > 0.1  # dropout did something
+
+
+@pytest.mark.parametrize(
+    "kwargs, backend",
+    [({"sliding_window": 256}, "blocksparse"), ({"softcap": 30.0}, "tiled"), ({}, "auto")],
+    ids=["window", "softcap", "plain-causal"],
+)
+def test_long_prompts_are_routed_and_stay_exact(monkeypatch, kwargs, backend):
+    """At 2048 x 2048 scores the adapter picks the backend (no L x L tensor), and the result equals math's."""
+    from attnkit.integrations import transformers as adapter
+
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw["backend"])
+        return attnkit.attention(*args, **kw)
+
+    monkeypatch.setattr(adapter, "attention", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 2048, 8, generator=g) for h in (2, 1, 1))
+    module = torch.nn.Module()
+    module.is_causal = True
+    mask = _hf_mask.HFMask(2048, 2048, 0, True, None if "sliding_window" not in kwargs else (255, 0))
+    out, weights = adapter.attention_forward(module, q, k, v, mask, **kwargs)
+    assert seen == [backend] and weights is None
+    window = (255, 0) if "sliding_window" in kwargs else None
+    ref = attnkit.attention(
+        q, k, v, is_causal=True, window_size=window, softcap=kwargs.get("softcap"), backend="math"
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

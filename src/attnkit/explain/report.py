@@ -303,8 +303,10 @@ def report(
         TypeError: a section is not a :class:`Section`, or a figure is neither a figure nor PNG bytes.
         ValueError: no sections, or head maps with inconsistent shapes/labels.
 
-    The file is written atomically (temporary file + ``os.replace``). Images are inlined as base64 PNG;
-    the layer/head selector is plain JavaScript drawing on a canvas; nothing is fetched from the network.
+    The file is written with :func:`attnkit.io.atomic.atomic_write` (never partial, never clobbering). Images are
+    inlined as base64 PNG; the layer/head selector is plain JavaScript drawing on a canvas; nothing is fetched
+    from the network. Every string is escaped with :func:`escape_html` (HTML) or :func:`script_json` (inline
+    JSON), so labels show as written.
     """
     sections = list(sections)
     if not sections:

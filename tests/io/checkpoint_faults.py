@@ -380,6 +380,32 @@ def main(workdir: Path) -> dict:
             "seconds": time.perf_counter() - start,
             "peak_growth_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before,
         }
+    # Loading into an existing model: every file-level fault refused, and the model left exactly as it was.
+    from attnkit.io import load_checkpoint
+    from attnkit.models import BertModel
+    from attnkit.models.bert import hf_bert_key
+
+    model = BertModel.from_pretrained(workdir / "valid_bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for case, (family, path, _) in all_cases.items():
+        if family != "bert" or case.startswith("bert:config") or case.endswith("larger_than_vocab"):
+            continue  # config faults do not concern weights loaded into a built model
+        signal.alarm(TIME_LIMIT_S)
+        try:
+            load_checkpoint(model, path, lambda n: hf_bert_key(n, has_prefix=False), nonfinite="error")
+            kind, message = None, ""
+        except BaseException as exc:  # what escapes is the point
+            kind, message = type(exc).__name__, str(exc)
+        finally:
+            signal.alarm(0)
+        unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        results["into" + case[len("bert") :]] = {
+            "error": kind,
+            "message": message,
+            "seconds": 0.0,
+            "peak_growth_kib": 0,
+            "unchanged": unchanged,
+        }
     return {
         "cases": results,
         "total_peak_growth_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline,

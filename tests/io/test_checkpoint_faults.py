@@ -48,8 +48,8 @@ def outcome(tmp_path_factory):
 
 
 def test_at_least_forty_cases_for_every_loader(outcome):
-    per_family = {f: sum(c.startswith(f + ":") for c in outcome["cases"]) for f in FAMILIES}
-    assert min(per_family.values()) >= 25, per_family
+    per_family = {f: sum(c.startswith(f + ":") for c in outcome["cases"]) for f in (*FAMILIES, "into")}
+    assert min(per_family.values()) >= 20, per_family
     assert len(outcome["cases"]) >= 40
 
 
@@ -60,6 +60,12 @@ def test_every_case_is_refused_with_one_line(outcome):
         if r["error"] not in ALLOWED or "\n" in r["message"] or not r["message"]
     }
     assert not bad, bad
+
+
+def test_a_model_loaded_into_is_left_unchanged(outcome):
+    into = {case: r for case, r in outcome["cases"].items() if case.startswith("into:")}
+    assert len(into) >= 20
+    assert all(r["unchanged"] for r in into.values()), [c for c, r in into.items() if not r["unchanged"]]
 
 
 def test_bounded_time(outcome):

@@ -7,11 +7,11 @@ import torch
 
 from attnkit.ablation.date_alignment import (
     DIGIT_ROWS,
-    _teacher_inputs,
     alignment_scores,
     date_fields,
     gold_alignment,
     source_target_maps,
+    teacher_inputs,
 )
 from attnkit.ablation.dates import CharVocab, DateExample, format_date_example
 from attnkit.ablation.seq2seq import build_seq2seq
@@ -82,7 +82,7 @@ def test_source_target_maps(name, data):
     examples, sv, tv = data
     torch.manual_seed(0)
     model = build_seq2seq(name, len(sv), len(tv)).eval()
-    src, lengths, tgt_in, gold = _teacher_inputs(examples, sv, tv)
+    src, lengths, tgt_in, gold = teacher_inputs(examples, sv, tv)
     maps = source_target_maps(model, src, lengths, tgt_in, gold)
     assert set(maps) == ({"raw", "rollout", "relevance"} if name == "transformer" else {"raw", "relevance"})
     pad = torch.arange(src.shape[1])[None, None, :] >= lengths[:, None, None]
@@ -116,6 +116,6 @@ def test_models_without_attention_are_refused(data):
     examples, sv, tv = data
     model = build_seq2seq("none", len(sv), len(tv)).eval()
     with pytest.raises(ValueError, match="no attention"):
-        source_target_maps(model, *_teacher_inputs(examples, sv, tv))
+        source_target_maps(model, *teacher_inputs(examples, sv, tv))
     with pytest.raises(ValueError, match="unknown methods"):
-        source_target_maps(model, *_teacher_inputs(examples, sv, tv), methods=("flow",))
+        source_target_maps(model, *teacher_inputs(examples, sv, tv), methods=("flow",))

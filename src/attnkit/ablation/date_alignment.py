@@ -30,7 +30,15 @@ from torch import Tensor, nn
 
 from attnkit.ablation.dates import TARGET_LENGTH, CharVocab, DateExample, encode_sources, encode_targets
 
-__all__ = ["DIGIT_ROWS", "METHODS", "alignment_scores", "date_fields", "gold_alignment", "source_target_maps"]
+__all__ = [
+    "DIGIT_ROWS",
+    "METHODS",
+    "alignment_scores",
+    "date_fields",
+    "gold_alignment",
+    "source_target_maps",
+    "teacher_inputs",
+]
 
 #: Target positions of the eight digits of ``YYYY-MM-DD`` (the rows with gold links).
 DIGIT_ROWS = (0, 1, 2, 3, 5, 6, 8, 9)
@@ -113,7 +121,9 @@ def gold_alignment(example: DateExample, *, source_length: int | None = None) ->
     return sure, possible | sure
 
 
-def _teacher_inputs(examples: Sequence[DateExample], source_vocab: CharVocab, target_vocab: CharVocab):
+def teacher_inputs(examples: Sequence[DateExample], source_vocab: CharVocab, target_vocab: CharVocab):
+    """``(src (B, S), src_lengths (B,), tgt_in (B, 10), gold (B, 10))`` int64 for teacher forcing on the gold
+    targets: decoder inputs ``BOS, c_1..c_9`` and the characters ``c_1..c_10`` each step emits."""
     src, lengths = encode_sources([e.source for e in examples], source_vocab)
     tgt = encode_targets([e.target for e in examples], target_vocab)  # (B, T + 2): BOS, 10 chars, EOS
     return src, lengths, tgt[:, :-2], tgt[:, 1:-1]  # inputs BOS..c_9, outputs c_1..c_10
@@ -223,7 +233,7 @@ def alignment_scores(
     golds: list[tuple[Tensor, Tensor]] = []
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
-        src, lengths, tgt_in, gold = _teacher_inputs(batch, source_vocab, target_vocab)
+        src, lengths, tgt_in, gold = teacher_inputs(batch, source_vocab, target_vocab)
         maps = source_target_maps(model, src, lengths, tgt_in, gold, methods=methods)
         links = [gold_alignment(e, source_length=src.shape[1]) for e in batch]
         sure = torch.stack([s for s, _ in links])[:, rows]

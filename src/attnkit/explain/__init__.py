@@ -3,18 +3,21 @@
 ``capture`` records attention maps from attnkit modules, ``torch.nn.functional.scaled_dot_product_attention``
 and ``nn.MultiheadAttention`` without changing the model's outputs; ``rollout``, ``attention_flow`` and
 ``relevance`` turn them into token attributions; ``context_mixing`` weighs attention by the values;
-``heads`` and ``metrics`` diagnose heads and check faithfulness; ``plots`` and ``report`` draw them
-(matplotlib: ``pip install attnkit[explain]``).
+``heads`` and ``metrics`` diagnose heads and check faithfulness; ``evaluate`` scores methods on a task;
+``plots`` and ``report`` draw them (matplotlib: ``pip install attnkit[explain]``).
 """
 
 from attnkit.explain import plots
 from attnkit.explain.capture import Recording, capture
 from attnkit.explain.context_mixing import ContextMixing, attention_norms, value_zeroing
+from attnkit.explain.evaluate import EvaluationTask, RandomizationResult, evaluate, randomization_check
 from attnkit.explain.flow import attention_flow
 from attnkit.explain.heads import attention_distance, head_entropy, head_importance
 from attnkit.explain.metrics import (
+    AOPCResult,
     CurveResult,
     alignment_error_rate,
+    aopc,
     deletion,
     insertion,
     pointing_game,
@@ -27,12 +30,15 @@ from attnkit.explain.report import HeadMaps, Section, report
 from attnkit.explain.rollout import rollout
 
 __all__ = [
+    "AOPCResult",
     "AttentionRecord",
     "ContextMixing",
     "CurveResult",
     "Entropy",
+    "EvaluationTask",
     "HeadMaps",
     "HeadMean",
+    "RandomizationResult",
     "Received",
     "Recording",
     "Reducer",
@@ -42,17 +48,20 @@ __all__ = [
     "TokenLayout",
     "TopK",
     "alignment_error_rate",
+    "aopc",
     "attention_distance",
     "attention_flow",
     "attention_norms",
     "capture",
     "deletion",
+    "evaluate",
     "head_entropy",
     "head_importance",
     "insertion",
     "plots",
     "pointing_game",
     "random_saliency",
+    "randomization_check",
     "relevance",
     "report",
     "rollout",

@@ -4,6 +4,7 @@
 * :func:`deletion` / :func:`insertion` (Petsiuk, Das & Saenko 2018, RISE, Sec. 4.1): remove (or insert) the
   input units in order of decreasing saliency and integrate the model's score; a faithful saliency makes the
   deletion curve drop fast (low AUC) and the insertion curve rise fast (high AUC).
+* :func:`aopc` (DeYoung et al. 2020, ERASER): comprehensiveness and sufficiency of the top-k% units.
 * :func:`alignment_error_rate` (Och & Ney 2003): how far a source-target map is from gold word alignments.
 
 Saliency ``(B, *S)`` is over *units* of the input ``x`` ``(B, ...)``: the trailing dims of ``x`` (image pixels
@@ -21,7 +22,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["CurveResult", "alignment_error_rate", "deletion", "insertion", "pointing_game", "random_saliency"]
+__all__ = [
+    "AOPCResult",
+    "CurveResult",
+    "alignment_error_rate",
+    "aopc",
+    "deletion",
+    "insertion",
+    "pointing_game",
+    "random_saliency",
+    "scores_at",
+]
 
 
 class CurveResult(NamedTuple):
@@ -158,9 +169,7 @@ def _scores(model_fn, xm: Tensor, target: Tensor | None, batch_size: int | None)
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-def _curve(model_fn, x, saliency, *, steps, baseline, insert, target=None, batch_size=None) -> CurveResult:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"faithfulness: steps must be a positive int, got {steps!r}")
+def _check_curve_args(x, saliency, baseline, target, batch_size):
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"faithfulness: batch_size must be a positive int or None, got {batch_size!r}")
     expand = _unit_map(x, saliency)
@@ -174,12 +183,25 @@ def _curve(model_fn, x, saliency, *, steps, baseline, insert, target=None, batch
         target = torch.as_tensor(target, device=x.device)
         if target.shape != (b,) or target.dtype.is_floating_point or target.dtype == torch.bool:
             raise ValueError(f"faithfulness: target must be (B,) = ({b},) class indices, got {target!r:.80}")
+    return expand, base, target
+
+
+def scores_at(
+    model_fn, x, saliency, fractions: Tensor, *, baseline=0.0, insert: bool = False, target=None, batch_size=None
+) -> Tensor:
+    """``(B, len(fractions))`` scores after replacing (``insert=False``: the most salient; ``insert=True``: all
+    but the most salient) ``round(f · units)`` units by ``baseline``, for each fraction ``f``.
+
+    The one perturbation loop behind :func:`deletion`, :func:`insertion` and :func:`aopc` (arguments as
+    :func:`deletion`; ties in the saliency are broken by unit order, a stable sort).
+    """
+    expand, base, target = _check_curve_args(x, saliency, baseline, target, batch_size)
+    b = x.shape[0]
     flat = saliency.reshape(b, -1)
     units = flat.shape[1]
     order = torch.sort(flat, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(units, device=order.device).expand(b, units))
-    fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     scores, previous = [], None
     with torch.no_grad():
         for f in fractions:
@@ -198,7 +220,16 @@ def _curve(model_fn, x, saliency, *, steps, baseline, insert, target=None, batch
                 raise ValueError(f"faithfulness: model_fn must return (B,) = ({b},) scores, got {score!r:.80}")
             previous = (xm, score)
             scores.append(score.detach().double().cpu())
-    curve = torch.stack(scores, 1)
+    return torch.stack(scores, 1)
+
+
+def _curve(model_fn, x, saliency, *, steps, baseline, insert, target=None, batch_size=None) -> CurveResult:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"faithfulness: steps must be a positive int, got {steps!r}")
+    fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    curve = scores_at(
+        model_fn, x, saliency, fractions, baseline=baseline, insert=insert, target=target, batch_size=batch_size
+    )
     return CurveResult(torch.trapezoid(curve, fractions), curve, fractions)
 
 
@@ -258,6 +289,63 @@ def insertion(
     return _curve(
         model_fn, x, saliency, steps=steps, baseline=baseline, insert=True, target=target, batch_size=batch_size
     )
+
+
+class AOPCResult(NamedTuple):
+    """ERASER's faithfulness scores (DeYoung et al. 2020, Sec. 4).
+
+    Attributes:
+        comprehensiveness: ``(B,)`` mean drop of the score when the top-``k`` units are removed (higher = the
+            explanation found what the model needs).
+        sufficiency: ``(B,)`` mean drop when only the top-``k`` units are kept (lower = they suffice).
+        fractions: ``(K,)`` the bins ``k`` as fractions of the units.
+        full: ``(B,)`` the score of the unchanged input.
+    """
+
+    comprehensiveness: Tensor
+    sufficiency: Tensor
+    fractions: Tensor
+    full: Tensor
+
+
+def aopc(
+    model_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    saliency: Tensor,
+    *,
+    fractions=(0.01, 0.05, 0.1, 0.2, 0.5),
+    baseline=0.0,
+    target: Tensor | None = None,
+    batch_size: int | None = None,
+) -> AOPCResult:
+    """AOPC comprehensiveness and sufficiency (DeYoung et al. 2020, ERASER, Sec. 4, "Area Over the Perturbation
+    Curve"): ``comp = 1/|K| Σ_k (m(x) - m(x \\ r_k))``, ``suff = 1/|K| Σ_k (m(x) - m(r_k))`` where ``r_k`` are
+    the top ``k`` of the units by saliency (``round(k · units)`` of them, as :func:`deletion` counts) and
+    removed units take ``baseline``.
+
+    Args:
+        model_fn, x, saliency, baseline, target, batch_size: as :func:`deletion` (with ``target``, ``m`` is
+            the softmax probability of the target class, ERASER's choice).
+        fractions: the bins ``K``; default ERASER's ``{1, 5, 10, 20, 50}%``.
+
+    Returns:
+        :class:`AOPCResult`.
+
+    Raises:
+        ValueError: as :func:`deletion`; fractions outside ``(0, 1]`` or none.
+
+    References:
+        DeYoung et al. 2020, "ERASER: A Benchmark to Evaluate Rationalized NLP Models", ACL, Sec. 4 (Eq. 1-3).
+    """
+    bins = torch.as_tensor(fractions, dtype=torch.float64).reshape(-1)
+    if not len(bins) or bool(((bins <= 0) | (bins > 1)).any()):
+        raise ValueError(f"aopc: fractions must be non-empty and in (0, 1], got {fractions!r}")
+    points = torch.cat([torch.zeros(1, dtype=torch.float64), bins])
+    kw = {"baseline": baseline, "target": target, "batch_size": batch_size}
+    removed = scores_at(model_fn, x, saliency, points, insert=False, **kw)
+    kept = scores_at(model_fn, x, saliency, bins, insert=True, **kw)
+    full = removed[:, 0]
+    return AOPCResult((full[:, None] - removed[:, 1:]).mean(1), (full[:, None] - kept).mean(1), bins, full)
 
 
 def _hard_links(alignment: Tensor) -> Tensor:

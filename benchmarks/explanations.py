@@ -1,0 +1,206 @@
+"""Which explanation method to trust: every method x every metric of ``attnkit.explain.evaluate`` on two tasks.
+
+(a) the shipped digit ViT (``attnkit.vision.digits``) on held-out canvases (test scans, the evaluation seed of
+    ``scripts/train_digits.py``), the explained score being the probability of the true digit; maps are upsampled
+    to pixels; deletion/insertion over pixels in 64 steps (as the shipped metadata's deletion AUC), baseline 0
+    (black); pointing game against the digit's box; randomisation of the blocks top-down (head, norm, last
+    block ... first block, patch embedding).
+(c) the date seq2seq models (Bahdanau, Luong, Transformer; trained by ``benchmarks/explanation_tasks.py``), the
+    score being the mean probability of the gold ISO characters under teacher forcing; maps are target x source
+    (``attnkit.ablation.date_alignment``), summed over the digit rows for the perturbation metrics, whose
+    removed characters become ``<unk>``; alignment error rate on the digit rows; randomisation of the modules
+    top-down (output layer first). Sources are grouped by length (no padding inside a group) and the metrics are
+    averaged over the groups weighted by size.
+
+    flock /tmp/attnkit-heavy.lock python benchmarks/explanations.py            # ~10 min on 2 shared cores
+    flock /tmp/attnkit-heavy.lock python benchmarks/explanations.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from explanation_tasks import DATE_MODELS, date_exact_match, date_models, date_task
+
+from attnkit.ablation.date_alignment import DIGIT_ROWS, gold_alignment, source_target_maps, teacher_inputs
+from attnkit.ablation.dates import UNK
+from attnkit.explain import attention_norms, capture, value_zeroing
+from attnkit.explain import saliency as ev
+from attnkit.explain.evaluate import EvaluationTask, evaluate
+
+METRICS = ("deletion", "insertion", "comprehensiveness", "sufficiency", "pointing", "aer", "randomization")
+EVAL_SEED = 20240  # scripts/train_digits.py's held-out evaluation canvases
+
+
+def _vit_methods(prefix: int, grid: tuple[int, int], size: tuple[int, int]):
+    gh, gw = grid
+
+    def cls_row(full):
+        return ev.upsample(full[:, 0, prefix:].reshape(-1, gh, gw), size)
+
+    def raw(model, x):
+        with torch.no_grad(), capture(model) as rec:
+            model(x)
+        return cls_row(rec.maps[-1].weights.mean(1))
+
+    def relevance(model, x):
+        with torch.no_grad():
+            target = model(x).argmax(-1)
+        return ev.upsample(ev.relevance_maps(model, x, target), size)
+
+    return {
+        "raw attention (last layer)": raw,
+        "rollout": lambda m, x: ev.upsample(ev.rollout_maps(m, x), size),
+        "relevance (Chefer)": relevance,
+        "attention-norm rollout": lambda m, x: cls_row(attention_norms(m, x).rollout()),
+        "value-zeroing rollout": lambda m, x: cls_row(value_zeroing(m, x).rollout()),
+        "ink (baseline)": lambda m, x: ev.ink_maps(x),
+        "random (baseline)": lambda m, x: torch.rand(x.shape[0], *size, generator=torch.Generator().manual_seed(0)),
+    }
+
+
+def digits_table(num: int, steps: int) -> dict:
+    from attnkit.datasets import DigitCanvases
+    from attnkit.vision.digits import load_model
+
+    model = load_model("vit").eval()
+    data = DigitCanvases("test", num_canvases=num, seed=EVAL_SEED)
+    with torch.no_grad():
+        model(data.images[:1])
+    layout = model.token_layout
+    size = tuple(data.images.shape[-2:])
+    blocks = [f"blocks.{i}" for i in reversed(range(len(model.blocks)))]
+    task = EvaluationTask(
+        model=model,
+        x=data.images,
+        score_fn=lambda m, x: m(x),
+        target=data.labels,
+        pointing_target=data.boxes,
+        randomize=["head", "norm", *blocks, "patch_embed"],
+        steps=steps,
+        batch_size=256,
+    )
+    methods = _vit_methods(layout["num_prefix_tokens"], tuple(layout["grid"]), size)
+    return evaluate(task, methods, metrics=METRICS)
+
+
+def _date_methods(kind: str):
+    names = ("raw", "rollout", "relevance") if kind == "transformer" else ("raw", "relevance")
+
+    def make(name):
+        def method(model, x, ctx):
+            return source_target_maps(model, x, ctx["lengths"], ctx["tgt_in"], ctx["gold"], methods=(name,))[name]
+
+        return method
+
+    out = {name: make(name) for name in names}
+    out["random (baseline)"] = lambda m, x, ctx: torch.rand(
+        x.shape[0], 10, x.shape[1], generator=torch.Generator().manual_seed(0)
+    )
+    return out
+
+
+def _top_down(name: str, model) -> list[str]:
+    if name == "transformer":
+        dec = [f"decoder.{i}" for i in reversed(range(len(model.decoder)))]
+        enc = [f"encoder.{i}" for i in reversed(range(len(model.encoder)))]
+        return ["out", *dec, *enc, "tgt_embed", "src_embed"]
+    extra = ["combine"] if name == "luong" else []
+    return ["out", *extra, "attn", "cell", "tgt_embed", "init_state", "encoder", "src_embed"]
+
+
+def dates_table(per_group: int, groups: int, steps: int, cache: Path) -> tuple[dict, dict]:
+    task_data = date_task()
+    models = date_models(task_data, cache, log=lambda s: print(s, file=sys.stderr))
+    exact = {name: date_exact_match(m, task_data) for name, m in models.items()}
+    counts = Counter(len(e.source) for e in task_data.test)
+    lengths = [n for n, _ in counts.most_common(groups)]
+    tables = {}
+    for name in DATE_MODELS:
+        model = models[name]
+        rows: dict[str, dict[str, float]] = {}
+        total = 0
+        for length in lengths:
+            examples = [e for e in task_data.test if len(e.source) == length][:per_group]
+            src, lens, tgt_in, gold = teacher_inputs(examples, task_data.source_vocab, task_data.target_vocab)
+            links = [gold_alignment(e) for e in examples]
+            sure, possible = torch.stack([s for s, _ in links]), torch.stack([p for _, p in links])
+            ctx = {"lengths": lens, "tgt_in": tgt_in, "gold": gold}
+
+            def score(m, x, ctx=ctx):
+                logp = m(x, ctx["lengths"], ctx["tgt_in"]).softmax(-1).gather(-1, ctx["gold"][..., None])[..., 0]
+                return logp[:, list(DIGIT_ROWS)].mean(-1)
+
+            methods = {k: (lambda m, x, f=f, ctx=ctx: f(m, x, ctx)) for k, f in _date_methods(name).items()}
+            task = EvaluationTask(
+                model=model,
+                x=src,
+                score_fn=score,
+                baseline=UNK,
+                to_units=lambda maps: maps[:, list(DIGIT_ROWS)].sum(1),
+                alignment=(sure, possible),
+                alignment_rows=list(DIGIT_ROWS),
+                randomize=_top_down(name, model),
+                steps=steps,
+            )
+            table = evaluate(task, methods, metrics=METRICS)
+            n = len(examples)
+            total += n
+            for method, row in table.items():
+                acc = rows.setdefault(method, {})
+                for metric, value in row.items():
+                    acc[metric] = acc.get(metric, 0.0) + n * float(value)
+        tables[name] = {m: {k: v / total for k, v in row.items()} for m, row in rows.items()}
+    return tables, exact
+
+
+def markdown(table: dict, title: str) -> str:
+    cols = [
+        c
+        for c in ("deletion", "insertion", "comprehensiveness", "sufficiency", "pointing", "aer")
+        if any(c in row for row in table.values())
+    ]
+    head = ["method", *cols, "randomisation ρ", "passes"]
+    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, row in table.items():
+        cells = [f"{row[c]:.3f}" if c in row else "" for c in cols]
+        verdict = "yes" if row.get("randomization", 1.0) < 0.5 else "**no**"
+        lines.append(
+            f"| {method} | " + " | ".join(cells) + f" | {row.get('randomization', float('nan')):.2f} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="few inputs: a smoke run, not a result")
+    p.add_argument("--canvases", type=int, default=200, help="digit canvases (default 200)")
+    p.add_argument("--per-length", type=int, default=40, help="date sources per length group (default 40)")
+    p.add_argument("--lengths", type=int, default=4, help="date length groups (default 4)")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/attnkit-explanations"), help="trained date models")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    canvases, per_length, lengths, steps = (
+        (16, 6, 2, 8) if args.quick else (args.canvases, args.per_length, args.lengths, 64)
+    )
+    digits = digits_table(canvases, steps)
+    print(markdown(digits, f"(a) digit ViT, {canvases} held-out canvases"), "\n", flush=True)
+    dates, exact = dates_table(per_length, lengths, min(steps, 20), args.cache)
+    for name, table in dates.items():
+        title = f"(c) date model {name!r} (test exact match {100 * exact[name]:.1f}%)"
+        print(markdown(table, title), "\n", flush=True)
+    print(f"wall time {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

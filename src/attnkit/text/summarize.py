@@ -135,13 +135,15 @@ def sentence_scores(
             tm.forward(batch)
         r = rollout([m.weights.float() for m in rec.maps if m.is_self])  # (B, L, L)
         for b, (flat, owner) in enumerate(group):
-            n = len(flat)
+            n, window = len(flat), windows[start + b]
             received = r[b, :n, :n].mean(0) * n  # attention each token receives, 1 = uniform
-            owner_t = torch.tensor(owner)
-            sums = torch.zeros(len(sentences) + 1).index_add_(0, owner_t + 1, received)
-            counts = torch.zeros(len(sentences) + 1).index_add_(0, owner_t + 1, torch.ones(n))
-            for i in windows[start + b]:
-                scores[i] = sums[i + 1] / counts[i + 1] if counts[i + 1] > 0 else 0.0
+            # Sentence slots local to the window (0 = special tokens), so each window costs O(its tokens).
+            slot = torch.tensor(owner) - (window[0] - 1)
+            slot[torch.tensor(owner) < 0] = 0
+            sums = torch.zeros(len(window) + 1).index_add_(0, slot, received)
+            counts = torch.zeros(len(window) + 1).index_add_(0, slot, torch.ones(n))
+            local = sums[1:] / counts[1:].clamp_min(1)  # a sentence cut to nothing (counts 0) scores 0
+            scores[window[0] : window[-1] + 1] = local
         if progress is not None:
             progress(start + len(group), len(windows))
     return scores, len(windows)

@@ -35,6 +35,7 @@ from attnkit.ablation.dates import UNK
 from attnkit.explain import attention_norms, capture, value_zeroing
 from attnkit.explain import saliency as ev
 from attnkit.explain.evaluate import EvaluationTask, evaluate
+from attnkit.explain.lrp import lrp
 
 METRICS = ("deletion", "insertion", "comprehensiveness", "sufficiency", "pointing", "aer", "randomization")
 EVAL_SEED = 20240  # scripts/train_digits.py's held-out evaluation canvases
@@ -56,15 +57,38 @@ def _vit_methods(prefix: int, grid: tuple[int, int], size: tuple[int, int]):
             target = model(x).argmax(-1)
         return ev.upsample(ev.relevance_maps(model, x, target), size)
 
+    def lrp_method(rule):
+        def method(model, x):
+            with torch.no_grad():
+                target = model(x).argmax(-1)
+            tokens = lrp(model, x, target, rule=rule).relevance.float()
+            return ev.upsample(tokens[:, prefix:].reshape(-1, gh, gw), size)
+
+        return method
+
     return {
         "raw attention (last layer)": raw,
         "rollout": lambda m, x: ev.upsample(ev.rollout_maps(m, x), size),
         "relevance (Chefer)": relevance,
         "attention-norm rollout": lambda m, x: cls_row(attention_norms(m, x).rollout()),
         "value-zeroing rollout": lambda m, x: cls_row(value_zeroing(m, x).rollout()),
+        "AttnLRP": lrp_method("attnlrp"),
+        "CP-LRP": lrp_method("cp-lrp"),
         "ink (baseline)": lambda m, x: ev.ink_maps(x),
         "random (baseline)": lambda m, x: torch.rand(x.shape[0], *size, generator=torch.Generator().manual_seed(0)),
     }
+
+
+def lrp_conservation(num: int) -> dict[str, float]:
+    """Median conservation error of AttnLRP and CP-LRP on the digit ViT (the explained logit: the prediction)."""
+    from attnkit.datasets import DigitCanvases
+    from attnkit.vision.digits import load_model
+
+    model = load_model("vit").eval()
+    images = DigitCanvases("test", num_canvases=num, seed=EVAL_SEED).images
+    with torch.no_grad():
+        target = model(images).argmax(-1)
+    return {rule: float(lrp(model, images, target, rule=rule).conservation.median()) for rule in ("attnlrp", "cp-lrp")}
 
 
 def digits_table(num: int, steps: int) -> dict:
@@ -195,6 +219,7 @@ def main(argv=None) -> None:
     )
     digits = digits_table(canvases, steps)
     print(markdown(digits, f"(a) digit ViT, {canvases} held-out canvases"), "\n", flush=True)
+    print("LRP conservation error |sum R - logit| / |logit|, median:", lrp_conservation(canvases), flush=True)
     dates, exact = dates_table(per_length, lengths, min(steps, 20), args.cache)
     for name, table in dates.items():
         title = f"(c) date model {name!r} (test exact match {100 * exact[name]:.1f}%)"

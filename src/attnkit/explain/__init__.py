@@ -1,10 +1,10 @@
 """Where did the model look? Capture attention from any model, and explain with it.
 
 ``capture`` records attention maps from attnkit modules, ``torch.nn.functional.scaled_dot_product_attention``
-and ``nn.MultiheadAttention`` without changing the model's outputs; ``rollout``, ``attention_flow`` and
-``relevance`` turn them into token attributions; ``context_mixing`` weighs attention by the values;
-``heads`` and ``metrics`` diagnose heads and check faithfulness; ``evaluate`` scores methods on a task;
-``plots`` and ``report`` draw them (matplotlib: ``pip install attnkit[explain]``).
+and ``nn.MultiheadAttention`` without changing the model's outputs; ``rollout``, ``attention_flow``,
+``relevance`` and ``lrp`` (AttnLRP, CP-LRP) turn them into token attributions; ``context_mixing`` weighs
+attention by the values; ``heads`` and ``metrics`` diagnose heads and check faithfulness; ``evaluate`` scores
+methods on a task; ``plots`` and ``report`` draw them (matplotlib: ``pip install attnkit[explain]``).
 """
 
 from attnkit.explain import plots
@@ -13,6 +13,7 @@ from attnkit.explain.context_mixing import ContextMixing, attention_norms, value
 from attnkit.explain.evaluate import EvaluationTask, RandomizationResult, evaluate, randomization_check
 from attnkit.explain.flow import attention_flow
 from attnkit.explain.heads import attention_distance, head_entropy, head_importance
+from attnkit.explain.lrp import LRPResult, lrp
 from attnkit.explain.metrics import (
     AOPCResult,
     CurveResult,
@@ -38,6 +39,7 @@ __all__ = [
     "EvaluationTask",
     "HeadMaps",
     "HeadMean",
+    "LRPResult",
     "RandomizationResult",
     "Received",
     "Recording",
@@ -58,6 +60,7 @@ __all__ = [
     "head_entropy",
     "head_importance",
     "insertion",
+    "lrp",
     "plots",
     "pointing_game",
     "random_saliency",

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from attnkit.explain.capture import capture
 from attnkit.explain.records import AttentionRecord
 
-__all__ = ["Relevance", "propagate_relevance", "relevance"]
+__all__ = ["Relevance", "propagate_relevance", "relevance", "target_scores"]
 
 _LAYER_INDEX = re.compile(r"\.\d+(\.|$)")
 
@@ -144,7 +144,9 @@ def propagate_relevance(
     return rel, order
 
 
-def _score(output: Any, target) -> Tensor:
+def target_scores(output: Any, target) -> Tensor:
+    """The explained scores of a model output: ``target(output)``, or ``logits[b, target[b]]`` per item (see
+    :func:`relevance`); shaped ``(B, 1)`` / as the callable returns. Raises as :func:`relevance`."""
     if callable(target):
         score = target(output)
     else:
@@ -170,7 +172,11 @@ def _score(output: Any, target) -> Tensor:
         score = logits.gather(1, idx[:, None].to(logits.device))
     if not isinstance(score, Tensor):
         raise TypeError(f"relevance: the target callable must return a tensor, got {type(score).__name__}")
-    return score.sum()
+    return score
+
+
+def _score(output: Any, target) -> Tensor:
+    return target_scores(output, target).sum()
 
 
 def relevance(

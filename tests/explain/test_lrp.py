@@ -133,3 +133,19 @@ def test_hooks_are_removed_and_outputs_unchanged():
         lrp(model, x, 0, rule="lrp-0")
     with pytest.raises(ValueError, match="no attnkit"):
         lrp(nn.Linear(3, 3), torch.randn(1, 3), 0)
+
+
+def test_bert_padding_gets_no_relevance():
+    from attnkit.models.bert import BertConfig, BertModel
+
+    torch.manual_seed(3)
+    cfg = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24)
+    model = BertModel(cfg, dtype=torch.float64).eval()
+    inputs = {
+        "input_ids": torch.tensor([[2, 7, 9, 0], [3, 4, 5, 6]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0]] * 2),
+    }
+    for rule in ("attnlrp", "cp-lrp"):
+        got = lrp(model, inputs, lambda out: out[:, 0, 3], rule=rule)
+        assert got.relevance.shape == (2, 4) and float(got.relevance[:, 3].abs().max()) == 0.0
+        assert bool(torch.isfinite(got.conservation).all())

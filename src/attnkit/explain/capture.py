@@ -121,7 +121,7 @@ class Recording:
         """
         from attnkit.explain.recording_io import load_recording
 
-        return load_recording(path)
+        return load_recording(path, cls)
 
 
 def _int_tuple(value, name: str) -> tuple[int, ...] | None:

@@ -150,8 +150,8 @@ def _record(entry: dict, tensors: dict, index: int) -> AttentionRecord:
         raise ValueError(f"Recording.load: record {index} is malformed ({type(err).__name__}: {err})") from None
 
 
-def load_recording(path: str | os.PathLike) -> Recording:
-    """Read a file written by :func:`save_recording` (the tensors on the CPU).
+def load_recording(path: str | os.PathLike, recording_cls: type[Recording]) -> Recording:
+    """Read a file written by :func:`save_recording` (the tensors on the CPU) into a new ``recording_cls()``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -160,7 +160,6 @@ def load_recording(path: str | os.PathLike) -> Recording:
     """
     from safetensors import safe_open
 
-    from attnkit.explain.capture import Recording
     from attnkit.io.checkpoint_files import regular_file
 
     path = Path(path)
@@ -182,7 +181,7 @@ def load_recording(path: str | os.PathLike) -> Recording:
         raise ValueError(f"Recording.load: {str(path)!r} is not an attnkit recording")
     if meta.get("version") != VERSION:
         raise ValueError(f"Recording.load: format version {meta.get('version')!r}; this attnkit reads {VERSION}")
-    rec = Recording()
+    rec = recording_cls()
     rec.maps = [_record(e, tensors, i) for i, e in enumerate(meta["records"])]
     rec.num_calls = int(meta.get("num_calls", len(rec.maps)))
     rec.tokens = meta.get("tokens")

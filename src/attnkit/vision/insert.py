@@ -264,7 +264,7 @@ def _layout_of(name: str, module: nn.Module, shape: torch.Size | None, layout: s
 
 def _eval_macs(module: nn.Module, args: tuple[Tensor, ...]) -> int:
     """MACs of ``module(*args)`` in eval mode (BatchNorm statistics untouched); the mode is restored."""
-    from attnkit.ablation.cost import count_macs
+    from attnkit.measure import count_macs
 
     was_training = module.training
     try:
@@ -336,7 +336,7 @@ def insert_attention(
         raise ValueError(f"insert_attention: unknown kind {kind!r}; valid: {', '.join(map(repr, INSERT_KINDS))}")
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"insert_attention: unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
-    from attnkit.ablation.cost import count_parameters
+    from attnkit.measure import count_parameters
 
     names = _match(model, where)
     example = None

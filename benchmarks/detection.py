@@ -1,0 +1,103 @@
+"""The shipped digit detectors side by side: COCO mAP on held-out scenes, pointing game of the per-detection maps,
+and CPU latency per image at batch 1 and 16.
+
+* accuracy: :func:`attnkit.vision.detection.evaluate.coco_map` (pycocotools) on ``DigitScenes("test", ...)`` (source
+  scans never seen in training), 96x96 canvases and also 64 and 128;
+* pointing game: for every RT-DETR detection scoring >= 0.5, does the peak of its map (last decoder layer's
+  deformable sampling points weighted by attention, averaged over heads) fall inside the detected box? Also the
+  share of those detections whose box matches a ground-truth digit (IoU >= 0.5, same label);
+* latency: median wall time of ``model(images)`` (eval, no_grad, post-processing included) over interleaved rounds,
+  per image.
+
+    python benchmarks/detection.py            # full run (about a minute on 2 idle cores)
+    python benchmarks/detection.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+
+from attnkit.benchmark import interleaved_medians
+from attnkit.datasets import DigitScenes
+from attnkit.explain.detection_maps import detection_maps
+from attnkit.vision.detection import box_iou
+from attnkit.vision.detection.evaluate import coco_map
+from attnkit.vision.detection.pretrained import DETECTOR_NAMES, load_detector
+
+EVAL_SEED = 777  # differs from the training script's held-out seed: fresh test scenes
+
+
+def accuracy(models, num: int) -> list[list]:
+    rows = []
+    for size in (96, 64, 128):
+        data = DigitScenes("test", num_canvases=num, seed=(EVAL_SEED, size), canvas_size=size)
+        for name, model in models.items():
+            with torch.no_grad():
+                dets = [d for i in range(0, num, 32) for d in model(data.images[i : i + 32])]
+            s = coco_map(dets, data.targets)
+            rows.append([name, size, s["num_images"], s["num_objects"], s["map"], s["map_50"], s["map_75"]])
+    return rows
+
+
+def pointing(model, num: int, threshold: float = 0.5) -> dict:
+    data = DigitScenes("test", num_canvases=num, seed=(EVAL_SEED, 1), canvas_size=96)
+    hits, correct, count = [], 0, 0
+    for image, target in zip(data.images, data.targets):
+        (res,) = detection_maps(model, image[None], score_threshold=threshold)
+        hits.append(res.hits)
+        det = res.detections
+        if len(det):
+            iou = box_iou(det.boxes, target["boxes"])[0]
+            same = det.labels[:, None] == target["labels"][None]
+            correct += int(((iou >= 0.5) & same).any(1).sum())
+            count += len(det)
+    hits = torch.cat(hits)
+    return {"detections": count, "pointing_game": float(hits.float().mean()), "true_positive_share": correct / count}
+
+
+def latency(models, rounds: int) -> list[list]:
+    rows = []
+    for batch in (1, 16):
+        images = DigitScenes("test", num_canvases=batch, seed=(EVAL_SEED, 2), canvas_size=96).images
+        fns = {name: (lambda m=m: m(images)) for name, m in models.items()}
+        with torch.no_grad():
+            med = interleaved_medians(fns, rounds=rounds, warmup=2)
+        base = med["centernet"]
+        for name in models:
+            rows.append([name, batch, med[name] * 1e3 / batch, base / med[name]])
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, python {platform.python_version()}, {args.threads} threads, load {os.getloadavg()}"
+    )
+    models = {name: load_detector(name) for name in DETECTOR_NAMES}
+    num = 48 if args.quick else 300
+    print(
+        "\n| model | canvas | images | objects | mAP@[.5:.95] | mAP@.5 | mAP@.75 |\n|---|---:|---:|---:|---:|---:|---:|"
+    )
+    for r in accuracy(models, num):
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.3f} |")
+    pg = pointing(models["rtdetr"], 24 if args.quick else 200)
+    print(
+        f"\nRT-DETR per-detection maps (score >= 0.5): {pg['detections']} detections, pointing game "
+        f"{pg['pointing_game']:.3f}, true positives {pg['true_positive_share']:.3f}"
+    )
+    print("\n| model | batch | ms per image (median) | speed vs centernet |\n|---|---:|---:|---:|")
+    for r in latency(models, 5 if args.quick else 30):
+        print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f}x |")
+    print(f"\nload at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

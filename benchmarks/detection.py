@@ -63,7 +63,7 @@ def latency(models, rounds: int) -> list[list]:
     rows = []
     for batch in (1, 16):
         images = DigitScenes("test", num_canvases=batch, seed=(EVAL_SEED, 2), canvas_size=96).images
-        fns = {name: (lambda m=m: m(images)) for name, m in models.items()}
+        fns = {name: (lambda m=m, x=images: m(x)) for name, m in models.items()}
         with torch.no_grad():
             med = interleaved_medians(fns, rounds=rounds, warmup=2)
         base = med["centernet"]

@@ -41,7 +41,7 @@ def detection_figure(
     max_panels: int = 8,
     ncols: int = 5,
     cmap: str = "jet",
-    alpha: float = 0.55,
+    alpha: float = 0.9,
 ) -> Figure:
     """The image with every box, then (with ``maps``) one panel per detection: its map over the image and its box.
 
@@ -53,6 +53,7 @@ def detection_figure(
         class_names: names of the labels (default the label numbers).
         max_panels: detections drawn as panels (best first).
         ncols: panels per row.
+        cmap: colormap of the maps; alpha: their largest opacity (each pixel's opacity grows with its value).
 
     Raises:
         ValueError: a ``maps`` tensor whose shape does not fit ``image`` and ``boxes``.
@@ -84,7 +85,7 @@ def detection_figure(
             m = maps[i].detach().float().cpu()
             m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
             ax.imshow(img.numpy(), cmap=gray)
-            ax.imshow(m.numpy(), cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+            ax.imshow(m.numpy(), cmap=cmap, alpha=(alpha * m.sqrt()).numpy(), vmin=0, vmax=1)  # faint where low
             _box(ax, boxes[i], "white")
             hit = "" if hits is None else (" - peak in box" if bool(hits[i]) else " - peak outside")
             ax.set_title(f"{names[i]} ({float(scores[i]):.2f}){hit}", fontsize=8)

@@ -56,6 +56,8 @@ def pointing(model, num: int, threshold: float = 0.5) -> dict:
             correct += int(((iou >= 0.5) & same).any(1).sum())
             count += len(det)
     hits = torch.cat(hits)
+    if count == 0:
+        return {"detections": 0, "pointing_game": float("nan"), "true_positive_share": float("nan")}
     return {"detections": count, "pointing_game": float(hits.float().mean()), "true_positive_share": correct / count}
 
 
@@ -76,12 +78,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weights", default=None, help="directory with digit_detectors.json (default: the shipped one)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, python {platform.python_version()}, {args.threads} threads, load {os.getloadavg()}"
     )
-    models = {name: load_detector(name) for name in DETECTOR_NAMES}
+    models = {name: load_detector(name, directory=args.weights) for name in DETECTOR_NAMES}
     num = 48 if args.quick else 300
     print(
         "\n| model | canvas | images | objects | mAP@[.5:.95] | mAP@.5 | mAP@.75 |\n|---|---:|---:|---:|---:|---:|---:|"

@@ -29,6 +29,7 @@ def test_point_map_puts_each_weight_at_its_pixel():
         torch.tensor([[[[[4.0 / 16, 5.5 / 12], [2.0, 2.0]]]]]), torch.tensor([[[[0.5, 0.5]]]]), (12, 16), sigma=0
     )
     assert half[0, 5, 3] == pytest.approx(0.25) and half[0, 5, 4] == pytest.approx(0.25) and half.sum() == 0.5
+    assert deformable_point_map(loc[:0], w[:0], (12, 16)).shape == (0, 12, 16)  # no detections, no maps
     blurred = deformable_point_map(loc, w, (12, 16), sigma=1.0)
     assert blurred.argmax() == m.argmax() and blurred.sum() == pytest.approx(1.0, abs=0.05)
 

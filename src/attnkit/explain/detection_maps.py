@@ -78,6 +78,8 @@ def deformable_point_map(
         )
     hi, wi = int(image_size[0]), int(image_size[1])
     q = sampling_locations.shape[0]
+    if q == 0 or attention_weights.numel() == 0:
+        return torch.zeros(q, hi, wi, dtype=torch.float32, device=sampling_locations.device)
     loc = sampling_locations.reshape(q, -1, 2).float()
     w = attention_weights.reshape(q, -1).float() / attention_weights.shape[1]  # mean over heads
     px = loc[..., 0] * wi - 0.5  # pixel-centre coordinates

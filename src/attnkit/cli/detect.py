@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attnkit.cli.checks import check_out_file
 from attnkit.cli.registry import UserError, subcommand
 
 MIN_SIDE, MAX_SIDE = 16, 1024  # pixels per side the detector accepts
@@ -113,8 +114,7 @@ def _load(weights: Path | None):
 def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be in [0, 1], got {args.threshold}")
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    check_out_file(args.out, overwrite=args.overwrite)
     images = [read_image(p) for p in args.images]  # every input checked before any work
     model = _load(args.weights)
     results = []

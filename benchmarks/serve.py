@@ -232,6 +232,7 @@ def main() -> int:
     parser.add_argument("--queue-size", type=int, default=4, help="server queue (small so 503s occur; default 4)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, here and in the server")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--latency-only", action="store_true", help="skip the load part")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -239,6 +240,11 @@ def main() -> int:
     print(f"load average at start: {os.getloadavg()}", flush=True)
     print("latency (in process, medians of interleaved rounds):", flush=True)
     latency = latency_part(rounds)
+    if args.latency_only:
+        print(f"load average at end: {os.getloadavg()}", flush=True)
+        if args.json is not None:
+            args.json.write_text(json.dumps({"latency": latency}, indent=1))
+        return 0
     print(f"load ({args.clients} clients, {duration:.0f} s, restart half-way):", flush=True)
     load = load_part(duration, args.clients, args.queue_size, args.threads)
     for k, v in load.items():

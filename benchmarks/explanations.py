@@ -12,7 +12,7 @@
     top-down (output layer first). Sources are grouped by length (no padding inside a group) and the metrics are
     averaged over the groups weighted by size.
 
-    flock /tmp/attnkit-heavy.lock python benchmarks/explanations.py            # ~10 min on 2 shared cores
+    flock /tmp/attnkit-heavy.lock python benchmarks/explanations.py            # ~8 min on 2 shared cores
     flock /tmp/attnkit-heavy.lock python benchmarks/explanations.py --quick    # smoke run
 """
 
@@ -206,7 +206,7 @@ def markdown(table: dict, title: str) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="few inputs: a smoke run, not a result")
-    p.add_argument("--canvases", type=int, default=200, help="digit canvases (default 200)")
+    p.add_argument("--canvases", type=int, default=100, help="digit canvases (default 100)")
     p.add_argument("--per-length", type=int, default=40, help="date sources per length group (default 40)")
     p.add_argument("--lengths", type=int, default=4, help="date length groups (default 4)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/attnkit-explanations"), help="trained date models")

@@ -123,7 +123,6 @@ def test_evaluate_table_is_the_metrics_on_each_method():
         alignment=(sure, sure),
         randomize=["1"],
         steps=4,
-        extra={},
     )
     task.to_units = None
     table = evaluate(task, methods, metrics=("deletion", "insertion", "comprehensiveness", "pointing", "randomization"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,7 +65,6 @@ class EvaluationTask:
     randomize: Sequence[str] | None = None
     steps: int = 20
     batch_size: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass

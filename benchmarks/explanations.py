@@ -12,7 +12,7 @@
     top-down (output layer first). Sources are grouped by length (no padding inside a group) and the metrics are
     averaged over the groups weighted by size.
 
-    flock /tmp/attnkit-heavy.lock python benchmarks/explanations.py            # ~8 min on 2 shared cores
+    flock /tmp/attnkit-heavy.lock python benchmarks/explanations.py            # the table (trains the date models once)
     flock /tmp/attnkit-heavy.lock python benchmarks/explanations.py --quick    # smoke run
 """
 

@@ -134,3 +134,17 @@ def test_gradcheck_math_float64(case):
         return res.output, finite_lse.double()
 
     assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+
+
+def test_a_window_that_removes_no_key_is_dropped_from_the_call():
+    from attnkit.functional.spec import make_spec
+
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 9, 8)
+    assert make_spec(q, k, k, window_size=(8, 4)).window_size is None  # left >= Lk - 1, right >= Lq - 1
+    assert make_spec(q, k, k, window_size=(8, 0), is_causal=True).window_size is None  # causal bounds the right
+    assert make_spec(q, k, k, window_size=(7, 4)).window_size == (7, 4)  # row Lq-1 at position 8 loses key 0
+    assert make_spec(q, k, k, window_size=(8, 3)).window_size == (8, 3)  # row 0 at position 4 loses key 8
+    for w in ((8, 4), (7, 4), (8, 3), (2, 0)):
+        want = attnkit.attention(q, k, k, window_size=w, backend="math")
+        ref = attnkit.attention(q, k, k, attn_mask=attnkit.masks.sliding_window(5, 9, w), backend="math")
+        torch.testing.assert_close(want, ref)

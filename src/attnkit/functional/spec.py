@@ -300,6 +300,20 @@ def check_block_mask(block_mask, query: Tensor, key: Tensor) -> None:
         raise ValueError(f"attention: block_mask is on {block_mask.device}, query on {query.device}")
 
 
+def _effective_window(window, q_len: int, kv_len: int, is_causal: bool):
+    """``None`` for a window that removes no key (so no backend builds a mask for it), else ``window``.
+
+    Under bottom-right alignment row ``i`` sits at key position ``i + Lk - Lq``: the left side removes nothing when
+    ``left >= Lk - 1``, the right side when ``right >= Lq - 1`` or the call is causal (which bounds it already).
+    """
+    if window is None:
+        return None
+    left, right = window
+    left_free = left == -1 or left >= kv_len - 1
+    right_free = right == -1 or right >= q_len - 1 or (is_causal and right >= 0)
+    return None if left_free and right_free else window
+
+
 def make_spec(
     query: Tensor,
     key: Tensor,
@@ -332,7 +346,9 @@ def make_spec(
     check_per_head("sinks", sinks, query)
     if not isinstance(is_causal, bool):
         raise TypeError(f"attention: is_causal must be a bool, got {type(is_causal).__name__}")
-    window = normalize_window_size(window_size, name="attention: window_size")
+    window = _effective_window(
+        normalize_window_size(window_size, name="attention: window_size"), query.shape[-2], key.shape[-2], is_causal
+    )
     if softcap is not None:
         softcap = check_number("softcap", softcap, lambda x: x > 0, "be a positive number (finite) or None")
     if scale is None:

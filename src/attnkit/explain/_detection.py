@@ -53,6 +53,6 @@ def deformable_pre_hook(report: Callable[[observe.AttentionEvent], None]):
             "spatial_shapes": [tuple(int(v) for v in s) for s in shapes] if shapes is not None else None,
         }
         w = weights.detach().reshape(b, lq, h, nl, p).transpose(1, 2)
-        report(observe.AttentionEvent("deformable", weights=w, layout=layout))
+        report(observe.AttentionEvent("deformable", weights=w, layout=layout, source="transformers"))
 
     return hook

@@ -283,7 +283,7 @@ class Interceptor(ModuleHooks):
                     layer=layer,
                     call=self.rec.num_calls - 1,
                     kind=event.kind,
-                    source="attnkit",
+                    source=event.source,
                     shape=tuple(w.shape),
                     weights=w if self.store else None,
                     layout=layout_from_dict(event.layout),

@@ -51,6 +51,7 @@ class AttentionEvent:
         weights: the probabilities when the computation produced them anyway, else ``None``.
         lse: the float32 log-sum-exp ``(B..., H, Lq)`` when the backend produced it, else ``None``.
         layout: token layout facts the producer knows (e.g. ``num_prefix_tokens``, ``grid``), free-form.
+        source: who computed it: ``"attnkit"``, or the library whose module a hook reports (``"transformers"``).
     """
 
     kind: str
@@ -59,6 +60,7 @@ class AttentionEvent:
     weights: Tensor | None = None
     lse: Tensor | None = None
     layout: dict[str, Any] = field(default_factory=dict)
+    source: str = "attnkit"
 
 
 _OBSERVERS: list[Callable[[AttentionEvent], None]] = []

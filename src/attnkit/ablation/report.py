@@ -84,9 +84,8 @@ def curves_figure(result: AblationResult):
         raise ImportError("ablation plots need matplotlib: pip install 'attnkit[explain]'") from err
     fig = Figure(figsize=(11.0, 4.0), layout="constrained")
     loss_ax, val_ax = fig.subplots(1, 2)
-    colours = fig.get_figure().colormaps["tab10"] if hasattr(fig, "colormaps") else None
     for i, v in enumerate(result.variants):
-        colour = colours(i % 10) if colours is not None else f"C{i % 10}"
+        colour = f"C{i % 10}"  # matplotlib's default colour cycle
         for j, run in enumerate(v.runs):
             label = v.name if j == 0 else None
             epochs = range(1, run.epochs + 1)

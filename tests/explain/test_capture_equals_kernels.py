@@ -71,35 +71,23 @@ def test_longformer_and_local_maps_stay_inside_the_layout():
         assert w.masked_select(~allowed.expand_as(w)).abs().max() == 0
 
 
-def _decoder(cls_name, **extra):
-    transformers = pytest.importorskip("transformers")
-    cfg_cls = getattr(transformers, f"{cls_name}Config")
-    cfg = cfg_cls(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=1.0,
-        **extra,
-    )
-    model_cls = getattr(transformers, f"{cls_name}Model")
-    torch.manual_seed(0)
-    sdpa = model_cls._from_config(cfg, attn_implementation="sdpa").eval().double()
-    eager = model_cls._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval().double()
-    eager.load_state_dict(sdpa.state_dict())
-    return sdpa, eager
+def _decoder(arch):
+    """A tiny random-config decoder from tests/hf_tiny.py on SDPA, and a copy of it on eager attention."""
+    hf_tiny = pytest.importorskip("hf_tiny")
+    sdpa = getattr(hf_tiny, arch)()().double()
+    sdpa.set_attn_implementation("sdpa")
+    eager = copy.deepcopy(sdpa)
+    eager.set_attn_implementation("eager")
+    return sdpa, eager, hf_tiny.VOCAB
 
 
-@pytest.mark.parametrize(("arch", "extra"), [("Llama", {}), ("Mistral", {"sliding_window": 5})])
+@pytest.mark.parametrize("arch", ["llama", "mistral"])  # Mistral: a sliding window of 4, shorter than the text
 @pytest.mark.parametrize("padded", [False, True])
-def test_cached_decoding_records_self_attention_like_eager(arch, extra, padded):
+def test_cached_decoding_records_self_attention_like_eager(arch, padded):
     from transformers import DynamicCache
 
-    sdpa, eager = _decoder(arch, **extra)
-    ids = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
+    sdpa, eager, vocab = _decoder(arch)
+    ids = torch.randint(3, vocab, (2, 13), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 13, dtype=torch.long)
     if padded:
         mask[1, :3] = 0  # left padding: HF passes a mask, and the one-token GQA step packs the heads

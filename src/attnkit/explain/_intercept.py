@@ -42,6 +42,26 @@ _CACHE_KWARGS = ("past_key_value", "past_key_values", "cache", "layer_past", "kv
 _QUERY_KEY_FORWARD: dict[type, bool] = {}
 
 
+#: torch's own modules that compute attention (or contain modules that do); every other ``torch.nn`` module
+#: (Linear, LayerNorm, Conv, Dropout, activations) never calls it, so it needs no stack hooks:
+#: hooks on every module cost about as much as a small model's forward.
+_TORCH_ATTENTION_MODULES = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
+
+
+def _never_attends(module: nn.Module) -> bool:
+    """True for a module of ``torch.nn`` itself that neither computes attention nor runs arbitrary children."""
+    if isinstance(module, _TORCH_ATTENTION_MODULES) or not type(module).__module__.startswith("torch.nn.modules"):
+        return False
+    return not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
 def _takes_query_key(module: nn.Module) -> bool:
     cls = type(module)
     known = _QUERY_KEY_FORWARD.get(cls)
@@ -116,8 +136,9 @@ class Interceptor(ModuleHooks):
     def __enter__(self) -> Interceptor:
         try:
             for module, _name in self.names.items():
-                self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
-                self.handles.append(module.register_forward_hook(self._post, always_call=True))
+                if not _never_attends(module):  # the module stack names the innermost module of each call
+                    self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+                    self.handles.append(module.register_forward_hook(self._post, always_call=True))
                 if isinstance(module, nn.MultiheadAttention):
                     self.handles.append(module.register_forward_pre_hook(self._mha_pre, with_kwargs=True))
                     self.handles.append(module.register_forward_hook(self._mha_post, with_kwargs=True, prepend=True))

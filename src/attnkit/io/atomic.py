@@ -105,6 +105,19 @@ def _commit(tmp: str, path: Path, overwrite: bool, exists: FileExistsError) -> N
     _fsync_dir(path.parent)
 
 
+def _check_target(path: Path, overwrite: bool, who: str) -> FileExistsError:
+    """Refuse a directory, an existing file without ``overwrite``, or a missing parent; return the error to raise
+    should the name appear before the write is committed."""
+    exists = FileExistsError(f"{who}: {str(path)!r} exists; pass overwrite=True to replace it")
+    if path.is_dir():
+        raise IsADirectoryError(f"{who}: {str(path)!r} is a directory")
+    if os.path.lexists(path) and not overwrite:
+        raise exists
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{who}: directory {str(path.parent)!r} does not exist")
+    return exists
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, *, overwrite: bool = False, who: str = "write") -> Iterator[Path]:
     """Context manager for writers that need a file name (streams, Parquet, safetensors): yields a temporary path
@@ -121,13 +134,7 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool = False, who: str = 
             again when the file gets its name).
     """
     path = Path(path)
-    exists = FileExistsError(f"{who}: {str(path)!r} exists; pass overwrite=True to replace it")
-    if path.is_dir():
-        raise IsADirectoryError(f"{who}: {str(path)!r} is a directory")
-    if os.path.lexists(path) and not overwrite:
-        raise exists
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{who}: directory {str(path.parent)!r} does not exist")
+    exists = _check_target(path, overwrite, who)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -167,13 +174,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool 
     """
     path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    exists = FileExistsError(f"{who}: {str(path)!r} exists; pass overwrite=True to replace it")
-    if path.is_dir():
-        raise IsADirectoryError(f"{who}: {str(path)!r} is a directory")
-    if os.path.lexists(path) and not overwrite:
-        raise exists
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{who}: directory {str(path.parent)!r} does not exist")
+    exists = _check_target(path, overwrite, who)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

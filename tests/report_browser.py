@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -35,3 +36,22 @@ def chromium_or_skip():
             pytest.fail(reason + " — CI must install it (.ci/run does)")
         pytest.skip(reason)
     return CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+
+
+@contextlib.contextmanager
+def browser_page(**page_options):
+    """A fresh page of headless Chromium (skips as :func:`chromium_or_skip` does) and the list of the console and
+    page errors it reports; the browser is closed on exit, also when the block fails."""
+    executable = chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=FLAGS)
+        try:
+            page = browser.new_page(**page_options)
+            errors = []
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            yield page, errors
+        finally:
+            browser.close()

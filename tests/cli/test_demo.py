@@ -5,7 +5,7 @@ import re
 import pytest
 
 from attnkit.cli.main import main
-from report_browser import FLAGS, chromium_or_skip
+from report_browser import browser_page
 
 
 @pytest.fixture(scope="module")
@@ -26,34 +26,23 @@ def test_demo_writes_the_report_and_refuses_to_clobber(demo_report, capsys):
 
 
 def test_report_in_a_real_browser(demo_report, tmp_path):
-    executable = chromium_or_skip()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            errors = []
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(demo_report.resolve().as_uri())
-            page.wait_for_load_state("load")
-            assert errors == []
-            images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
-            assert images and all(done and width > 0 for done, width in images)
-            box = page.locator(".headmaps").first
-            canvas = box.locator("canvas")
-            before_state, before_pixels = box.get_attribute("data-drawn"), canvas.screenshot()
-            heads = box.locator("select.head option").evaluate_all("os => os.map(o => o.value)")
-            box.locator("select.head").select_option(heads[-1])
-            layers = box.locator("select.layer option").evaluate_all("os => os.map(o => o.value)")
-            box.locator("select.layer").select_option(layers[-1])
-            assert box.get_attribute("data-drawn") != before_state
-            assert canvas.screenshot() != before_pixels  # the displayed map changed
-            shot = tmp_path / "report.png"
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+    with browser_page(viewport={"width": 1200, "height": 900}) as (page, errors):
+        page.goto(demo_report.resolve().as_uri())
+        page.wait_for_load_state("load")
+        assert errors == []
+        images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+        assert images and all(done and width > 0 for done, width in images)
+        box = page.locator(".headmaps").first
+        canvas = box.locator("canvas")
+        before_state, before_pixels = box.get_attribute("data-drawn"), canvas.screenshot()
+        heads = box.locator("select.head option").evaluate_all("os => os.map(o => o.value)")
+        box.locator("select.head").select_option(heads[-1])
+        layers = box.locator("select.layer option").evaluate_all("os => os.map(o => o.value)")
+        box.locator("select.layer").select_option(layers[-1])
+        assert box.get_attribute("data-drawn") != before_state
+        assert canvas.screenshot() != before_pixels  # the displayed map changed
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
     from matplotlib.image import imread
 
     pixels = imread(shot)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from attnkit.explain.report import HeadMaps, Section, report
-from report_browser import FLAGS, chromium_or_skip
+from report_browser import browser_page
 
 HOSTILE = ["<!--", "<script>", "</script>", "<img src=x onerror=alert(1)>", "&lt;", "$5 and $6", "\u2028", "\"'"]
 TITLE = "<!--<script>alert('title')</script>"
@@ -32,39 +32,29 @@ def _page(tmp_path):
 
 def test_hostile_labels_in_a_real_browser(tmp_path):
     path = _page(tmp_path)
-    executable = chromium_or_skip()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=FLAGS)
-        try:
-            page = browser.new_page()
-            errors, dialogs = [], []
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(path.resolve().as_uri())
-            page.wait_for_load_state("load")
-            assert errors == [] and dialogs == []
-            assert page.locator("h1").text_content() == TITLE
-            assert page.locator("section").count() == 3
-            assert page.locator("section h2").nth(2).text_content() == "the end"
-            assert page.locator("section p").nth(0).text_content() == "<!-- not a comment"
-            cells = page.locator("section td").evaluate_all("cs => cs.map(c => c.textContent)")
-            assert cells == ["<script>", "</td></tr></table><script>alert(2)</script>"]
-            assert page.locator("img").count() == 0  # the onerror label stayed text
-            layers = page.locator("select.layer option").evaluate_all("os => os.map(o => o.textContent)")
-            assert layers[:2] == ["<script>alert(3)</script>", "<!--"]
-            boxes = page.locator(".headmaps")
-            assert boxes.count() == 2
-            for i in range(2):
-                assert boxes.nth(i).get_attribute("data-drawn") == "0:mean"  # the script ran for every map
-            labels = boxes.nth(0).evaluate(
-                "b => JSON.parse(b.querySelector('script[type=\"application/json\"]').textContent).qtok"
-            )
-            assert labels == HOSTILE
-        finally:
-            browser.close()
+    with browser_page() as (page, errors):
+        dialogs = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(path.resolve().as_uri())
+        page.wait_for_load_state("load")
+        assert errors == [] and dialogs == []
+        assert page.locator("h1").text_content() == TITLE
+        assert page.locator("section").count() == 3
+        assert page.locator("section h2").nth(2).text_content() == "the end"
+        assert page.locator("section p").nth(0).text_content() == "<!-- not a comment"
+        cells = page.locator("section td").evaluate_all("cs => cs.map(c => c.textContent)")
+        assert cells == ["<script>", "</td></tr></table><script>alert(2)</script>"]
+        assert page.locator("img").count() == 0  # the onerror label stayed text
+        layers = page.locator("select.layer option").evaluate_all("os => os.map(o => o.textContent)")
+        assert layers[:2] == ["<script>alert(3)</script>", "<!--"]
+        boxes = page.locator(".headmaps")
+        assert boxes.count() == 2
+        for i in range(2):
+            assert boxes.nth(i).get_attribute("data-drawn") == "0:mean"  # the script ran for every map
+        labels = boxes.nth(0).evaluate(
+            "b => JSON.parse(b.querySelector('script[type=\"application/json\"]').textContent).qtok"
+        )
+        assert labels == HOSTILE
 
 
 def test_no_label_reaches_the_html_unescaped(tmp_path):

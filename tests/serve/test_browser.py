@@ -9,7 +9,7 @@ import time
 import pytest
 
 import serve_server as sp
-from report_browser import FLAGS, chromium_or_skip
+from report_browser import browser_page
 from serve_helpers import Gate
 
 EVIL_TEXT = 'Injected <script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> text'
@@ -33,49 +33,38 @@ def server(endpoints, tmp_path_factory):
 
 
 def test_dashboard_in_a_real_browser(server, digit_png, tmp_path):
-    executable = chromium_or_skip()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            errors = []
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(server + "/")
-            rows = page.locator("#feed-body tr")
-            assert rows.count() == 0
-            status, text_rec, _ = sp.post(server + "/v1/explain", {"model": "minilm", "text": EVIL_TEXT})
-            assert status == 200
-            status, image_rec, _ = sp.post(
-                server + "/v1/explain", {"model": "digits-vit", "image": digit_png[0], "filename": EVIL_FILE}
-            )
-            assert status == 200
-            page.wait_for_function("document.querySelectorAll('#feed-body tr').length === 2", timeout=20_000)
-            assert page.locator("#feed-body").inner_text().count("Injected <script>") == 1  # shown as text
-            assert page.evaluate("window.__pwned") is None
-            page.locator(f"a[href='/explanations/{text_rec['id']}']").click()
-            page.wait_for_selector(".headmaps[data-drawn]")
-            assert page.locator("#input-text").inner_text() == EVIL_TEXT
-            assert page.locator("#token-heatmap .tok").count() == len(text_rec["explanation"]["tokens"])
-            canvas = page.locator(".headmaps canvas")
-            before = canvas.screenshot()
-            page.locator(".headmaps select.layer").select_option("0")
-            page.locator(".headmaps select.head").select_option("3")
-            assert canvas.screenshot() != before  # the layer/head browser redraws
-            assert page.evaluate("window.__pwned") is None
-            page.goto(f"{server}/explanations/{image_rec['id']}")
-            page.wait_for_function("document.getElementById('overlay').complete")
-            assert page.eval_on_selector("#overlay", "img => img.naturalWidth") > 0
-            assert EVIL_FILE in page.locator("body").inner_text()
-            assert page.evaluate("window.__pwned") is None
-            page.goto(server + "/attention-health?model=minilm")
-            page.wait_for_function("document.getElementById('health-plot').complete")
-            assert page.eval_on_selector("#health-plot", "img => img.naturalWidth") > 0
-            assert errors == []
-        finally:
-            browser.close()
+    with browser_page(viewport={"width": 1200, "height": 900}) as (page, errors):
+        page.goto(server + "/")
+        rows = page.locator("#feed-body tr")
+        assert rows.count() == 0
+        status, text_rec, _ = sp.post(server + "/v1/explain", {"model": "minilm", "text": EVIL_TEXT})
+        assert status == 200
+        status, image_rec, _ = sp.post(
+            server + "/v1/explain", {"model": "digits-vit", "image": digit_png[0], "filename": EVIL_FILE}
+        )
+        assert status == 200
+        page.wait_for_function("document.querySelectorAll('#feed-body tr').length === 2", timeout=20_000)
+        assert page.locator("#feed-body").inner_text().count("Injected <script>") == 1  # shown as text
+        assert page.evaluate("window.__pwned") is None
+        page.locator(f"a[href='/explanations/{text_rec['id']}']").click()
+        page.wait_for_selector(".headmaps[data-drawn]")
+        assert page.locator("#input-text").inner_text() == EVIL_TEXT
+        assert page.locator("#token-heatmap .tok").count() == len(text_rec["explanation"]["tokens"])
+        canvas = page.locator(".headmaps canvas")
+        before = canvas.screenshot()
+        page.locator(".headmaps select.layer").select_option("0")
+        page.locator(".headmaps select.head").select_option("3")
+        assert canvas.screenshot() != before  # the layer/head browser redraws
+        assert page.evaluate("window.__pwned") is None
+        page.goto(f"{server}/explanations/{image_rec['id']}")
+        page.wait_for_function("document.getElementById('overlay').complete")
+        assert page.eval_on_selector("#overlay", "img => img.naturalWidth") > 0
+        assert EVIL_FILE in page.locator("body").inner_text()
+        assert page.evaluate("window.__pwned") is None
+        page.goto(server + "/attention-health?model=minilm")
+        page.wait_for_function("document.getElementById('health-plot').complete")
+        assert page.eval_on_selector("#health-plot", "img => img.naturalWidth") > 0
+        assert errors == []
 
 
 def test_graceful_shutdown_finishes_accepted_work(endpoints, tmp_path):

@@ -35,6 +35,7 @@ __all__ = [
     "dense_query_map",
     "detection_maps",
     "query_maps",
+    "splat_points",
 ]
 
 
@@ -50,6 +51,37 @@ def _gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
     m = F.conv2d(m, k.view(1, 1, 1, -1), padding=(0, r))
     m = F.conv2d(m, k.view(1, 1, -1, 1), padding=(r, 0))
     return m.squeeze(1)
+
+
+def splat_points(points: Tensor, weights: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear splatting: each point's weight shared among the 4 cells around it, as
+    ``grid_sample(..., mode="bilinear", padding_mode="zeros", align_corners=False)`` reads them.
+
+    The transpose of bilinear sampling: ``splat_points(p, w, size)[n] @ values.flatten()`` equals
+    ``sum_k w[n, k] * bilinear(values, p[n, k])``, so a splatted deformable query row is the dense attention row
+    that gives the same output. Shares of cells outside the map are dropped (zero padding).
+
+    Args:
+        points: ``(N, K, 2)`` normalised ``(x, y)`` (``(0, 0)`` top-left corner, ``(1, 1)`` bottom-right corner).
+        weights: ``(N, K)`` the points' weights.
+        size: ``(h, w)`` cells of the map.
+
+    Returns:
+        ``(N, h * w)`` row-major, in the dtype of ``weights``.
+    """
+    hi, wi = int(size[0]), int(size[1])
+    px = points[..., 0] * wi - 0.5  # cell-centre coordinates
+    py = points[..., 1] * hi - 0.5
+    x0, y0 = px.floor(), py.floor()
+    out = weights.new_zeros(weights.shape[0], hi * wi)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            xx, yy = x0 + dx, y0 + dy
+            share = (1 - (px - xx).abs()) * (1 - (py - yy).abs()) * weights
+            inside = (xx >= 0) & (xx < wi) & (yy >= 0) & (yy < hi)
+            idx = (yy.clamp(0, hi - 1) * wi + xx.clamp(0, wi - 1)).long()
+            out.scatter_add_(1, idx, torch.where(inside, share, torch.zeros_like(share)))
+    return out
 
 
 def deformable_point_map(
@@ -80,19 +112,8 @@ def deformable_point_map(
     q = sampling_locations.shape[0]
     if q == 0 or attention_weights.numel() == 0:
         return torch.zeros(q, hi, wi, dtype=torch.float32, device=sampling_locations.device)
-    loc = sampling_locations.reshape(q, -1, 2).float()
     w = attention_weights.reshape(q, -1).float() / attention_weights.shape[1]  # mean over heads
-    px = loc[..., 0] * wi - 0.5  # pixel-centre coordinates
-    py = loc[..., 1] * hi - 0.5
-    x0, y0 = px.floor(), py.floor()
-    maps = torch.zeros(q, hi * wi, dtype=torch.float32, device=loc.device)
-    for dx in (0, 1):
-        for dy in (0, 1):
-            xx, yy = x0 + dx, y0 + dy
-            share = (1 - (px - xx).abs()) * (1 - (py - yy).abs()) * w
-            inside = (xx >= 0) & (xx < wi) & (yy >= 0) & (yy < hi)
-            idx = (yy.clamp(0, hi - 1) * wi + xx.clamp(0, wi - 1)).long()
-            maps.scatter_add_(1, idx, torch.where(inside, share, torch.zeros_like(share)))
+    maps = splat_points(sampling_locations.reshape(q, -1, 2).float(), w, (hi, wi))
     return _gaussian_blur(maps.view(q, hi, wi), sigma)
 
 
@@ -193,42 +214,85 @@ class DetectionMaps:
     hits: Tensor
 
 
-@torch.no_grad()
-def detection_maps(model, images: Tensor, *, score_threshold: float = 0.5, sigma: float = 1.0) -> list[DetectionMaps]:
+METHODS = ("attention", "relevance")
+
+
+def _attention_maps(model, image: Tensor, padded, shapes, score_threshold: float, sigma: float):
+    from attnkit.explain.capture import capture
+
+    name = f"decoder.layers.{len(model.decoder.layers) - 1}.cross_attn"
+    with torch.no_grad(), capture(model) as rec:
+        (det,) = model(image[None], score_threshold=score_threshold)
+    record = next(r for r in reversed(rec.maps) if r.name == name)
+    return det, query_maps(record, det.queries, padded, spatial_shapes=shapes, sigma=sigma)
+
+
+def _relevance_maps(model, image: Tensor, padded, shapes, score_threshold: float, sigma: float):
+    from attnkit.explain.detection_relevance import query_relevance, relevance_maps
+    from attnkit.vision.detection.model import postprocess
+
+    found = []
+
+    def targets(raw):
+        (det,) = postprocess(
+            raw.logits[-1].detach(),
+            raw.boxes[-1].detach(),
+            raw.image_size,
+            tuple(image.shape[-2:]),
+            max_detections=model.max_detections,
+            score_threshold=score_threshold,
+        )
+        found.append(det)
+        return torch.stack([det.queries, det.labels], -1)
+
+    result = query_relevance(model, lambda: model.forward_raw(image[None]), targets)
+    return found[0], relevance_maps(result, padded, spatial_shapes=shapes, sigma=sigma)
+
+
+_MAKERS = {"attention": _attention_maps, "relevance": _relevance_maps}
+
+
+def detection_maps(
+    model, images: Tensor, *, score_threshold: float = 0.5, sigma: float = 1.0, method: str = "attention"
+) -> list[DetectionMaps]:
     """Detect with an attnkit :class:`~attnkit.vision.detection.RTDETR` and draw what each detection looked at.
 
-    Runs the model once under :func:`attnkit.explain.capture`, takes the last decoder layer's cross-attention
-    (deformable sampling points, or dense maps with ``cross_attention="dense"``) and maps every detection's query.
+    Two methods, each run once per image:
+
+    * ``"attention"``: the last decoder layer's cross-attention of the detection's query (deformable sampling
+      points weighted by attention, heads averaged, or dense maps with ``cross_attention="dense"``), under
+      :func:`attnkit.explain.capture`;
+    * ``"relevance"``: Chefer et al. 2021's relevance of the image tokens for the query (``R^{qi}``, through every
+      decoder layer's self- and cross-attention, gradient-weighted by the detection's class logit;
+      :func:`attnkit.explain.detection_relevance.query_relevance`). The detections are those of that run
+      (attention computed through explicit probabilities: equal to the plain run up to rounding).
 
     Args:
         model: an RTDETR (eval mode).
         images: ``(B, C, Hi, Wi)`` (or one ``(C, Hi, Wi)``).
         score_threshold: detections below it are dropped; default 0.5.
-        sigma: smoothing of point maps in pixels.
+        sigma: Gaussian smoothing of the maps in pixels; default 1.
+        method: ``"attention"`` (default) or ``"relevance"``.
 
     Returns:
         one :class:`DetectionMaps` per image.
 
     Raises:
-        ValueError: a model without a DETR decoder.
+        ValueError: a model without a DETR decoder; an unknown ``method``.
     """
-    from attnkit.explain.capture import capture
-
     decoder = getattr(model, "decoder", None)
     if decoder is None or not hasattr(decoder, "layers"):
         raise ValueError(f"detection_maps: expected an attnkit RTDETR, got {type(model).__name__}")
+    if method not in _MAKERS:
+        raise ValueError(f"detection_maps: method must be one of {METHODS}, got {method!r}")
     if images.ndim == 3:
         images = images.unsqueeze(0)
-    last = len(decoder.layers) - 1
-    name = f"decoder.layers.{last}.cross_attn"
     out = []
     hi, wi = images.shape[-2:]
+    padded = (-(-hi // 16) * 16, -(-wi // 16) * 16)  # the model pads to a multiple of 16
+    shapes = [(padded[0] // s, padded[1] // s) for s in model.backbone.strides]
     for image in images:
-        with capture(model) as rec:
-            (det,) = model(image[None], score_threshold=score_threshold)
-        record = next(r for r in reversed(rec.maps) if r.name == name)
-        padded = (-(-hi // 16) * 16, -(-wi // 16) * 16)  # the model pads to a multiple of 16
-        shapes = [(padded[0] // s, padded[1] // s) for s in model.backbone.strides]
-        maps = query_maps(record, det.queries, padded, spatial_shapes=shapes, sigma=sigma)[:, :hi, :wi]
+        det, maps = _MAKERS[method](model, image, padded, shapes, score_threshold, sigma)
+        maps = maps[:, :hi, :wi]
         out.append(DetectionMaps(det, maps, box_pointing_game(maps, det.boxes)))
     return out

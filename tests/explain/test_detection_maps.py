@@ -14,6 +14,7 @@ from attnkit.explain.detection_maps import (
     query_maps,
 )
 from attnkit.vision.detection import RTDETR
+from hf_detectors import hf_detectors
 
 
 def test_point_map_puts_each_weight_at_its_pixel():
@@ -70,66 +71,11 @@ def test_detection_maps_on_attnkit_rtdetr():
     assert kinds["encoder.aifi.self_attn"] == "self" and raw.logits.shape[0] == 2
 
 
-def _resnet(transformers, cls=None, **kw):
-    cls = cls or transformers.ResNetConfig
-    return cls(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], **kw)
-
-
-HF_COMMON = {
-    "d_model": 32,
-    "decoder_layers": 2,
-    "decoder_attention_heads": 2,
-    "decoder_ffn_dim": 32,
-    "num_queries": 5,
-    "num_labels": 3,
-    "use_pretrained_backbone": False,
-}
-
-
-def _hf_models(transformers):
-    detr = transformers.DetrConfig(
-        backbone_config=_resnet(transformers, out_features=["stage4"]),
-        use_timm_backbone=False,
-        encoder_layers=1,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        **HF_COMMON,
-    )
-    ddetr = transformers.DeformableDetrConfig(
-        backbone_config=_resnet(transformers, out_features=["stage2", "stage3", "stage4"]),
-        use_timm_backbone=False,
-        encoder_layers=1,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        num_feature_levels=3,
-        encoder_n_points=2,
-        decoder_n_points=2,
-        **HF_COMMON,
-    )
-    rtdetr = transformers.RTDetrConfig(
-        backbone_config=_resnet(
-            transformers, transformers.RTDetrResNetConfig, out_features=["stage2", "stage3", "stage4"]
-        ),
-        encoder_hidden_dim=32,
-        encoder_in_channels=[16, 16, 16],
-        encoder_ffn_dim=32,
-        encoder_attention_heads=2,
-        decoder_in_channels=[32, 32, 32],
-        decoder_n_points=2,
-        **HF_COMMON,
-    )
-    return {
-        "detr": transformers.DetrForObjectDetection(detr),
-        "deformable_detr": transformers.DeformableDetrForObjectDetection(ddetr),
-        "rt_detr": transformers.RTDetrForObjectDetection(rtdetr),
-    }
-
-
 @pytest.mark.parametrize("arch", ["detr", "deformable_detr", "rt_detr"])
 def test_hf_detectors_cross_attention_is_captured_and_mapped(arch):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = _hf_models(transformers)[arch].eval()
+    model = hf_detectors(transformers)[arch].eval()
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         plain = model(pixel_values=x).logits

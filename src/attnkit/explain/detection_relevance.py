@@ -16,7 +16,7 @@ which the rules do not cover; Deformable DETR's deformable encoder, left out bec
 **Deformable cross-attention** (Deformable DETR, RT-DETR) has no dense map. Its output is linear in the values,
 ``o[q, h] = Σ_{l,k} w[q, h, l, k] · bilinear(v_h^l, p[q, h, l, k])``, which equals ``Σ_s A[q, h, s] v_h[s]`` with
 ``A[q, h] = Σ_{l,k} w[q, h, l, k] · splat(p[q, h, l, k])``: the sampling weights splatted bilinearly at the sampling
-locations onto the cells of their level (:func:`~attnkit.explain.detection_maps.splat_points`, the splatting of the
+locations onto the cells of their level (:func:`~attnkit.explain.point_maps.splat_points`, the splatting of the
 per-detection attention maps). This ``A`` is the attention map used here; its gradient is exact,
 ``∂y/∂A[q, h, s] = <∂y/∂o[q, h], v_h[s]>``, read from the module's own run (the model computes its usual
 ``grid_sample`` path), and the rules apply to it unchanged.
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from attnkit.explain._detection import is_hf_deformable
 from attnkit.explain.capture import capture
-from attnkit.explain.detection_maps import _gaussian_blur, dense_query_map, splat_points
+from attnkit.explain.point_maps import dense_query_map, gaussian_blur, splat_points
 from attnkit.explain.records import AttentionRecord
 from attnkit.explain.relevance import _stream_of, propagate_relevance
 
@@ -336,7 +336,7 @@ def relevance_maps(
     """``(N, Hi, Wi)`` float32 maps of :attr:`QueryRelevance.image` over the image pixels.
 
     Each level's relevance is spread evenly over the pixels of its cells
-    (:func:`~attnkit.explain.detection_maps.dense_query_map`, a density), then optionally smoothed.
+    (:func:`~attnkit.explain.point_maps.dense_query_map`, a density), then optionally smoothed.
 
     Args:
         result: what :func:`query_relevance` returned.
@@ -352,4 +352,4 @@ def relevance_maps(
     if shapes is None:
         raise ValueError("relevance_maps: the level shapes are unknown; pass spatial_shapes=[(h, w), ...]")
     maps = dense_query_map(result.image, shapes, image_size)
-    return _gaussian_blur(maps, sigma) if len(maps) else maps
+    return gaussian_blur(maps, sigma) if len(maps) else maps

@@ -44,8 +44,9 @@ def _share(a, b, r_out):
     return a / (a + b) * r_out, b / (a + b) * r_out
 
 
-def _attention(u, mha, r_out):
-    """AttnLRP for one head-split attention (Achtibat et al. 2024, Prop. 3.1 and 3.2)."""
+def _attention(u, mha, r_out, conserve=False):
+    """AttnLRP for one head-split attention (Achtibat et al. 2024, Prop. 3.1 and 3.2), and the relevance the softmax
+    rule absorbs per query row, summed over heads ``(L,)``."""
     d = E // H
     q = (u @ mha.q_proj.weight.T).unflatten(-1, (H, d)).transpose(0, 1)  # (H, L, D)
     k = (u @ mha.k_proj.weight.T).unflatten(-1, (H, d)).transpose(0, 1)
@@ -61,6 +62,7 @@ def _attention(u, mha, r_out):
     r_a = 0.5 * (c * ratio[:, :, None, :]).sum(-1)  # uniform rule, half to A
     r_v = 0.5 * (c * ratio[:, :, None, :]).sum(1)  # half to v
     r_s = s * (r_a - a * r_a.sum(-1, keepdim=True))  # softmax rule
+    absorbed = (r_a.sum(-1) - r_s.sum(-1)).sum(0)
     cq = scale * q[:, :, None, :] * k[:, None, :, :]  # (H, i, j, D): scale q_id k_jd
     ratio_s = (r_s / s)[..., None]
     r_q = 0.5 * (cq * ratio_s).sum(2)
@@ -69,14 +71,14 @@ def _attention(u, mha, r_out):
         _linear(u, w, r.transpose(0, 1).flatten(-2))
         for w, r in ((mha.q_proj.weight, r_q), (mha.k_proj.weight, r_k), (mha.v_proj.weight, r_v))
     ]
-    return sum(back), concat @ mha.out_proj.weight.T
+    return sum(back), concat @ mha.out_proj.weight.T, absorbed
 
 
-def _reference(model, x, target):
+def _reference(model, x, target, conserve=False):
     """Explicit AttnLRP through one pre-norm layer and the head, for one item ``x`` (L, E)."""
     layer = model.layers[0]
     u = layer.norm1(x)
-    _, att = _attention(u, layer.self_attn, torch.zeros(L, E, dtype=x.dtype))
+    _, att, _ = _attention(u, layer.self_attn, torch.zeros(L, E, dtype=x.dtype))
     h = x + att
     n2 = layer.norm2(h)
     z = n2 @ layer.linear1.weight.T
@@ -90,32 +92,74 @@ def _reference(model, x, target):
     r_z = _linear(f, layer.linear2.weight, r_ffn)  # identity rule: R_f passes to z unchanged
     r_h = r_h + _layer_norm(h, layer.norm2, _linear(n2, layer.linear1.weight, r_z))
     r_x, r_att = _share(x, att, r_h)
-    r_u, _ = _attention(u, layer.self_attn, r_att)
-    return (r_x + _layer_norm(x, layer.norm1, r_u)).sum(-1)
+    r_u, _, absorbed = _attention(u, layer.self_attn, r_att)
+    r = (r_x + _layer_norm(x, layer.norm1, r_u)).sum(-1)
+    return r + absorbed if conserve else r  # conserve: a row's absorbed share goes to its query token
 
 
-def test_attnlrp_matches_the_rules_written_out():
+@pytest.mark.parametrize("conserve", [False, True])
+def test_attnlrp_matches_the_rules_written_out(conserve):
     torch.manual_seed(0)
     model = Encoder().eval()
     x = torch.randn(3, L, E, dtype=torch.float64)
     target = torch.tensor([1, 0, 3])
-    got = lrp(model, x, target)
+    got = lrp(model, x, target, conserve=conserve)
     assert got.relevance.shape == (3, L) and got.relevance.dtype == torch.float64
     for b in range(3):
-        torch.testing.assert_close(got.relevance[b], _reference(model, x[b], int(target[b])), rtol=1e-7, atol=1e-9)
+        want = _reference(model, x[b], int(target[b]), conserve)
+        torch.testing.assert_close(got.relevance[b], want, rtol=1e-7, atol=1e-9)
     with torch.no_grad():
         torch.testing.assert_close(got.logit, model(x).gather(1, target[:, None])[:, 0])
 
 
 @pytest.mark.parametrize("norm_first", [True, False])
-def test_cp_lrp_conserves_the_logit_without_biases(norm_first):
-    """With attention constant every rule is linear and bias-free: the input relevance sums to the logit."""
+def test_published_rules_leak_where_the_papers_say(norm_first):
+    """Without biases CP-LRP's rules are all linear: the input relevance sums to the logit. AttnLRP's softmax rule
+    has a bias term (Prop. 3.1), so it does not."""
     torch.manual_seed(1)
     model = Encoder(norm_first=norm_first, layers=2).eval()
-    got = lrp(model, torch.randn(4, L, E, dtype=torch.float64), 2, rule="cp-lrp")
+    x = torch.randn(4, L, E, dtype=torch.float64)
+    assert float(lrp(model, x, 2, rule="cp-lrp", conserve=False).conservation.max()) < 1e-10
+    assert float(lrp(model, x, 2, conserve=False).conservation.max()) > 1e-4
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_conserve_sums_to_the_logit_with_biases(rule, norm_first):
+    torch.manual_seed(4)
+    model = Encoder(bias=True, norm_first=norm_first, layers=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # biases far from 0, so that a bias that keeps relevance shows
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(4, L, E, dtype=torch.float64)
+    assert float(lrp(model, x, 1, rule=rule, conserve=False).conservation.min()) > 1e-3
+    got = lrp(model, x, 1, rule=rule)
     assert float(got.conservation.max()) < 1e-10
-    # AttnLRP's softmax rule has an implicit bias (Prop. 3.1): it need not conserve exactly
-    assert float(lrp(model, torch.randn(4, L, E, dtype=torch.float64), 2).conservation.max()) > 1e-6
+
+
+def test_conserve_on_a_vit():
+    """A ViT with class-token and with mean pooling (biases after the pooling have no token) conserves."""
+    from attnkit.vision import VisionTransformer
+
+    torch.manual_seed(5)
+    for pool in ("token", "mean"):
+        vit = VisionTransformer(
+            image_size=16,
+            patch_size=4,
+            in_chans=1,
+            num_classes=3,
+            embed_dim=16,
+            depth=2,
+            num_heads=2,
+            pool=pool,
+            dtype=torch.float64,
+        ).eval()
+        with torch.no_grad():
+            for p in vit.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        got = lrp(vit, torch.randn(2, 1, 16, 16, dtype=torch.float64), 0)
+        assert got.relevance.shape == (2, 17)
+        assert float(got.conservation.max()) < 1e-10
 
 
 def test_hooks_are_removed_and_outputs_unchanged():

@@ -1,63 +1,81 @@
-"""Layer-wise relevance propagation for attnkit transformers: AttnLRP and CP-LRP, in one backward pass.
+"""Layer-wise relevance propagation for transformers: AttnLRP and CP-LRP, in one backward pass.
 
-Relevance is computed as ``input ⊙ gradient`` of the explained logit, with the gradient modified so that each
-operation follows its LRP rule (the gradient form of LRP: the relevance of any tensor ``t`` is ``t ⊙ ∂̃s/∂t``):
+Relevance is computed as ``input ⊙ gradient`` of the explained score, with the gradient modified so that each
+operation follows its LRP rule (the gradient form of LRP: the relevance of a tensor ``t`` is ``t ⊙ ∂̃s/∂t``;
+the rules live in :mod:`attnkit.explain._lrp_rules` and never change a forward value):
 
-* linear layers and additions (residuals): the ε-rule with ε → 0 (LRP-0), i.e. the plain gradient; biases
-  absorb their share;
-* LayerNorm: the LN-rule (Ali et al. 2022): the standard deviation is treated as a constant (detached), so
-  the centring and scaling pass relevance linearly;
-* element-wise activations of the feed-forward block (GELU, ReLU, ...): the identity rule
-  (Achtibat et al. 2024, Sec. 3.3.3), ``∂̃f(h)/∂h = f(h) / h``;
-* attention, ``"attnlrp"`` (Achtibat et al. 2024, ICML, Sec. 3.3): the softmax rule (Prop. 3.1,
-  ``R_i = x_i (R_i^out - s_i Σ_j R_j^out)``, which is the softmax's own gradient in this form) and the uniform
-  rule for the two bilinear products ``q kᵀ`` and ``A v`` (Prop. 3.2: each factor gets half), i.e. the
-  gradients of the projected queries and keys are scaled by 1/4 and of the values by 1/2;
-* attention, ``"cp-lrp"`` (Ali et al. 2022, "XAI for Transformers: Better Explanations through Conservative
-  Propagation"): the attention weights are constants; relevance flows through the values only.
+* linear layers and additions (residuals): LRP-0, i.e. the plain gradient;
+* LayerNorm / RMSNorm: the deviation is a constant (Ali et al. 2022 LN-rule), so normalisation is linear;
+* element-wise activations (GELU, ReLU, SiLU, tanh, ...): the identity rule (Achtibat et al. 2024, Eq. 9),
+  ``∂̃f(h)/∂h = f(h) / h``;
+* attention, ``"attnlrp"`` (Achtibat et al. 2024, ICML, Sec. 3.3): the softmax's own gradient, which in this
+  form is the softmax rule of Prop. 3.1 (``R_i = x_i (R_i^out - s_i Σ_j R_j^out)``), and the uniform rule for the
+  two bilinear products ``q kᵀ`` and ``A v`` (Prop. 3.2: each factor gets half): the gradients of the queries and
+  keys are scaled by 1/4 and of the values by 1/2 (``lxt`` 2.1, ``lxt/efficient/patches.py``);
+* attention, ``"cp-lrp"`` (Ali et al. 2022): the attention weights are constants; relevance flows through the
+  values only.
 
-The factors (1/4, 1/4, 1/2; 0 for the query and key under CP-LRP) and the detached LayerNorm deviation are what
-the authors' reference implementation does in its gradient x input mode (``lxt`` 2.1, ``lxt/efficient/
-patches.py``); ``lxt`` itself cannot be installed here (it requires ``open_clip_torch``, hence torchvision), so
-the tests check the rules against the papers' equations written out as explicit relevance propagation.
+Where relevance leaks, and ``conserve``. With the papers' rules as published (``conserve=False``, what ``lxt``
+computes) relevance is absorbed by every bias (linear layers, LayerNorm shifts, the classifier) and, under
+AttnLRP, by the softmax rule itself, a first-order Taylor expansion *with a bias term* (Prop. 3.1): per query
+row it passes ``Cov_A(S, g)`` of the ``E_A[g]`` it receives. On the shipped digit ViT the input relevance then
+misses the logit by a median 23% (AttnLRP; about 3% of it biases, the rest the softmax) and 3% (CP-LRP).
+``conserve=True`` (default) gives every absorbed share to a token, so that the input relevance sums to the
+score up to rounding: the relevance a bias absorbs (``b ⊙ ∂̃s/∂y`` at its layer's output ``y``) goes to the
+token whose representation it enters, and the softmax rule's bias term of a query row goes to that query's
+token (:func:`~attnkit.explain._lrp_rules.softmax_bias`); biases applied after pooling (a classifier on the
+class token or the mean) have no token and are split over the tokens in proportion to ``|R|``. No rule is
+changed and nothing is divided, so nothing becomes unstable; on the digit ViT the deletion AUC is unchanged
+within noise (``benchmarks/RESULTS.md``). (Two alternatives measured there and rejected: leaving biases out of
+each linear rule's denominator, zennit's ``zero_params='bias'``, divides by pre-activations near 0 and made the
+digit maps less faithful, deletion AUC 0.14 against 0.10; rescaling each softmax row to conserve divides by a
+covariance that vanishes for one-hot rows.) The relevance reported is that of
+the whole input of the first transformer layer, i.e. token plus position (and segment) embedding, so additive
+position tables absorb nothing.
 
-The attention itself is not recomputed: the model's own kernel runs forward and backward (its backward is the
-exact gradient), and the rules are applied by tensor hooks on the outputs of ``q_proj``/``k_proj``/``v_proj``
-of :class:`attnkit.nn.MultiHeadAttention`, by forward hooks on ``nn.LayerNorm`` and on the ``linear1``/``linear2``
-pair of each :class:`attnkit.nn.TransformerEncoderLayer`. All hooks are removed on exit.
-
-Relevance is read at the input of the first encoder layer (token embeddings plus positions): ``(B, L)`` per
-token. Supported: models whose encoder is a stack of :class:`attnkit.nn.TransformerEncoderLayer` (BERT,
-:class:`attnkit.vision.VisionTransformer`, the digit ViT, hand-built stacks). Not covered here: Hugging Face
-models, the patch embedding's convolutions (pixel relevance), decoders with cross-attention.
+Where the rules are applied: attention calls are intercepted at attnkit's dispatch and recomputed with the
+float64-capable reference kernel (``"math"``): every :class:`attnkit.nn.MultiHeadAttention` and every Hugging
+Face model loaded with ``attn_implementation="attnkit"``; forward hooks on ``nn.LayerNorm``, ``nn.RMSNorm`` and
+Hugging Face ``*RMSNorm`` modules, activation modules (``torch.nn`` and ``transformers.activations``), the
+``linear1``/``linear2`` pair of attnkit's layers and (``conserve``) the outputs of biased ``nn.Linear`` and
+LayerNorm modules. All are removed on exit.
+Not covered: gated feed-forward blocks (``act(gate) * up``), convolutional patch stems (pixel relevance),
+encoder-decoder cross-attention. Relevance is read at the input of the first transformer layer: ``(B, L)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from attnkit.backends.math import math_forward
+from attnkit.explain import _lrp_rules as rules
 from attnkit.explain.relevance import target_scores
+from attnkit.functional import observe
 from attnkit.nn.encoder_layer import TransformerEncoderLayer
-from attnkit.nn.multihead import MultiHeadAttention
 
 __all__ = ["LRPResult", "lrp"]
 
-#: Gradient factors of the (query, key, value) projections per rule.
+#: Gradient factors of the (query, key, value) of each attention call per rule.
 _ATTENTION_FACTORS = {"attnlrp": (0.25, 0.25, 0.5), "cp-lrp": (0.0, 0.0, 1.0)}
+#: Names of the module lists that hold a model's transformer layers (HF: BERT ``layer``, Llama ``layers``,
+#: GPT-2 ``h``; timm/attnkit ``blocks``).
+_LAYER_LISTS = ("layer", "layers", "h", "blocks", "block")
+_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.LeakyReLU, nn.ELU)
 
 
 class LRPResult(NamedTuple):
     """What :func:`lrp` returns.
 
     Attributes:
-        relevance: ``(B, L)`` relevance of each input token of the first encoder layer (float64 sums).
-        conservation: ``(B,)`` ``|Σ_l relevance - logit| / |logit|``: the share of the explained logit that
-            the rules did not pass to the inputs (absorbed by biases and the softmax's implicit bias).
+        relevance: ``(B, L)`` float64 relevance of each input token of the first transformer layer (token plus
+            position embedding; for a ViT: class and patch tokens).
+        conservation: ``(B,)`` ``|Σ_l relevance - score| / |score|``.
         logit: ``(B,)`` the explained score.
         output: the model's output.
     """
@@ -68,35 +86,110 @@ class LRPResult(NamedTuple):
     output: Any
 
 
-def _scale_grad(factor: float):
-    def hook(_module, _args, out):
-        if not out.requires_grad:
-            return None
-        if factor == 0.0:
-            return out.detach()
-        out.register_hook(lambda g: g * factor)
-        return None
-
-    return hook
-
-
-def _layer_norm_rule(module: nn.LayerNorm, args, out: Tensor) -> Tensor:
-    """LN-rule: the same output, with the standard deviation detached."""
-    (x,) = args
-    dims = tuple(range(-len(module.normalized_shape), 0))
-    centred = x - x.mean(dims, keepdim=True)
-    std = (centred.pow(2).mean(dims, keepdim=True) + module.eps).sqrt().detach()
-    y = centred / std
-    if module.weight is not None:
-        y = y * module.weight
-    if module.bias is not None:
-        y = y + module.bias
-    return y
+def _first_layer(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, TransformerEncoderLayer):
+            return m
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and name.rsplit(".", 1)[-1] in _LAYER_LISTS:
+            return m[0]
+    raise ValueError(
+        f"lrp: {type(model).__name__} has no attnkit.nn.TransformerEncoderLayer and no module list of layers "
+        f"named one of {_LAYER_LISTS}"
+    )
 
 
-def _identity_rule(layer: TransformerEncoderLayer, stack: ExitStack) -> None:
-    """``linear2``'s input ``f(h)`` becomes ``h · (f(h) / h)`` with the ratio detached (same value; the gradient
-    of ``h`` is ``f(h) / h`` times the incoming one)."""
+def _is_activation(m: nn.Module) -> bool:
+    return isinstance(m, _ACTIVATIONS) or type(m).__module__ == "transformers.activations"
+
+
+def _install(model: nn.Module, stack: ExitStack) -> None:
+    """Forward hooks for the normalisation and activation rules."""
+
+    def norm_hook(m, args, out):
+        return rules.layer_norm_rule(args[0], out, len(m.normalized_shape), m.eps, m.weight)
+
+    def rms_hook(m, args, out):
+        eps = getattr(m, "eps", None) or getattr(m, "variance_epsilon", None) or torch.finfo(args[0].dtype).eps
+        return rules.rms_norm_rule(args[0], out, eps, getattr(m, "weight", None))
+
+    def act_hook(_m, args, out):
+        return rules.identity_rule(args[0], out)
+
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            stack.callback(m.register_forward_hook(norm_hook).remove)
+        elif isinstance(m, nn.RMSNorm) or type(m).__name__.endswith("RMSNorm"):
+            stack.callback(m.register_forward_hook(rms_hook).remove)
+        elif _is_activation(m):
+            stack.callback(m.register_forward_hook(act_hook).remove)
+        if isinstance(m, TransformerEncoderLayer):
+            _encoder_activation(m, stack)
+
+
+class _BiasRelevance:
+    """Collects the relevance ``b ⊙ ∂̃s/∂y`` absorbed by the bias ``b`` of every ``nn.Linear`` and LayerNorm
+    output ``y`` downstream of the first layer: ``(B, L)`` for outputs with the token axis of the first layer's
+    input (the bias enters that token), ``(B,)`` for the others (after pooling)."""
+
+    def __init__(self, start: dict[str, Tensor]):
+        self.start = start
+        self.token: Tensor | None = None
+        self.pooled: Tensor | None = None
+
+    def install(self, model: nn.Module, stack: ExitStack) -> None:
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.LayerNorm)) and getattr(m, "bias", None) is not None:
+                stack.callback(m.register_forward_hook(self._hook).remove)
+
+    def _hook(self, m, _args, out):
+        x = self.start.get("x")
+        if x is None or not isinstance(out, Tensor) or not out.requires_grad or out.shape[0] != x.shape[0]:
+            return
+        bias = m.bias.detach()
+        tokens = out.dim() >= 3 and out.shape[1] == x.shape[1]
+
+        def hook(g: Tensor) -> None:
+            r = (g.double() * bias.double()).sum(-1)
+            if tokens:
+                self._add_tokens(r.reshape(r.shape[0], r.shape[1], -1).sum(-1))
+            else:
+                self._add_pooled(r.reshape(r.shape[0], -1).sum(-1))
+
+        out.register_hook(hook)
+
+    def add_rows(self, deficit: Tensor) -> None:
+        """The softmax rule's bias ``(B, H, Lq)`` (:func:`~attnkit.explain._lrp_rules.softmax_bias`): each query
+        row's share goes to its query token (the token whose representation the attention output enters)."""
+        x = self.start["x"]
+        d = deficit.double().reshape(x.shape[0], -1, deficit.shape[-1]).sum(1)  # (B, Lq)
+        if d.shape[1] == x.shape[1]:
+            self._add_tokens(d)
+        else:  # queries that are not the first layer's tokens (cross-attention from another sequence)
+            self._add_pooled(d.sum(-1))
+
+    def _add_tokens(self, r: Tensor) -> None:
+        self.token = r if self.token is None else self.token + r
+
+    def _add_pooled(self, r: Tensor) -> None:
+        self.pooled = r if self.pooled is None else self.pooled + r
+
+    def add_to(self, relevance: Tensor) -> Tensor:
+        """``relevance`` plus the token biases; the pooled ones split over the tokens in proportion to ``|R|``."""
+        if self.token is not None:
+            relevance = relevance + self.token
+        if self.pooled is not None:
+            weight = relevance.abs()
+            total = weight.sum(-1, keepdim=True)
+            even = torch.full_like(weight, 1 / weight.shape[-1])
+            share = torch.where(total > 0, weight / total.clamp_min(torch.finfo(weight.dtype).tiny), even)
+            relevance = relevance + share * self.pooled[:, None]
+        return relevance
+
+
+def _encoder_activation(layer: TransformerEncoderLayer, stack: ExitStack) -> None:
+    """attnkit's layers apply their activation as a function: ``linear2``'s input ``f(h)`` gets the identity
+    rule against ``h``, the output of ``linear1``."""
     seen: dict[str, Tensor] = {}
 
     def keep(_m, _a, out):
@@ -107,11 +200,25 @@ def _identity_rule(layer: TransformerEncoderLayer, stack: ExitStack) -> None:
         h = seen.pop("h", None)
         if h is None or h.shape != a.shape:
             raise RuntimeError("lrp: expected linear2 to read activation(linear1(x)) (the attnkit FFN)")
-        ratio = torch.where(h != 0, a / torch.where(h != 0, h, torch.ones_like(h)), torch.zeros_like(h))
-        return (h * ratio.detach(),)
+        return (rules.identity_rule(h, a),)
 
     stack.callback(layer.linear1.register_forward_hook(keep).remove)
     stack.callback(layer.linear2.register_forward_pre_hook(rewrite).remove)
+
+
+def _attention_rule(rule: str, biases: _BiasRelevance | None, seen: list[int]):
+    fq, fk, fv = _ATTENTION_FACTORS[rule]
+
+    def intercept(spec, run):
+        seen.append(1)
+        q, k, v = rules.scale_grad(spec.query, fq), rules.scale_grad(spec.key, fk), rules.scale_grad(spec.value, fv)
+        out, probs, lse = math_forward(replace(spec, query=q, key=k, value=v, dropout_p=0.0))
+        if biases is not None and rule == "attnlrp":
+            rules.softmax_bias(probs, biases.add_rows)
+        weights = probs.to(spec.query.dtype) if spec.return_weights else None
+        return out, weights, (lse if spec.return_lse else None)
+
+    return intercept
 
 
 def lrp(
@@ -120,55 +227,64 @@ def lrp(
     target: int | Tensor | Callable[[Any], Tensor],
     *,
     rule: str = "attnlrp",
+    conserve: bool = True,
 ) -> LRPResult:
     """Explain ``model(inputs)`` with AttnLRP or CP-LRP (rules in the module docstring), one forward and backward.
 
     Args:
-        model: a model built from :class:`attnkit.nn.TransformerEncoderLayer` (call ``model.eval()`` first).
+        model: an attnkit transformer (built from :class:`attnkit.nn.TransformerEncoderLayer` /
+            :class:`attnkit.nn.MultiHeadAttention`) or a Hugging Face model with ``attn_implementation="attnkit"``
+            (see :mod:`attnkit.integrations.transformers`); call ``model.eval()`` first.
         inputs: a dict (``model(**inputs)``), a tuple (``model(*inputs)``) or one tensor.
         target: the class to explain (an int or ``(B,)`` indices into the logits), or a callable
             ``output -> (B,)`` scores (as :func:`attnkit.explain.relevance`).
         rule: ``"attnlrp"`` (Achtibat et al. 2024) or ``"cp-lrp"`` (attention as constant, Ali et al. 2022).
+        conserve: let no bias and no softmax absorb relevance (module docstring): the input relevance then
+            sums to the score. ``False``: the published rules (``lxt``'s values).
 
     Returns:
-        :class:`LRPResult`: ``relevance`` ``(B, L)`` (for a ViT: class and patch tokens; reshape the patches to
-        the grid), ``conservation`` ``(B,)``.
+        :class:`LRPResult`: ``relevance`` ``(B, L)``, ``conservation`` ``(B,)``, ``logit`` ``(B,)``.
 
     Raises:
-        ValueError: an unknown rule; no :class:`attnkit.nn.TransformerEncoderLayer` ran in the model.
+        ValueError: an unknown rule; no transformer layers found, or no attention call went through attnkit
+            (a Hugging Face model not loaded with ``attn_implementation="attnkit"``).
         TypeError: logits not found or a target callable that returns no tensor.
 
     References:
         Achtibat et al. 2024, "AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers",
-        ICML, Sec. 3 (Prop. 3.1 softmax rule, Prop. 3.2 uniform rule for bilinear products, identity rule);
-        Ali et al. 2022, ICML (LN-rule, CP-LRP); Montavon et al. 2019, "Layer-Wise Relevance Propagation: An
-        Overview" (ε-rule, gradient x input form).
+        ICML, Sec. 3 (Prop. 3.1 softmax rule, Prop. 3.2 uniform rule, Eq. 9 identity rule); Ali et al. 2022,
+        "XAI for Transformers: Better Explanations through Conservative Propagation", ICML (LN-rule, CP-LRP);
+        Montavon et al. 2019, "Layer-Wise Relevance Propagation: An Overview" (LRP-0, gradient x input form).
     """
     if rule not in _ATTENTION_FACTORS:
         raise ValueError(f"lrp: rule must be one of {', '.join(map(repr, _ATTENTION_FACTORS))}, got {rule!r}")
-    layers = [m for m in model.modules() if isinstance(m, TransformerEncoderLayer)]
-    if not layers:
-        raise ValueError(f"lrp: {type(model).__name__} has no attnkit.nn.TransformerEncoderLayer")
-    factors = _ATTENTION_FACTORS[rule]
+    if not isinstance(conserve, bool):
+        raise TypeError(f"lrp: conserve must be a bool, got {conserve!r}")
+    first = _first_layer(model)
     start: dict[str, Tensor] = {}
+    calls: list[int] = []
 
     def leaf(_m, args, kwargs):
         if "x" in start:
             return None
-        x = (args[0] if args else kwargs["x"]).detach().requires_grad_(True)
-        start["x"] = x
-        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "x": x})
+        if args and isinstance(args[0], Tensor):
+            x = args[0].detach().requires_grad_(True)
+            start["x"] = x
+            return (x, *args[1:]), kwargs
+        for name in ("hidden_states", "x"):
+            if isinstance(kwargs.get(name), Tensor):
+                x = kwargs[name].detach().requires_grad_(True)
+                start["x"] = x
+                return args, {**kwargs, name: x}
+        raise ValueError(f"lrp: cannot find the hidden states in the call of {type(_m).__name__}")
 
     with ExitStack() as stack, torch.enable_grad():
-        stack.callback(layers[0].register_forward_pre_hook(leaf, with_kwargs=True).remove)
-        for m in model.modules():
-            if isinstance(m, MultiHeadAttention):
-                for proj, factor in zip((m.q_proj, m.k_proj, m.v_proj), factors):
-                    stack.callback(proj.register_forward_hook(_scale_grad(factor)).remove)
-            elif isinstance(m, nn.LayerNorm):
-                stack.callback(m.register_forward_hook(_layer_norm_rule).remove)
-        for layer in layers:
-            _identity_rule(layer, stack)
+        stack.callback(first.register_forward_pre_hook(leaf, with_kwargs=True).remove)
+        _install(model, stack)
+        biases = _BiasRelevance(start)
+        if conserve:
+            biases.install(model, stack)
+        stack.enter_context(observe.interceptor(_attention_rule(rule, biases if conserve else None, calls)))
         if isinstance(inputs, dict):
             output = model(**inputs)
         elif isinstance(inputs, (tuple, list)):
@@ -177,11 +293,18 @@ def lrp(
             output = model(inputs)
         x = start.get("x")
         if x is None:
-            raise ValueError("lrp: no TransformerEncoderLayer ran inside the model's forward")
-        logits = _per_item_scores(output, target, x.shape[0])
-        (grad,) = torch.autograd.grad(logits.sum(), [x])
+            raise ValueError(f"lrp: the first transformer layer ({type(first).__name__}) did not run")
+        if not calls:
+            raise ValueError(
+                "lrp: no attention call went through attnkit; load Hugging Face models with "
+                'attn_implementation="attnkit" (attnkit.integrations.transformers.register())'
+            )
+        scores = _per_item_scores(output, target, x.shape[0])
+        (grad,) = torch.autograd.grad(scores.sum(), [x])
     relevance = (x.detach().double() * grad.double()).sum(-1)
-    logit = logits.detach().double()
+    if conserve:
+        relevance = biases.add_to(relevance)
+    logit = scores.detach().double()
     conservation = (relevance.sum(-1) - logit).abs() / logit.abs().clamp_min(torch.finfo(torch.float64).tiny)
     return LRPResult(relevance, conservation, logit, output)
 

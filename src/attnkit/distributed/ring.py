@@ -3,7 +3,7 @@
 Forward (Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers", Alg. 1): each rank keeps
 its queries and, step by step, receives the key/value block of another rank (:mod:`.comm`) while it computes
 attention of its queries over the block it already has; partial outputs are merged exactly through their
-log-sum-exp in float32 (:func:`attnkit.functional.merge.merge_attention`); attention sinks join the merged
+log-sum-exp in float32, in place (:func:`attnkit.functional.merge.merge_into`); attention sinks join the merged
 softmax once, at the end (:func:`attnkit.functional.merge.add_sinks`). Backward (Dao 2023, "FlashAttention-2",
 Alg. 2, applied per block): the key/value blocks travel again; for each block the rank computes its gradients
 with the *global* log-sum-exp and ``delta = rowsum(dO · O) - dlse`` (:mod:`.blocks`); the query gradient stays
@@ -23,7 +23,7 @@ from attnkit.distributed.comm import Exchange
 from attnkit.distributed.layout import check_layout, segments
 from attnkit.distributed.plan import GlobalOptions
 from attnkit.functional.attention import attention
-from attnkit.functional.merge import add_sinks, merge_attention
+from attnkit.functional.merge import add_sinks, merge_into
 from attnkit.functional.spec import AttentionOutput, lse_dtype, make_spec
 
 __all__ = ["ring_attention"]
@@ -48,9 +48,7 @@ def _forward(ring: RingCall, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | No
         for call in ring.calls(src):
             part = ring.attend(q, kb, vb, call, ring.forward_backend(call))
             a, b = call.q
-            merged, merged_lse = merge_attention([out[..., a:b, :], part.output], [lse[..., a:b], part.lse])
-            out[..., a:b, :] = merged
-            lse[..., a:b] = merged_lse
+            merge_into(out[..., a:b, :], lse[..., a:b], part.output, part.lse)  # in place: one accumulator
 
     pending = post(0)
     if sched.local_needed():

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["add_sinks", "merge_attention"]
+__all__ = ["add_sinks", "merge_attention", "merge_into"]
 
 
 def _safe_lse(lses: Tensor) -> Tensor:
@@ -52,12 +52,47 @@ def merge_attention(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[
                 f"output {tuple(shape)} and lse {tuple(shape[:-1])} like part 0"
             )
     acc = torch.float64 if outputs[0].dtype == torch.float64 else torch.float32
-    stacked = torch.stack([lse.to(acc) for lse in lses])  # (P, ..., H, Lq)
-    lse = _safe_lse(stacked)
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    weights = torch.exp(stacked - lse_safe)  # 0 for empty parts
+    lse, weights = _merge_weights(torch.stack([lse.to(acc) for lse in lses]))  # (P, ..., H, Lq)
     out = sum(w.unsqueeze(-1) * o.to(acc) for w, o in zip(weights, outputs))
     return out.to(outputs[0].dtype), lse
+
+
+def _merge_weights(stacked: Tensor) -> tuple[Tensor, Tensor]:
+    """The merged log-sum-exp of ``P`` parts ``(P, ..., Lq)`` and each part's weight ``exp(lse_i - lse)`` (0 for
+    an empty part, and for every part of a row empty in all of them)."""
+    lse = _safe_lse(stacked)
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return lse, torch.exp(stacked - lse_safe)
+
+
+@torch.no_grad()
+def merge_into(out: Tensor, lse: Tensor, part_output: Tensor, part_lse: Tensor) -> None:
+    """:func:`merge_attention` of ``(out, lse)`` and one more part, written into ``out`` and ``lse`` in place.
+
+    The accumulator form of the merge for loops over key blocks (ring attention's steps, split-KV decoding): no
+    temporary of the output's size is allocated, so a loop holds one accumulator. Not differentiable (use
+    :func:`merge_attention`, or an autograd function whose backward does not need the merge's graph).
+
+    Args:
+        out: ``(..., H, Lq, Dv)`` accumulator, float32 (float64), updated in place; start from zeros.
+        lse: ``(..., H, Lq)`` its log-sum-exp, same dtype, updated in place; start from ``-inf``.
+        part_output: ``(..., H, Lq, Dv)`` the new part's output (any float dtype).
+        part_lse: ``(..., H, Lq)`` its log-sum-exp (``-inf`` for rows with no key in the part).
+
+    Raises:
+        ValueError: shapes that differ, or an accumulator that is not float32/float64.
+    """
+    if out.dtype not in (torch.float32, torch.float64) or lse.dtype != out.dtype:
+        raise ValueError(f"merge_into: expected float32/float64 accumulators, got out {out.dtype}, lse {lse.dtype}")
+    if part_output.shape != out.shape or part_lse.shape != lse.shape or lse.shape != out.shape[:-1]:
+        raise ValueError(
+            f"merge_into: expected out {tuple(out.shape)} / lse {tuple(out.shape[:-1])} and a part of the same "
+            f"shapes, got lse {tuple(lse.shape)}, part output {tuple(part_output.shape)}, part lse "
+            f"{tuple(part_lse.shape)}"
+        )
+    new_lse, (w_acc, w_part) = _merge_weights(torch.stack([lse, part_lse.to(lse.dtype)]))
+    out.mul_(w_acc.unsqueeze(-1)).addcmul_(part_output, w_part.unsqueeze(-1))
+    lse.copy_(new_lse)
 
 
 def add_sinks(output: Tensor, lse: Tensor, sinks: Tensor, *, weights: Tensor | None = None):

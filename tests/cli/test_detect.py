@@ -79,7 +79,15 @@ def test_report_with_maps(capsys, weights, images, tmp_path):
     )
     assert code == 0, err
     page = out_html.read_text()
-    assert "30 detections" in page and "peak in box" in page and "data:image/png;base64" in page
+    assert "30 detections" in page and "data:image/png;base64" in page
+    assert "peak in box (attention)" in page and "peak in box (relevance)" in page  # both maps by default
+    assert page.count("data:image/png;base64") == 2
+    code, _out, err = run(
+        capsys, "detect", images / "a.npy", "--out", out_html, "--overwrite", "--maps", "relevance", "--threshold",
+        "0.011", "--weights", weights,
+    )  # fmt: skip
+    page = out_html.read_text()
+    assert code == 0 and "peak in box (relevance)" in page and "(attention)" not in page
     code, _, err = run(capsys, "detect", images / "a.npy", "--out", out_html, "--weights", weights)
     assert code == 2 and "--overwrite" in err
 
@@ -93,6 +101,7 @@ def test_report_with_maps(capsys, weights, images, tmp_path):
         ("cube.npy", [], "expected a 2-d numeric grey image"),
         ("a.npy", ["--threshold", "2"], "--threshold must be in [0, 1]"),
         ("a.npy", ["--weights", "/nonexistent"], "--weights /nonexistent"),
+        ("a.npy", ["--maps", "relevance"], "--maps chooses the maps of the report: give --out too"),
     ],
 )
 def test_user_errors_are_one_line(capsys, images, name, extra, message):

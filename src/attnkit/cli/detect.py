@@ -18,6 +18,14 @@ from attnkit.cli.registry import UserError, subcommand
 MIN_SIDE, MAX_SIDE = 16, 1024  # pixels per side the detector accepts
 SHIPPED_SIDES = (64, 256)  # what the shipped digit detector was made for
 SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
+MAPS = ("attention", "relevance", "both")
+_CAPTIONS = {
+    "attention": "where its decoder query read the image: the deformable cross-attention sampling points of the "
+    "last decoder layer, weighted by their attention and averaged over heads",
+    "relevance": "the relevance of the image for its class score (Chefer et al. 2021's rules through every "
+    "decoder layer's self- and cross-attention, gradient-weighted; deformable attention as its sampling "
+    "weights splatted at the sampled cells)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per line and image")
     parser.add_argument("--out", type=Path, default=None, help="write an HTML report with per-detection maps here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    parser.add_argument(
+        "--maps",
+        choices=MAPS,
+        default=None,
+        help="per-detection maps in the report: the query's cross-attention, its relevance (Chefer et al. 2021), "
+        "or both (default; needs --out)",
+    )
     parser.add_argument(
         "--weights",
         type=Path,
@@ -114,22 +129,26 @@ def _load(weights: Path | None):
 def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.maps is not None and args.out is None:
+        raise UserError("--maps chooses the maps of the report: give --out too")
     check_out_file(args.out, overwrite=args.overwrite)
     images = [read_image(p) for p in args.images]  # every input checked before any work
     model = _load(args.weights)
+    methods = [] if args.out is None else (["attention", "relevance"] if args.maps in (None, "both") else [args.maps])
     results = []
-    with torch.no_grad():
-        for path, image in zip(args.images, images):
-            if args.out is not None:
-                from attnkit.explain.detection_maps import detection_maps
+    for path, image in zip(args.images, images):
+        maps = {}
+        if methods:
+            from attnkit.explain.detection_maps import detection_maps
 
-                (res,) = detection_maps(model, image[None], score_threshold=args.threshold)
-                det = res.detections
-            else:
-                res = None
+            for method in methods:
+                (maps[method],) = detection_maps(model, image[None], score_threshold=args.threshold, method=method)
+            det = maps[methods[0]].detections
+        else:
+            with torch.no_grad():
                 (det,) = model(image[None], score_threshold=args.threshold)
-            results.append((path, image, det, res))
-            _print(path, det, as_json=args.json)
+        results.append((path, image, det, maps))
+        _print(path, det, as_json=args.json)
     if args.out is not None:
         _write(args, results)
     return 0
@@ -155,24 +174,31 @@ def _write(args, results) -> None:
     from attnkit.explain.report import Section
 
     sections = []
-    for path, image, det, res in results:
-        fig = detection_figure(image, det.boxes, det.labels, det.scores, maps=res.maps, hits=res.hits)
-        hit_rate = f"{float(res.hits.float().mean()):.0%}" if len(det) else "n/a"
+    for path, image, det, maps in results:
+        figures, text, header = [], [], ["label", "score", "box (x0, y0, x1, y1)"]
+        columns = []
+        for method, res in maps.items():
+            # the relevance run computes attention through explicit probabilities: its detections can differ from
+            # the plain run's in the last digits, so each figure draws its own
+            d = res.detections
+            figures.append(detection_figure(image, d.boxes, d.labels, d.scores, maps=res.maps, hits=res.hits))
+            rate = f"{float(res.hits.float().mean()):.0%}" if len(d) else "n/a"
+            text.append(f"{method.capitalize()} panels: {_CAPTIONS[method]}. Peak inside the detected box: {rate}.")
+            header.append(f"peak in box ({method})")
+            keys = zip(d.queries.tolist(), d.labels.tolist())
+            columns.append({k: "yes" if bool(h) else "no" for k, h in zip(keys, res.hits)})
         rows = [
-            [int(lab), f"{float(s):.3f}", ", ".join(f"{float(v):.1f}" for v in box), "yes" if bool(h) else "no"]
-            for box, s, lab, h in zip(det.boxes, det.scores, det.labels, res.hits)
+            [int(lab), f"{float(s):.3f}", ", ".join(f"{float(v):.1f}" for v in box)]
+            + [c.get((int(q), int(lab)), "-") for c in columns]  # matched by (query, label)
+            for box, s, lab, q in zip(det.boxes, det.scores, det.labels, det.queries)
         ]
         sections.append(
             Section(
                 f"{path.name}: {len(det)} detections",
-                text=(
-                    "Each panel shows where one detection's decoder query read the image: the deformable "
-                    "cross-attention sampling points of the last decoder layer, weighted by their attention and "
-                    f"averaged over heads. Peak inside the detected box (pointing game): {hit_rate}."
-                ),
+                text="Each panel shows one detection. " + "\n\n".join(text),
                 table=rows,
-                table_header=["label", "score", "box (x0, y0, x1, y1)", "peak in box"],
-                figures=[fig],
+                table_header=header,
+                figures=figures,
             )
         )
     out = write_report(args.out, sections, title="attnkit detect", overwrite=args.overwrite)

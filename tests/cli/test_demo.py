@@ -18,7 +18,7 @@ def demo_report(tmp_path_factory):
 
 def test_demo_writes_the_report_and_refuses_to_clobber(demo_report, capsys):
     html = demo_report.read_text()
-    for part in ("Language", "Vision", "Detection", "Efficiency", "bank", "pointing game"):
+    for part in ("Language", "Vision", "Detection", "Efficiency", "bank", "pointing game", "relevance of the image"):
         assert part in html
     assert "http://" not in html and "https://" not in html  # self-contained: nothing fetched
     assert main(["demo", "--fast", "--out", str(demo_report.parent)]) == 2

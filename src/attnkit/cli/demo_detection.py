@@ -38,7 +38,8 @@ def detection_part(fast: bool):
                 entry.get("parameters", ""),
             ]
         )
-    figures, hits = [], []
+    figures, hits, rel_hits = [], [], []
+    num_relevance = 8  # one forward and a backward per detection: kept to a few scenes
     if "rtdetr" in models:
         mapped = data.images[: 8 if fast else len(data)]  # one capture per scene: the slow part
         results = detection_maps(models["rtdetr"], mapped, score_threshold=0.5)
@@ -46,7 +47,18 @@ def detection_part(fast: bool):
         for image, res in list(zip(data.images, results))[:2]:
             det = res.detections
             figures.append(detection_figure(image, det.boxes, det.labels, det.scores, maps=res.maps, hits=res.hits))
+        relevant = detection_maps(
+            models["rtdetr"], data.images[:num_relevance], score_threshold=0.5, method="relevance"
+        )
+        rel_hits = torch.cat([r.hits for r in relevant])
+        det = relevant[0].detections
+        figures.append(
+            detection_figure(
+                data.images[0], det.boxes, det.labels, det.scores, maps=relevant[0].maps, hits=relevant[0].hits
+            )
+        )
     point = float(hits.float().mean()) if len(hits) else float("nan")
+    rel_point = float(rel_hits.float().mean()) if len(rel_hits) else float("nan")
     num_mapped = 8 if fast else len(data)
     text = (
         "Canvases of 2-5 real handwritten digits (scikit-learn's load_digits, 12-28 px tall, overlapping, among "
@@ -56,7 +68,9 @@ def detection_part(fast: bool):
         "same budget by scripts/train_detector.py. COCO mAP by pycocotools. Panels: each detection's decoder query, "
         "its deformable sampling points weighted by attention (last decoder layer, heads averaged); pointing game "
         f"= share of detections (score >= 0.5, first {num_mapped} scenes) whose map peaks inside the detected box: "
-        f"{point:.2f}. "
+        f"{point:.2f}. The last panels: the relevance of the image for each detection of the first scene (Chefer et "
+        "al. 2021's rules through every decoder layer, gradient-weighted by the class logit); its pointing game on "
+        f"the first {num_relevance} scenes: {rel_point:.2f}. "
         f"{len(data)} test scenes. `attnkit detect IMAGE --out report.html` draws the same for your images."
     )
     section = Section(
@@ -73,8 +87,8 @@ def detection_part(fast: bool):
         summary.append(
             (
                 "detection",
-                "RT-DETR mAP@.5 / mAP; pointing game",
-                f"{r['map_50']:.3f} / {r['map']:.3f}; {point:.2f}",
+                "RT-DETR mAP@.5 / mAP; pointing game attention / relevance",
+                f"{r['map_50']:.3f} / {r['map']:.3f}; {point:.2f} / {rel_point:.2f}",
                 f"CenterNet {base['map_50']:.3f} / {base['map']:.3f}" if base else "",
             )
         )

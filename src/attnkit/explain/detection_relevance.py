@@ -209,7 +209,7 @@ def _deformable_entry(record: AttentionRecord, call: _DeformableCall) -> _Entry 
 
 
 def _collect(records: list[AttentionRecord], calls: list[_DeformableCall]) -> list[_Entry]:
-    """Dense self/cross maps and decoder deformable calls, in call order."""
+    """Dense self/cross maps and decoder deformable calls that can reach the decoder's relevance, in call order."""
     deformable = [r for r in records if r.kind == "deformable"]
     if len(deformable) != len(calls):
         raise RuntimeError(
@@ -227,7 +227,10 @@ def _collect(records: list[AttentionRecord], calls: list[_DeformableCall]) -> li
             entries.append(
                 _Entry(r.name, r.kind, r.weights.detach().reshape(shape), r.weights, lambda g, s=shape: g.reshape(s))
             )
-    return entries
+    # a self-attention over tokens that are neither queries nor keys of a cross-attention (attnkit RT-DETR's
+    # coarsest-level encoder) cannot reach R^{qi} or R^{qq}: leave it out of the backward passes
+    sizes = {n for e in entries if e.kind == "cross" for n in e.weights.shape[-2:]}
+    return [e for e in entries if e.kind == "cross" or e.weights.shape[-1] in sizes]
 
 
 def _run(model: nn.Module, inputs: Any) -> Any:

@@ -104,6 +104,7 @@ def propagate_relevance(
     rel: dict[tuple[str, str], Tensor] = {}
     sizes: dict[str, int] = {}
     order: list[str] = []
+    identity: set[str] = set()  # streams whose R^{ss} is still I (R̄ = I: skip the (L, L) normalisation)
 
     def ensure(stream: str, length: int, like: Tensor) -> None:
         if stream in sizes:
@@ -115,6 +116,7 @@ def propagate_relevance(
             return
         sizes[stream] = length
         order.append(stream)
+        identity.add(stream)
         b = like.shape[0]
         eye = torch.eye(length, dtype=like.dtype, device=like.device).expand(b, length, length).clone()
         rel[(stream, stream)] = eye
@@ -134,13 +136,16 @@ def propagate_relevance(
                 raise ValueError(f"relevance: self-attention {name!r} has Lq={lq} != Lk={lk}")
             for x in order:
                 rel[(s, x)] = rel[(s, x)] + a_bar @ rel[(s, x)]
+            identity.discard(s)
             continue
         ensure(s, lq, a_bar)
         candidates = [x for x in reversed(order) if x != s and sizes[x] == lk]
         t = candidates[0] if candidates else f"{name}:keys"
         ensure(t, lk, a_bar)
-        rel[(s, t)] = rel[(s, t)] + _normalized(rel[(s, s)]).mT @ a_bar @ _normalized(rel[(t, t)])
+        right = a_bar if t in identity else a_bar @ _normalized(rel[(t, t)])
+        rel[(s, t)] = rel[(s, t)] + _normalized(rel[(s, s)]).mT @ right
         rel[(s, s)] = rel[(s, s)] + a_bar @ rel[(t, s)]
+        identity.discard(s)
     return rel, order
 
 

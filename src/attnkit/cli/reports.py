@@ -74,3 +74,20 @@ def text_report(tm, batch, maps, scores, texts, *, method: str, out: Path, overw
     """The ``explain-text --out`` page."""
     sections = text_sections(tm, batch, maps, scores, texts, method)
     return write_report(out, sections, title=f"attnkit explain-text: {tm.name}", overwrite=overwrite)
+
+
+def generation_report(name: str, matrices, texts, *, method: str, out: Path, overwrite: bool) -> Path:
+    """The ``explain-text --generate --out`` page: one token-by-token matrix per prompt."""
+    from attnkit.explain.report import Section
+
+    sections = [
+        Section(
+            f"{text}",
+            text=f"Rows: the generated tokens; columns: the prompt and earlier tokens each was generated from "
+            f"({method}, computed step by step with the KV cache). Each row is shaded relative to its largest "
+            "absolute score: blue positive, red negative; hover a cell for its value.",
+            token_matrix=m,
+        )
+        for text, m in zip(texts, matrices)
+    ]
+    return write_report(out, sections, title=f"attnkit explain-text --generate: {name}", overwrite=overwrite)

@@ -3,8 +3,9 @@
 ``capture`` records attention maps from attnkit modules, ``torch.nn.functional.scaled_dot_product_attention``
 and ``nn.MultiheadAttention`` without changing the model's outputs; ``rollout``, ``attention_flow``,
 ``relevance`` and ``lrp`` (AttnLRP, CP-LRP) turn them into token attributions; ``context_mixing`` weighs
-attention by the values; ``heads`` and ``metrics`` diagnose heads and check faithfulness; ``evaluate`` scores
-methods on a task; ``plots`` and ``report`` draw them (matplotlib: ``pip install attnkit[explain]``).
+attention by the values; ``generate_attribution`` explains each token a decoder generates, with the KV cache;
+``heads`` and ``metrics`` diagnose heads and check faithfulness; ``evaluate`` scores methods on a task; ``plots``
+and ``report`` draw them (matplotlib: ``pip install attnkit[explain]``).
 """
 
 from attnkit.explain import plots
@@ -12,6 +13,7 @@ from attnkit.explain.capture import Recording, capture
 from attnkit.explain.context_mixing import ContextMixing, attention_norms, value_zeroing
 from attnkit.explain.evaluate import EvaluationTask, RandomizationResult, evaluate, randomization_check
 from attnkit.explain.flow import attention_flow
+from attnkit.explain.generation import GENERATION_METHODS, GenerationAttribution, generate_attribution
 from attnkit.explain.heads import attention_distance, head_entropy, head_importance
 from attnkit.explain.lrp import LRPResult, lrp
 from attnkit.explain.metrics import (
@@ -31,12 +33,14 @@ from attnkit.explain.report import HeadMaps, Section, report
 from attnkit.explain.rollout import rollout
 
 __all__ = [
+    "GENERATION_METHODS",
     "AOPCResult",
     "AttentionRecord",
     "ContextMixing",
     "CurveResult",
     "Entropy",
     "EvaluationTask",
+    "GenerationAttribution",
     "HeadMaps",
     "HeadMean",
     "LRPResult",
@@ -57,6 +61,7 @@ __all__ = [
     "capture",
     "deletion",
     "evaluate",
+    "generate_attribution",
     "head_entropy",
     "head_importance",
     "insertion",

@@ -100,6 +100,8 @@ class Section:
         table: rows of cells (rendered with ``str``), optional; ``table_header`` labels its columns.
         figures: matplotlib figures or PNG bytes, inlined in order.
         head_maps: maps browsed with the interactive layer/head selector.
+        token_matrix: a :class:`attnkit.explain.token_matrix.TokenMatrix` drawn as a shaded table (token by
+            token, e.g. generated tokens x the tokens they came from).
     """
 
     title: str
@@ -108,6 +110,7 @@ class Section:
     table_header: Sequence[str] | None = None
     figures: Sequence[Any] = field(default_factory=list)
     head_maps: HeadMaps | None = None
+    token_matrix: Any = None
 
 
 _CSS = """
@@ -117,6 +120,8 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}
 .selector label{margin-right:1em}canvas{border:1px solid #ccc;image-rendering:pixelated;margin-top:.5em}
 .hover{font-family:monospace;min-height:1.4em}
+table.tokens td,table.tokens th{padding:.1em .25em;font-family:monospace;font-size:.8em;text-align:center}
+table.tokens td{min-width:1.2em}
 """
 
 _JS = """
@@ -251,6 +256,34 @@ def _head_maps_html(hm: HeadMaps, index: int) -> str:
     )
 
 
+def _shade(value: float) -> str:
+    """Background for a score in ``[-1, 1]``: white -> blue (positive) or red (negative)."""
+    t = min(1.0, abs(value))
+    if value >= 0:
+        return f"rgb({round(255 * (1 - t))},{round(255 * (1 - 0.6 * t))},{round(255 * (1 - 0.15 * t))})"
+    return f"rgb({round(255 * (1 - 0.15 * t))},{round(255 * (1 - 0.7 * t))},{round(255 * (1 - 0.7 * t))})"
+
+
+def _token_matrix_html(tm: Any) -> str:
+    from attnkit.explain.token_matrix import TokenMatrix, visible_token
+
+    if not isinstance(tm, TokenMatrix):
+        raise TypeError(f"report: token_matrix must be a TokenMatrix, got {type(tm).__name__}")
+    tm.check()
+    scores = tm.scores.detach().double().cpu().nan_to_num(0.0)
+    peak = scores.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+    shade = (scores / peak).tolist()
+    head = "<tr><th></th>" + "".join(f"<th>{escape_html(visible_token(t))}</th>" for t in tm.column_tokens) + "</tr>"
+    rows = []
+    for label, values, cells in zip(tm.row_tokens, scores.tolist(), shade):
+        tds = "".join(
+            f'<td style="background:{_shade(c)}" title="{escape_html(f"{v:.4g}")}"></td>' for v, c in zip(values, cells)
+        )
+        rows.append(f"<tr><th>{escape_html(visible_token(label))}</th>{tds}</tr>")
+    caption = f"<caption>{escape_html(tm.caption)}</caption>" if tm.caption else ""
+    return f'<table class="tokens">{caption}{head}{"".join(rows)}</table>'
+
+
 def _section_html(sec: Section, index: int) -> str:
     if not isinstance(sec, Section):
         raise TypeError(f"report: sections must be Section objects, got {type(sec).__name__}")
@@ -268,6 +301,8 @@ def _section_html(sec: Section, index: int) -> str:
         parts.append(f'<img alt="{escape_html(sec.title)}" src="data:image/png;base64,{_figure_b64(fig)}">')
     if sec.head_maps is not None:
         parts.append(_head_maps_html(sec.head_maps, index))
+    if sec.token_matrix is not None:
+        parts.append(_token_matrix_html(sec.token_matrix))
     parts.append("</section>")
     return "".join(parts)
 

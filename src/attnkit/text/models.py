@@ -97,7 +97,9 @@ def _vocab_fits(tokenizer, model: torch.nn.Module, path: Path) -> None:
         )
 
 
-def _load_transformers(path: Path, config: dict, nonfinite: str, attn_implementation) -> torch.nn.Module:
+def _load_transformers(
+    path: Path, config: dict, nonfinite: str, attn_implementation, lm_head: bool = False
+) -> torch.nn.Module:
     """A transformers model, after checking the config against the safetensors headers (safetensors only)."""
     from attnkit.io.checkpoint import CheckpointError, check_finite, read_header
     from attnkit.io.hf_config import check_transformers_config
@@ -106,10 +108,11 @@ def _load_transformers(path: Path, config: dict, nonfinite: str, attn_implementa
         check_transformers_config(config, read_header(path), str(path))
     except (CheckpointError, OSError) as exc:
         raise TextModelError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    auto = AutoModelForCausalLM if lm_head else AutoModel
     try:
-        model, info = AutoModel.from_pretrained(
+        model, info = auto.from_pretrained(
             str(path),
             attn_implementation=attn_implementation,
             local_files_only=True,
@@ -134,7 +137,7 @@ def _load_transformers(path: Path, config: dict, nonfinite: str, attn_implementa
     return model
 
 
-def load_text_model(path: str | Path | None, *, nonfinite: str = "warn") -> TextModel:
+def load_text_model(path: str | Path | None, *, nonfinite: str = "warn", lm_head: bool = False) -> TextModel:
     """Load a local Hugging Face BERT-, GPT-2- or decoder-only-family checkpoint directory (default: MiniLM).
 
     Only safetensors weights are read (never pickle); the config is checked against their headers before any
@@ -143,11 +146,14 @@ def load_text_model(path: str | Path | None, *, nonfinite: str = "warn") -> Text
     Args:
         path: the checkpoint directory, or ``None`` for the shipped MiniLM.
         nonfinite: weights holding NaN or inf: ``"warn"`` (default), ``"error"`` or ``"ignore"``.
+        lm_head: load the language-model head too (``AutoModelForCausalLM``, GPT-2 and decoder-only families),
+            for generation; the checkpoint must hold its weights (or tie them to the embedding).
 
     Raises:
-        TextModelError: not a directory, no or an invalid ``config.json``, an unsupported ``model_type``,
-            missing or unreadable safetensors weights, a config that disagrees with the weights, a tokenizer
-            larger than the model's vocabulary, or non-finite weights with ``nonfinite="error"``.
+        TextModelError: not a directory, a BERT checkpoint with ``lm_head``, no or an invalid ``config.json``, an
+            unsupported ``model_type``, missing or unreadable safetensors weights, a config that disagrees with the
+            weights, a tokenizer larger than the model's vocabulary, or non-finite weights with
+            ``nonfinite="error"``.
         ImportError: transformers/tokenizers (``attnkit[hf]``) or, for the default, the demo model missing.
     """
     from attnkit.io.checkpoint import CheckpointError, read_config
@@ -182,6 +188,8 @@ def load_text_model(path: str | Path | None, *, nonfinite: str = "warn") -> Text
         raise ImportError("explaining text needs transformers and tokenizers: pip install 'attnkit[hf]'") from None
     except (OSError, ValueError, TypeError) as exc:
         raise TextModelError(f"{path}: cannot load its tokenizer ({' '.join(str(exc).split())[:300]})") from None
+    if lm_head and model_type in BERT_TYPES:
+        raise TextModelError(f"{path}: a {model_type} checkpoint is an encoder and cannot generate text")
     if model_type in BERT_TYPES:
         from attnkit.models import BertModel
 
@@ -191,12 +199,12 @@ def load_text_model(path: str | Path | None, *, nonfinite: str = "warn") -> Text
             raise TextModelError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
         family = "bert"
     elif model_type in GPT2_TYPES:
-        model = _load_transformers(path, config, nonfinite, "sdpa")
+        model = _load_transformers(path, config, nonfinite, "sdpa", lm_head)
         family = "gpt2"
     else:
         from attnkit.integrations.transformers import register
 
-        model = _load_transformers(path, config, nonfinite, register())
+        model = _load_transformers(path, config, nonfinite, register(), lm_head)
         family = "decoder"
     _vocab_fits(tokenizer, model, path)
     return TextModel(path, family, tokenizer, model.eval())

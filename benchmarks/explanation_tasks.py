@@ -1,4 +1,11 @@
-"""The tasks of ``benchmarks/explanations.py``: the shipped digit ViT, and the date seq2seq models.
+"""The tasks of ``benchmarks/explanations.py``: the shipped digit ViT, MiniLM sentence pairs, the date models.
+
+Sentence pairs (task b): consecutive sentences of 6 to 20 words from the same topic of Python's language
+reference (``pydoc_data``, real English shipped with Python), encoded by the shipped all-MiniLM-L6-v2 loaded
+into :class:`attnkit.models.BertModel`; the explained score is the cosine similarity of the two mean-pooled
+sentence embeddings (the model's sentence-transformers use). Inputs are ``(P, 2, L)`` token ids, padded with
+the pad id; a removed token becomes ``[UNK]``, while padding and ``[CLS]``/``[SEP]`` never change (their
+baseline is themselves) and rank last in every map.
 
 The date models are not shipped: :func:`date_models` trains the Bahdanau, Luong and Transformer models of
 ``attnkit ablate seq2seq`` (same task, sizes and training loop; a fixed budget of ``epochs`` epochs, seed 0) and
@@ -8,6 +15,7 @@ keeps their weights as safetensors in ``cache_dir`` so a second run reuses them.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +26,68 @@ from attnkit.ablation.seq2seq import build_seq2seq
 from attnkit.ablation.train import TrainConfig, fit, predict, seeded
 
 DATE_MODELS = ("additive", "luong", "transformer")
+
+
+def _markup(sentence: str) -> bool:
+    return any(mark in sentence for mark in ("::", "|", "+--", "==", ">>>", "***"))
+
+
+def sentence_pairs(count: int, *, seed: int = 0) -> list[tuple[str, str]]:
+    """``count`` pairs of consecutive sentences (6-20 words each) from one topic of the language reference."""
+    import random
+    import re
+    from pydoc_data.topics import topics
+
+    pairs = []
+    for _, body in sorted(topics.items()):
+        text = " ".join(line for line in body.splitlines() if line and not line.startswith(" "))
+        sents = [s for s in re.split(r"(?<=[.!?])\s+", text) if 6 <= len(s.split()) <= 20 and not _markup(s)]
+        pairs += list(zip(sents[::2], sents[1::2]))
+    random.Random(seed).shuffle(pairs)
+    return pairs[:count]
+
+
+@dataclass
+class PairTask:
+    """``ids`` ``(P, 2, L)``, ``baseline`` like it, ``units`` bool ``(P, 2, L)`` (tokens that can be removed)."""
+
+    model: torch.nn.Module
+    ids: torch.Tensor
+    baseline: torch.Tensor
+    units: torch.Tensor
+    pad_id: int
+
+
+def minilm_pairs(count: int) -> PairTask:
+    from transformers import AutoTokenizer
+
+    from attnkit.models import BertModel
+    from attnkit.text.models import default_model_dir
+
+    path = default_model_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    flat = [s for pair in sentence_pairs(count) for s in pair]
+    ids = tok(flat, padding=True, truncation=True, max_length=64, return_tensors="pt")["input_ids"]
+    ids = ids.reshape(len(flat) // 2, 2, -1)
+    special = torch.isin(ids, torch.tensor([tok.pad_token_id, tok.cls_token_id, tok.sep_token_id]))
+    baseline = torch.where(special, ids, torch.full_like(ids, tok.unk_token_id))
+    model = BertModel.from_pretrained(path).eval()
+    return PairTask(model, ids, baseline, ~special, tok.pad_token_id)
+
+
+def pair_embeddings(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """``(P, 2, E)`` mean-pooled embeddings of ``(P, 2, L)`` ids."""
+    flat = ids.reshape(-1, ids.shape[-1])
+    mask = (flat != pad_id).long()
+    hidden = model(flat, attention_mask=mask)
+    m = mask[..., None].to(hidden.dtype)
+    return ((hidden * m).sum(1) / m.sum(1)).reshape(*ids.shape[:2], -1)
+
+
+def pair_cosine(model, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """``(P,)`` cosine similarity of each pair's sentence embeddings (the explained score)."""
+    e = pair_embeddings(model, ids, pad_id)
+    return F.cosine_similarity(e[:, 0], e[:, 1], dim=-1)
 
 
 def date_task() -> DateTask:

@@ -28,11 +28,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from explanation_tasks import DATE_MODELS, date_exact_match, date_models, date_task
+from explanation_tasks import (
+    DATE_MODELS,
+    date_exact_match,
+    date_models,
+    date_task,
+    minilm_pairs,
+    pair_cosine,
+    pair_embeddings,
+)
 
 from attnkit.ablation.date_alignment import DIGIT_ROWS, gold_alignment, source_target_maps, teacher_inputs
 from attnkit.ablation.dates import UNK
-from attnkit.explain import attention_norms, capture, value_zeroing
+from attnkit.explain import attention_norms, capture, relevance, rollout, value_zeroing
 from attnkit.explain import saliency as ev
 from attnkit.explain.evaluate import EvaluationTask, evaluate
 from attnkit.explain.lrp import lrp
@@ -88,7 +96,13 @@ def lrp_conservation(num: int) -> dict[str, float]:
     images = DigitCanvases("test", num_canvases=num, seed=EVAL_SEED).images
     with torch.no_grad():
         target = model(images).argmax(-1)
-    return {rule: float(lrp(model, images, target, rule=rule).conservation.median()) for rule in ("attnlrp", "cp-lrp")}
+    return {
+        f"{rule} conserve={conserve}": float(
+            lrp(model, images, target, rule=rule, conserve=conserve).conservation.median()
+        )
+        for rule in ("attnlrp", "cp-lrp")
+        for conserve in (True, False)
+    }
 
 
 def digits_table(num: int, steps: int) -> dict:
@@ -114,6 +128,91 @@ def digits_table(num: int, steps: int) -> dict:
     )
     methods = _vit_methods(layout["num_prefix_tokens"], tuple(layout["grid"]), size)
     return evaluate(task, methods, metrics=METRICS)
+
+
+def _flat(x, pad_id):
+    ids = x.reshape(-1, x.shape[-1])
+    return {"input_ids": ids, "attention_mask": (ids != pad_id).long()}
+
+
+def _pair_score(x, pad_id, *, split: bool):
+    """``hidden (2P, L, E) -> `` the pair cosine ``(P,)``, or with ``split`` its LRP form ``(2P,)``: the uniform
+    rule on the product ``a · b`` with the norms constant (each sentence's score is half the cosine)."""
+    mask = (x.reshape(-1, x.shape[-1]) != pad_id)[..., None].float()
+
+    def score(hidden):
+        e = ((hidden * mask).sum(1) / mask.sum(1)).reshape(*x.shape[:2], -1)
+        a, b = e[:, 0], e[:, 1]
+        if not split:
+            return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        norms = (a.norm(dim=-1) * b.norm(dim=-1)).detach()
+        return (0.5 * torch.stack([(a * b.detach()).sum(-1), (a.detach() * b).sum(-1)], 1) / norms[:, None]).reshape(-1)
+
+    return score
+
+
+def _pair_lrp(model, x, pad_id, rule, conserve=True):
+    return lrp(model, _flat(x, pad_id), _pair_score(x, pad_id, split=True), rule=rule, conserve=conserve)
+
+
+def _text_methods(pad_id: int):
+    """Methods for ``(P, 2, L)`` sentence-pair ids: token scores ``(P, 2, L)`` for the pair's cosine similarity.
+
+    Maps ``(2P, L, L)`` (raw attention, rollouts, Chefer relevance) become token scores by averaging the rows of
+    the real tokens: the score is read from the mean of all token outputs.
+    """
+
+    def columns(maps, x):
+        real = (x.reshape(-1, x.shape[-1]) != pad_id).to(maps.dtype)
+        return ((maps * real[:, :, None]).sum(1) / real.sum(1, keepdim=True)).reshape(x.shape)
+
+    def captured(model, x):
+        with torch.no_grad(), capture(model) as rec:
+            model(**_flat(x, pad_id))
+        return rec.maps
+
+    def chefer(model, x):
+        return columns(relevance(model, _flat(x, pad_id), _pair_score(x, pad_id, split=False)).get(), x)
+
+    def lrp_method(rule):
+        return lambda m, x: _pair_lrp(m, x, pad_id, rule).relevance.float().reshape(x.shape)
+
+    return {
+        "raw attention (last layer)": lambda m, x: columns(captured(m, x)[-1].weights.mean(1), x),
+        "rollout": lambda m, x: columns(rollout(captured(m, x)), x),
+        "relevance (Chefer)": chefer,
+        "attention-norm rollout": lambda m, x: columns(attention_norms(m, _flat(x, pad_id)).rollout(), x),
+        "value-zeroing rollout": lambda m, x: columns(value_zeroing(m, _flat(x, pad_id)).rollout(), x),
+        "AttnLRP": lrp_method("attnlrp"),
+        "CP-LRP": lrp_method("cp-lrp"),
+        "random (baseline)": lambda m, x: torch.rand(x.shape, generator=torch.Generator().manual_seed(0)),
+    }
+
+
+def text_table(num: int, steps: int) -> tuple[dict, dict]:
+    task_data = minilm_pairs(num)
+    model, ids, pad = task_data.model, task_data.ids, task_data.pad_id
+    layers = [f"layers.{i}" for i in reversed(range(len(model.layers)))]
+    task = EvaluationTask(
+        model=model,
+        x=ids,
+        score_fn=lambda m, x: pair_cosine(m, x, pad),
+        baseline=task_data.baseline,
+        units_mask=task_data.units,
+        randomize=[*layers, "embeddings"],
+        steps=steps,
+    )
+    table = evaluate(task, _text_methods(pad), metrics=METRICS)
+    with torch.no_grad():
+        e = pair_embeddings(model, ids, pad)
+    facts = {"mean cosine": float(torch.nn.functional.cosine_similarity(e[:, 0], e[:, 1]).mean())}
+    for rule in ("attnlrp", "cp-lrp"):
+        for conserve in (True, False):
+            got = _pair_lrp(model, ids, pad, rule, conserve)
+            per_pair = got.relevance.sum(-1).reshape(len(ids), 2).sum(-1)
+            cos = got.logit.reshape(len(ids), 2).sum(-1)
+            facts[f"{rule} conserve={conserve}"] = float(((per_pair - cos).abs() / cos.abs()).median())
+    return table, facts
 
 
 def _date_methods(kind: str):
@@ -205,8 +304,10 @@ def markdown(table: dict, title: str) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=("digits", "text", "dates", "all"), default="all", help="which task(s) to run")
     p.add_argument("--quick", action="store_true", help="few inputs: a smoke run, not a result")
     p.add_argument("--canvases", type=int, default=100, help="digit canvases (default 100)")
+    p.add_argument("--pairs", type=int, default=40, help="sentence pairs (default 40)")
     p.add_argument("--per-length", type=int, default=40, help="date sources per length group (default 40)")
     p.add_argument("--lengths", type=int, default=4, help="date length groups (default 4)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/attnkit-explanations"), help="trained date models")
@@ -214,16 +315,22 @@ def main(argv=None) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    canvases, per_length, lengths, steps = (
-        (16, 6, 2, 8) if args.quick else (args.canvases, args.per_length, args.lengths, 64)
+    canvases, pairs, per_length, lengths, steps = (
+        (16, 4, 6, 2, 8) if args.quick else (args.canvases, args.pairs, args.per_length, args.lengths, 64)
     )
-    digits = digits_table(canvases, steps)
-    print(markdown(digits, f"(a) digit ViT, {canvases} held-out canvases"), "\n", flush=True)
-    print("LRP conservation error |sum R - logit| / |logit|, median:", lrp_conservation(canvases), flush=True)
-    dates, exact = dates_table(per_length, lengths, min(steps, 20), args.cache)
-    for name, table in dates.items():
-        title = f"(c) date model {name!r} (test exact match {100 * exact[name]:.1f}%)"
-        print(markdown(table, title), "\n", flush=True)
+    if args.task in ("digits", "all"):
+        digits = digits_table(canvases, steps)
+        print(markdown(digits, f"(a) digit ViT, {canvases} held-out canvases"), "\n", flush=True)
+        print("LRP conservation error |sum R - logit| / |logit|, median:", lrp_conservation(canvases), flush=True)
+    if args.task in ("text", "all"):
+        text, facts = text_table(pairs, min(steps, 20))
+        print(markdown(text, f"(b) all-MiniLM-L6-v2, {pairs} sentence pairs, score = cosine"), "\n", flush=True)
+        print("facts (LRP: median per-pair conservation error):", facts, flush=True)
+    if args.task in ("dates", "all"):
+        dates, exact = dates_table(per_length, lengths, min(steps, 20), args.cache)
+        for name, table in dates.items():
+            title = f"(c) date model {name!r} (test exact match {100 * exact[name]:.1f}%)"
+            print(markdown(table, title), "\n", flush=True)
     print(f"wall time {time.perf_counter() - t0:.0f} s")
 
 

@@ -51,6 +51,9 @@ class EvaluationTask:
             or ``None`` to skip it.
         steps: deletion/insertion steps.
         batch_size: items per ``score_fn`` call in the perturbation metrics.
+        units_mask: bool ``(B, *S)``, the units a method may rank (e.g. real tokens, not padding or ``[CLS]``),
+            or ``None`` for all: the others rank last in every map (their baseline should leave them unchanged)
+            and are left out of the randomisation correlation.
     """
 
     model: nn.Module
@@ -65,6 +68,7 @@ class EvaluationTask:
     randomize: Sequence[str] | None = None
     steps: int = 20
     batch_size: int | None = None
+    units_mask: Tensor | None = None
 
 
 @dataclass
@@ -110,12 +114,19 @@ def reinitialize(module: nn.Module, *, generator_seed: int = 0) -> None:
                         p.normal_(0.0, 0.02)
 
 
-def _spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Per-item Spearman correlation of ``(B, ...)`` maps (scipy); constant maps (undefined) count as 0."""
+def _spearman(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-item Spearman correlation of ``(B, ...)`` maps over the entries of ``mask`` (all when ``None``)
+    (scipy); constant maps (undefined) count as 0."""
     from scipy.stats import spearmanr
 
+    keep = torch.ones_like(a, dtype=torch.bool) if mask is None else mask.expand_as(a)
     out = []
-    for x, y in zip(a.reshape(len(a), -1).double().cpu().numpy(), b.reshape(len(b), -1).double().cpu().numpy()):
+    for x, y, k in zip(
+        a.reshape(len(a), -1).double().cpu().numpy(),
+        b.reshape(len(b), -1).double().cpu().numpy(),
+        keep.reshape(len(a), -1).cpu().numpy(),
+    ):
+        x, y = x[k], y[k]
         rho = spearmanr(x, y).statistic if x.std() > 0 and y.std() > 0 else 0.0
         out.append(float(rho))
     return torch.tensor(out, dtype=torch.float64)
@@ -130,6 +141,7 @@ def randomization_check(
     threshold: float = 0.5,
     to_units: Callable[[Tensor], Tensor] | None = None,
     seed: int = 0,
+    units_mask: Tensor | None = None,
 ) -> RandomizationResult:
     """Cascading randomisation: re-initialise ``layers`` one more at a time, top-down, and compare the maps.
 
@@ -144,6 +156,7 @@ def randomization_check(
             below it (Adebayo et al. judge by eye and by rank correlation; 0.5 is attnkit's mark).
         to_units: applied to each map before correlating (e.g. a grid upsampled to pixels); default none.
         seed: seeds the re-initialisation (step ``k`` uses ``seed + k``).
+        units_mask: bool, shaped like the maps: the entries correlated (default all).
 
     Returns:
         :class:`RandomizationResult`.
@@ -165,7 +178,7 @@ def randomization_check(
     rows = []
     for k, name in enumerate(layers):
         reinitialize(randomized.get_submodule(name), generator_seed=seed + k)
-        rows.append(_spearman(original, units(method(randomized, x)).detach()))
+        rows.append(_spearman(original, units(method(randomized, x)).detach(), units_mask))
     return RandomizationResult(list(layers), torch.stack(rows), float(threshold))
 
 
@@ -199,7 +212,13 @@ def evaluate(
     bad = [m for m in metrics if m not in known]
     if bad or not methods:
         raise ValueError(f"evaluate: unknown metrics {bad} (valid: {', '.join(known)}) or no methods")
-    units = task.to_units or (lambda m: m)
+    to_units = task.to_units or (lambda m: m)
+    if task.units_mask is None:
+        units = to_units
+    else:
+
+        def units(m: Tensor) -> Tensor:
+            return to_units(m).masked_fill(~task.units_mask, float("-inf"))
 
     def model_fn(x: Tensor) -> Tensor:
         return task.score_fn(task.model, x)
@@ -225,7 +244,15 @@ def evaluate(
             rows = list(task.alignment_rows) if task.alignment_rows is not None else slice(None)
             row["aer"] = float(alignment_error_rate(raw[:, rows], sure[:, rows], possible[:, rows], reduction="corpus"))
         if "randomization" in metrics and task.randomize:
-            check = randomization_check(method, task.model, task.x, task.randomize, threshold=threshold, to_units=units)
+            check = randomization_check(
+                method,
+                task.model,
+                task.x,
+                task.randomize,
+                threshold=threshold,
+                to_units=to_units,
+                units_mask=task.units_mask,
+            )
             row["randomization"] = check.final
             row["randomization_passed"] = check.passed
         table[name] = row

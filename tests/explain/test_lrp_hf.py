@@ -7,7 +7,7 @@ from transformers import AutoModel, AutoTokenizer
 from attnkit.explain.lrp import lrp
 from attnkit.integrations.transformers import register
 from attnkit.models.bert import BertModel
-from hf_tiny import _bert, _ids
+from hf_tiny import _bert, _ids, causal_lm
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,3 +69,25 @@ def test_minilm_through_hf_equals_attnkit_bert(minilm_dir):
         torch.testing.assert_close(a.logit, b.logit, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(a.relevance, b.relevance, rtol=1e-6, atol=1e-8)
         assert float(a.conservation.max()) < 1e-9 if conserve else float(a.conservation.min()) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_decoders_with_gated_mlps_conserve(name):
+    """Llama (RMSNorm, RoPE, grouped-query attention, gated SiLU MLP) and Qwen2 (q/k/v biases, sliding windows):
+    the next-token logit of a left-padded batch (benchmarks/lrp_lxt.py checks the same rules against lxt)."""
+    model = causal_lm(name).double()
+    model.set_attn_implementation("attnkit")
+    inputs = _ids(right=0)
+    with torch.no_grad():
+        token = model(**inputs).logits[:, -1].argmax(-1)
+
+    def score(out):
+        return out.logits[:, -1].gather(1, token[:, None])[:, 0]
+
+    for rule in ("attnlrp", "cp-lrp"):
+        got = lrp(model, inputs, score, rule=rule)
+        # transformers' RMSNorm computes in float32 even in a float64 model: the rule's linear map and the value
+        # it rewires differ by float32 rounding
+        assert float(got.conservation.max()) < 1e-6
+        assert float(got.relevance[inputs["attention_mask"] == 0].abs().max()) == 0.0
+    assert float(lrp(model, inputs, score, conserve=False).conservation.min()) > 1e-3

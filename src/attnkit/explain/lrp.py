@@ -7,7 +7,9 @@ the rules live in :mod:`attnkit.explain._lrp_rules` and never change a forward v
 * linear layers and additions (residuals): LRP-0, i.e. the plain gradient;
 * LayerNorm / RMSNorm: the deviation is a constant (Ali et al. 2022 LN-rule), so normalisation is linear;
 * element-wise activations (GELU, ReLU, SiLU, tanh, ...): the identity rule (Achtibat et al. 2024, Eq. 9),
-  ``∂̃f(h)/∂h = f(h) / h``;
+  ``∂̃f(h)/∂h = f(h) / h``; the product of a gated feed-forward block (``down_proj(act(gate_proj(x)) *
+  up_proj(x))``, Llama/Mistral/Qwen2/Gemma in Hugging Face): the uniform rule, half to each factor (CP-LRP:
+  the gate is a constant, as ``lxt`` does);
 * attention, ``"attnlrp"`` (Achtibat et al. 2024, ICML, Sec. 3.3): the softmax's own gradient, which in this
   form is the softmax rule of Prop. 3.1 (``R_i = x_i (R_i^out - s_i Σ_j R_j^out)``), and the uniform rule for the
   two bilinear products ``q kᵀ`` and ``A v`` (Prop. 3.2: each factor gets half): the gradients of the queries and
@@ -37,10 +39,10 @@ Where the rules are applied: attention calls are intercepted at attnkit's dispat
 float64-capable reference kernel (``"math"``): every :class:`attnkit.nn.MultiHeadAttention` and every Hugging
 Face model loaded with ``attn_implementation="attnkit"``; forward hooks on ``nn.LayerNorm``, ``nn.RMSNorm`` and
 Hugging Face ``*RMSNorm`` modules, activation modules (``torch.nn`` and ``transformers.activations``), the
-``linear1``/``linear2`` pair of attnkit's layers and (``conserve``) the outputs of biased ``nn.Linear`` and
-LayerNorm modules. All are removed on exit.
-Not covered: gated feed-forward blocks (``act(gate) * up``), convolutional patch stems (pixel relevance),
-encoder-decoder cross-attention. Relevance is read at the input of the first transformer layer: ``(B, L)``.
+``linear1``/``linear2`` pair of attnkit's layers, the ``down_proj`` of gated feed-forward blocks and
+(``conserve``) the outputs of biased ``nn.Linear`` and LayerNorm modules. All are removed on exit. Not
+covered: convolutional patch stems (pixel relevance), encoder-decoder cross-attention. Relevance is read at the
+input of the first transformer layer: ``(B, L)``.
 """
 
 from __future__ import annotations
@@ -103,8 +105,8 @@ def _is_activation(m: nn.Module) -> bool:
     return isinstance(m, _ACTIVATIONS) or type(m).__module__ == "transformers.activations"
 
 
-def _install(model: nn.Module, stack: ExitStack) -> None:
-    """Forward hooks for the normalisation and activation rules."""
+def _install(model: nn.Module, stack: ExitStack, rule: str) -> None:
+    """Forward hooks for the normalisation, activation and gating rules."""
 
     def norm_hook(m, args, out):
         return rules.layer_norm_rule(args[0], out, len(m.normalized_shape), m.eps, m.weight)
@@ -116,6 +118,12 @@ def _install(model: nn.Module, stack: ExitStack) -> None:
     def act_hook(_m, args, out):
         return rules.identity_rule(args[0], out)
 
+    def product_hook(_m, args):  # down_proj(act(gate) * up): the uniform rule, half to each factor
+        return (rules.scale_grad(args[0], 0.5), *args[1:])
+
+    def constant_gate(_m, _args, out):  # CP-LRP: the gate is a constant, as the attention weights
+        return out.detach()
+
     for m in model.modules():
         if isinstance(m, nn.LayerNorm):
             stack.callback(m.register_forward_hook(norm_hook).remove)
@@ -123,6 +131,11 @@ def _install(model: nn.Module, stack: ExitStack) -> None:
             stack.callback(m.register_forward_hook(rms_hook).remove)
         elif _is_activation(m):
             stack.callback(m.register_forward_hook(act_hook).remove)
+        if all(isinstance(getattr(m, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
+            if rule == "cp-lrp":
+                stack.callback(m.gate_proj.register_forward_hook(constant_gate).remove)
+            else:
+                stack.callback(m.down_proj.register_forward_pre_hook(product_hook).remove)
         if isinstance(m, TransformerEncoderLayer):
             _encoder_activation(m, stack)
 
@@ -280,7 +293,7 @@ def lrp(
 
     with ExitStack() as stack, torch.enable_grad():
         stack.callback(first.register_forward_pre_hook(leaf, with_kwargs=True).remove)
-        _install(model, stack)
+        _install(model, stack, rule)
         biases = _BiasRelevance(start)
         if conserve:
             biases.install(model, stack)

@@ -10,17 +10,20 @@ from hypothesis import strategies as st
 import attnkit
 from attn_reference import reference_attention
 from attnkit import sparse
-from attnkit.backends import blocksparse
+from attnkit.backends import blocksparse, flash_core, flash_fused
 from attnkit.functional.spec import make_spec
 
 FLOAT64 = {"atol": 1e-10, "rtol": 1e-9}
 
 
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """At most 2 key blocks per tile and few query blocks per batch: exercises chunking and sub-batching."""
+@pytest.fixture(params=["fused", "explicit"])
+def small_tiles(monkeypatch, request):
+    """At most 2 key blocks per chunk and few query blocks per step: exercises chunking and sub-batching, on
+    the fused step (where a call allows it) and on the explicit online softmax."""
     monkeypatch.setattr(blocksparse, "MAX_TILE_COLS", 8)
-    monkeypatch.setattr(blocksparse, "TILE_ELEMENTS", 256)
+    monkeypatch.setattr(flash_core, "STEP_SCORES", 256)
+    monkeypatch.setattr(flash_core, "FUSED_STEP_BYTES", 2 * 8 * 12 * 8 * 8)
+    monkeypatch.setattr(flash_fused, "enabled", request.param == "fused")
 
 
 def _loss_grads(out, lse, inputs):
@@ -121,7 +124,7 @@ def test_only_visited_blocks_are_computed():
     mask = sparse.sliding_window(L, window_size=100, block_size=bs)
     q = torch.randn(1, 1, L, 4)
     sched = blocksparse.BlockSparseSchedule(make_spec(q, q, q, block_mask=mask), mask)
-    pairs = sum(ch.index.q_idx.numel() * ch.index.kv_idx.shape[1] for g in sched.groups() for ch in g.chunks)
+    pairs = sum(ch.index.q_idx.numel() * ch.index.kv_idx.shape[1] for st in sched.steps() for ch in st.chunks)
     assert pairs == int(mask.visited.sum()) * bs * bs
     assert pairs < 0.35 * (16 * bs) ** 2
     assert abs(mask.density() - pairs / L**2) < 0.05  # density counts the real (unpadded) area

@@ -15,17 +15,20 @@ from hypothesis import strategies as st
 import attnkit
 from attn_reference import assert_close_to_reference, naive_low_precision, reference_attention
 from attn_strategies import attention_case
-from attnkit.backends import tiled
+from attnkit.backends import flash_core, flash_fused, tiled
 
 FLOAT64 = {"atol": 1e-10, "rtol": 1e-9}
 
 
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """Tiles of 3 query rows x 4 key columns."""
+@pytest.fixture(params=["fused", "explicit"])
+def small_tiles(monkeypatch, request):
+    """Query blocks of 3 rows, key chunks of 4 columns, steps of a few blocks; the fused step (where a call
+    allows it) and the explicit online softmax."""
     monkeypatch.setattr(tiled, "MAX_BLOCK_KV", 4)
-    monkeypatch.setattr(tiled, "MIN_BLOCK_Q", 3)
-    monkeypatch.setattr(tiled, "TILE_ELEMENTS", 1)
+    monkeypatch.setattr(tiled, "BLOCK_Q", 3)
+    monkeypatch.setattr(flash_core, "STEP_SCORES", 3 * 4 * 8)
+    monkeypatch.setattr(flash_core, "FUSED_STEP_BYTES", 2 * 8 * 4 * 8 * 8)
+    monkeypatch.setattr(flash_fused, "enabled", request.param == "fused")
 
 
 def _grads(out, lse, inputs, seed=0):

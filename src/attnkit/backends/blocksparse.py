@@ -23,17 +23,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.backends.flash_core import Chunk, Group, check_alibi_grad, flash_attention
+from attnkit.backends.flash_core import (
+    FUSED_STEP_BYTES,
+    STEP_SCORES,
+    Step,
+    blocks_per_step,
+    check_alibi_grad,
+    make_chunk,
+)
+from attnkit.backends.flash_fused import run
 from attnkit.functional.block_mask import BlockMask
 from attnkit.functional.registry import ALL_OPTIONS, Backend, register
 from attnkit.functional.spec import AttentionSpec
-from attnkit.functional.tiles import TileIndex, TileSetup
+from attnkit.functional.tiles import TileSetup
 from attnkit.sparse.layouts import sliding_window
 
 __all__ = ["BlockSparseSchedule", "blocksparse_attention", "effective_block_mask"]
 
-#: Target score elements per tile (all heads, all batched query blocks).
-TILE_ELEMENTS = 1 << 21
 #: Largest number of key columns gathered per query block and tile.
 MAX_TILE_COLS = 1024
 #: ``auto`` picks blocksparse for a plain sliding window when it visits at most this fraction of blocks ...
@@ -76,60 +82,44 @@ def effective_block_mask(spec: AttentionSpec) -> BlockMask:
 
 
 class BlockSparseSchedule:
-    """Tiles of a :class:`BlockMask`: batches of query blocks with equal visit counts, gathered key blocks."""
+    """Steps of a :class:`BlockMask`: query blocks with equal visit counts batched (as many as the step budget
+    allows), their visited key blocks gathered with one index; on the explicit path a row's key blocks are
+    walked in chunks of at most ``MAX_TILE_COLS`` columns, on the fused path all at once."""
 
-    def __init__(self, spec: AttentionSpec, mask: BlockMask):
-        self.mask, self.bs = mask, mask.block_size
-        self.G = spec.num_heads // spec.num_kv_heads
-        nq, nk = mask.visited.shape
-        self.nq, self.nk = nq, nk
-        self.q_pad, self.kv_pad = nq * self.bs - spec.q_len, nk * self.bs - spec.kv_len
+    def __init__(self, spec: AttentionSpec, mask: BlockMask, *, fused: bool = False):
+        self.spec, self.mask, self.fused = spec, mask, fused
+        self.block_q = mask.block_size
+        self.num_q_blocks = mask.visited.shape[0]
         self.heads = max(1, spec.query[..., 0, 0].numel())
-        self._groups: list[Group] | None = None
+        self._steps: list[Step] | None = None
 
-    def groups(self) -> list[Group]:
-        if self._groups is not None:
-            return self._groups
-        bs, out = self.bs, []
+    def steps(self) -> list[Step]:
+        if self._steps is not None:
+            return self._steps
+        bs, spec, steps = self.block_q, self.spec, []
         offs = torch.arange(bs, device=self.mask.device)
         for lg in self.mask.groups():
             n_total = lg.kv_blocks.shape[1]
-            per_chunk = max(1, min(n_total, MAX_TILE_COLS // bs))
-            n_sub = max(1, TILE_ELEMENTS // (self.heads * bs * per_chunk * bs))
+            if self.fused:
+                per_chunk = n_total
+                cost = 2 * self.heads * n_total * bs * spec.query.shape[-1] * spec.query.element_size()
+                n_sub = blocks_per_step(len(lg.q_blocks), cost, FUSED_STEP_BYTES)
+            else:
+                per_chunk = max(1, min(n_total, MAX_TILE_COLS // bs))
+                n_sub = blocks_per_step(len(lg.q_blocks), self.heads * bs * per_chunk * bs, STEP_SCORES)
             for i0 in range(0, len(lg.q_blocks), n_sub):
                 qb = lg.q_blocks[i0 : i0 + n_sub]
+                first, last = int(qb[0]), int(qb[-1])
+                step = Step(qb, first if last - first == len(qb) - 1 else None)
                 q_idx = qb[:, None] * bs + offs  # (N, bs)
-                g = Group(where=qb, q_idx=q_idx, q_range=None)
                 for c0 in range(0, n_total, per_chunk):
                     kb = lg.kv_blocks[i0 : i0 + n_sub, c0 : c0 + per_chunk]
                     kv_idx = (kb[:, :, None] * bs + offs).flatten(1)
                     keep = None if lg.keep is None else lg.keep[i0 : i0 + n_sub, :, c0 * bs : c0 * bs + kv_idx.shape[1]]
-                    g.chunks.append(Chunk(TileIndex(q_idx, kv_idx), where=kb, keep=keep))
-                out.append(g)
-        self._groups = out
-        return out
-
-    def load_q(self, x5: Tensor, group: Group) -> Tensor:
-        B, Hkv, G, _, X = x5.shape
-        t = x5.unflatten(3, (self.nq, self.bs)).index_select(3, group.where)  # (B, Hkv, G, N, bs, X)
-        return t.transpose(2, 3).reshape(B, Hkv, len(group.where), G * self.bs, X)
-
-    def store_q(self, dst5: Tensor, group: Group, val: Tensor) -> None:
-        B, Hkv, G, _, X = dst5.shape
-        src = val.view(B, Hkv, len(group.where), G, self.bs, X).transpose(2, 3)
-        dst5.view(B, Hkv, G, self.nq, self.bs, X).index_copy_(3, group.where, src)
-
-    def load_kv(self, x4: Tensor, chunk: Chunk) -> Tensor:
-        B, Hkv, _, X = x4.shape
-        kb = chunk.where
-        t = x4.unflatten(2, (self.nk, self.bs)).index_select(2, kb.flatten())
-        return t.view(B, Hkv, kb.shape[0], kb.shape[1] * self.bs, X)
-
-    def add_kv(self, dst4: Tensor, chunk: Chunk, val: Tensor) -> None:
-        B, Hkv, _, X = dst4.shape
-        kb = chunk.where
-        src = val.reshape(B, Hkv, kb.numel(), self.bs, X)
-        dst4.view(B, Hkv, self.nk, self.bs, X).index_add_(2, kb.flatten(), src)
+                    step.chunks.append(make_chunk(q_idx, kv_idx, spec.kv_len, keep))
+                steps.append(step)
+        self._steps = steps
+        return steps
 
 
 def blocksparse_attention(spec: AttentionSpec) -> tuple[Tensor, None, Tensor | None]:
@@ -140,7 +130,7 @@ def blocksparse_attention(spec: AttentionSpec) -> tuple[Tensor, None, Tensor | N
     """
     mask = effective_block_mask(spec)
     setup = TileSetup(spec, positional=False, block_mask_elements=False)
-    out, lse = flash_attention(setup, BlockSparseSchedule(spec, mask))
+    out, lse = run(setup, lambda fused: BlockSparseSchedule(spec, mask, fused=fused))
     return out, None, (lse if spec.return_lse else None)
 
 

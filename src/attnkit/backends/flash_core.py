@@ -24,51 +24,120 @@ from torch import Tensor
 from attnkit.functional.spec import AttentionSpec
 from attnkit.functional.tiles import TileIndex, TileSetup, reshape_qkv
 
-__all__ = ["Chunk", "Group", "Schedule", "check_alibi_grad", "flash_attention"]
+__all__ = [
+    "Chunk",
+    "Schedule",
+    "Step",
+    "add_kv",
+    "blocks_per_step",
+    "check_alibi_grad",
+    "flash_attention",
+    "load_kv",
+    "load_q",
+    "make_chunk",
+    "store_q",
+]
 
 
 @dataclass
 class Chunk:
-    """One tile's key columns: where they are (``index``) and how the schedule finds them (``where``)."""
+    """The key columns of one step: ``index.kv_idx (N, c)`` absolute positions per query block (possibly past
+    the end of the keys: padding), ``gather (N·c,)`` the rows actually loaded (clamped into ``[0, Lk)``) and
+    ``keep``, the schedule's structural mask broadcastable to ``(N, r, c)`` (layout blocks, padding) or None."""
 
     index: TileIndex
-    where: object
-    keep: Tensor | None = None  # extra bool mask (N, r, c) from a block layout, or None
+    gather: Tensor
+    keep: Tensor | None = None
 
 
 @dataclass
-class Group:
-    """A set of ``N`` query blocks of ``r`` rows processed together, with their key chunks."""
+class Step:
+    """``N`` query blocks of ``r`` rows processed together: ``q_blocks (N,)`` block numbers (``q_start``,
+    ``q_start + 1``, ... when ``q_start`` is not None: loads and stores are slices), with their key chunks."""
 
-    where: object
-    q_idx: Tensor
-    q_range: tuple[int, int] | None
+    q_blocks: Tensor
+    q_start: int | None
     chunks: list[Chunk] = field(default_factory=list)
+
+    @property
+    def q_idx(self) -> Tensor:
+        return self.chunks[0].index.q_idx
 
 
 class Schedule(Protocol):
-    """How tiles are laid out. ``x5`` tensors are ``(B, Hkv, G, Lq_padded, X)``, ``x4`` ``(B, Hkv, Lk_padded, X)``."""
+    """Which tiles exist: query blocks of ``block_q`` rows (``num_q_blocks`` of them, the last padded), batched
+    into :class:`Step` s. The number of steps and chunks, not the number of tiles, sets the operation count."""
 
-    q_pad: int
-    kv_pad: int
+    block_q: int
+    num_q_blocks: int
 
-    def groups(self) -> list[Group]: ...
-
-    def load_q(self, x5: Tensor, group: Group) -> Tensor: ...  # -> (B, Hkv, N, G*r, X)
-
-    def store_q(self, dst5: Tensor, group: Group, val: Tensor) -> None: ...
-
-    def load_kv(self, x4: Tensor, chunk: Chunk) -> Tensor: ...  # -> (B, Hkv, N, c, X)
-
-    def add_kv(self, dst4: Tensor, chunk: Chunk, val: Tensor) -> None: ...
+    def steps(self) -> list[Step]: ...
 
 
-def _pad(t: Tensor, extra: int, dim: int) -> Tensor:
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+def make_chunk(q_idx: Tensor, kv_idx: Tensor, kv_len: int, keep: Tensor | None = None) -> Chunk:
+    """A chunk of absolute key positions ``kv_idx (N, c)``; positions ``>= kv_len`` are masked out."""
+    gather = kv_idx.clamp(max=kv_len - 1).flatten()
+    if int(kv_idx.max()) >= kv_len:
+        inside = (kv_idx < kv_len).unsqueeze(1)  # (N, 1, c)
+        keep = inside if keep is None else keep & inside
+    return Chunk(TileIndex(q_idx, kv_idx), gather, keep)
+
+
+def load_q(x5: Tensor, step: Step, block_q: int) -> Tensor:
+    """Rows of the step's query blocks of a padded ``(B, Hkv, G, nq·r, X)`` tensor as ``(B, Hkv, N, G·r, X)``."""
+    B, Hkv, G, _, X = x5.shape
+    t = x5.unflatten(3, (-1, block_q))
+    n = len(step.q_blocks)
+    t = t[:, :, :, step.q_start : step.q_start + n] if step.q_start is not None else t.index_select(3, step.q_blocks)
+    if G == 1:
+        return t.view(B, Hkv, n, block_q, X) if t.is_contiguous() else t.reshape(B, Hkv, n, block_q, X)
+    return t.transpose(2, 3).reshape(B, Hkv, n, G * block_q, X)
+
+
+def store_q(dst5: Tensor, step: Step, block_q: int, val: Tensor) -> None:
+    """Write ``val (B, Hkv, N, G·r, X)`` into the step's query blocks of ``dst5 (B, Hkv, G, nq·r, X)``."""
+    B, Hkv, G, _, X = dst5.shape
+    n = len(step.q_blocks)
+    src = val.view(B, Hkv, n, G, block_q, X).transpose(2, 3)
+    dst = dst5.view(B, Hkv, G, -1, block_q, X)
+    if step.q_start is not None:
+        dst[:, :, :, step.q_start : step.q_start + n] = src
+    else:
+        dst.index_copy_(3, step.q_blocks, src)
+
+
+def load_kv(x4: Tensor, chunk: Chunk) -> Tensor:
+    """The chunk's key/value rows of ``x4 (B, Hkv, Lk, X)`` as ``(B, Hkv, N, c, X)``: one gather."""
+    n, c = chunk.index.kv_idx.shape
+    return x4.index_select(2, chunk.gather).view(x4.shape[0], x4.shape[1], n, c, x4.shape[-1])
+
+
+def add_kv(dst4: Tensor, chunk: Chunk, val: Tensor) -> None:
+    """Scatter-add ``val (B, Hkv, N, c, X)`` into the chunk's rows of ``dst4 (B, Hkv, Lk, X)``: one op."""
+    dst4.index_add_(2, chunk.gather, val.reshape(dst4.shape[0], dst4.shape[1], -1, dst4.shape[-1]))
+
+
+#: Score elements (all heads, all query blocks of a step) per chunk of the explicit path: 32 MiB of float32.
+STEP_SCORES = 1 << 23
+#: Bytes of gathered keys and values per step of the fused path.
+FUSED_STEP_BYTES = 1 << 26
+#: When the rows of a step need different numbers of keys (causal), a step covers at most 1/MIN_STEPS of the
+#: query blocks, which bounds the padded work to about 1/MIN_STEPS of the work done.
+MIN_STEPS = 8
+
+
+def blocks_per_step(num_blocks: int, cost_per_block: int, budget: int, *, varying: bool = False) -> int:
+    """How many query blocks a step batches: as many as ``budget`` allows (at least one)."""
+    n = budget // max(1, cost_per_block)
+    if varying:
+        n = min(n, -(-num_blocks // MIN_STEPS))
+    return max(1, min(n, num_blocks))
+
+
+def _pad_rows(t: Tensor, rows: int, value: float = 0.0) -> Tensor:
+    """``t (..., L, X)`` padded with ``value`` to ``rows`` rows along dim -2."""
+    extra = rows - t.shape[-2]
+    return t if extra == 0 else torch.nn.functional.pad(t, (0, 0, 0, extra), value=value)
 
 
 def check_alibi_grad(spec: AttentionSpec) -> str | None:
@@ -78,90 +147,90 @@ def check_alibi_grad(spec: AttentionSpec) -> str | None:
     return None
 
 
-def _scores(setup: TileSetup, qt: Tensor, kt: Tensor, n: int, r: int) -> Tensor:
-    """Scaled scores ``(B, Hkv, N, G, r, c)`` in the accumulation dtype (``qt`` prepared by the setup)."""
-    return setup.logits(qt, kt, n, r)
-
-
 def _dropout_keep(setup: TileSetup, shape, seed: int, tile: int, device) -> Tensor:
     gen = torch.Generator(device=device)
     gen.manual_seed((seed + 1_000_003 * tile) % (2**63 - 1))
     return torch.rand(shape, generator=gen, device=device) >= setup.dropout_p
 
 
+def _chunk_logits(setup: TileSetup, qt: Tensor, kt: Tensor, ch: Chunk, n: int, r: int) -> Tensor:
+    """Final logits ``(B, Hkv, N, G, r, c)`` of one chunk (the schedule's keep and-ed into the call's terms)."""
+    extra = None if ch.keep is None else ch.keep.unsqueeze(1).unsqueeze(0).unsqueeze(0)
+    return setup.masked_logits(setup.logits(qt, kt, n, r), ch.index, extra)
+
+
 def _forward(setup: TileSetup, sched: Schedule, q5: Tensor, k4: Tensor, v4: Tensor, seed: int):
     """Returns ``out5 (B, Hkv, G, Lq, Dv)`` in the value dtype and ``lse5 (B, Hkv, G, Lq, 1)``."""
     B, Hkv, G, Lq, _ = q5.shape
-    Dv = v4.shape[-1]
-    qp = _pad(setup.prepare_query(q5), sched.q_pad, 3)
-    kp, vp = _pad(setup.prepare_kv(k4), sched.kv_pad, 2), _pad(setup.prepare_kv(v4), sched.kv_pad, 2)
-    out = torch.zeros((B, Hkv, G, qp.shape[3], Dv), dtype=setup.acc, device=q5.device)
-    lse = torch.full((B, Hkv, G, qp.shape[3], 1), float("-inf"), dtype=setup.acc, device=q5.device)
+    Dv, r = v4.shape[-1], sched.block_q
+    rows = sched.num_q_blocks * r
+    qp = _pad_rows(setup.prepare_query(q5), rows)
+    kp, vp = setup.prepare_kv(k4), setup.prepare_kv(v4)
+    out = torch.zeros((B, Hkv, G, rows, Dv), dtype=setup.acc, device=q5.device)
+    lse = torch.full((B, Hkv, G, rows, 1), float("-inf"), dtype=setup.acc, device=q5.device)
     inv_keep = 1.0 / (1.0 - setup.dropout_p)
     tile = 0
-    for g in sched.groups():
-        n, r = g.q_idx.shape
-        qt = sched.load_q(qp, g)
+    for st in sched.steps():
+        n = len(st.q_blocks)
+        qt = load_q(qp, st, r)
         m = acc = l_sum = None
-        for ch in g.chunks:
-            extra = None if ch.keep is None else ch.keep.view(1, 1, n, 1, r, -1)
-            s = setup.masked_logits(_scores(setup, qt, sched.load_kv(kp, ch), n, r), ch.index, extra)
+        for ch in st.chunks:
+            s = _chunk_logits(setup, qt, load_kv(kp, ch), ch, n, r)
             if setup.score_mod is not None:
                 s = s.clone()  # the result may alias its inputs (score_mod); the steps below work in place
             m_new = s.amax(-1, keepdim=True)
             if m is not None:
                 m_new = torch.maximum(m, m_new)
-            m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+            m_safe = m_new.nan_to_num(neginf=0.0)  # a row with nothing kept yet: subtract 0
             p = s.sub_(m_safe).exp_()  # (B, Hkv, N, G, r, c); masked entries are exp(-inf) = 0
             row = p.sum(-1, keepdim=True)
             pd = p * _dropout_keep(setup, p.shape, seed, tile, p.device) * inv_keep if setup.dropout_p > 0 else p
-            vt = sched.load_kv(vp, ch)
-            pv = torch.matmul(pd.view(B, Hkv, n, G * r, -1), vt)
+            pv = torch.matmul(pd.view(B, Hkv, n, G * r, -1), load_kv(vp, ch))
             if m is None:
                 acc, l_sum = pv, row
             else:
-                alpha = torch.exp(m - m_safe)  # m = -inf -> 0
-                l_sum = l_sum * alpha + row
+                alpha = torch.exp(m - m_new)  # m = -inf -> 0; both -inf -> nan, but then l_sum = acc = 0
+                alpha = alpha.nan_to_num_(nan=0.0)
+                l_sum = l_sum.mul_(alpha).add_(row)
                 acc = acc.mul_(alpha.view(B, Hkv, n, G * r, 1)).add_(pv)
-            m = m_safe.masked_fill(torch.isneginf(m_new), float("-inf"))
+            m = m_new
             tile += 1
         if m is None:
             continue
-        nonempty = l_sum > 0
-        safe_l = torch.where(nonempty, l_sum, torch.ones_like(l_sum))
-        o = acc / safe_l.view(B, Hkv, n, G * r, 1)
-        lse_t = torch.where(nonempty, m + torch.log(safe_l), torch.full_like(m, float("-inf")))
-        sched.store_q(out, g, o)
-        sched.store_q(lse, g, lse_t.view(B, Hkv, n, G * r, 1))
+        # Rows with nothing kept: l_sum = 0 -> output 0, lse = m + log 0 = -inf (m is finite or -inf).
+        o = acc.div_(l_sum.view(B, Hkv, n, G * r, 1).clamp(min=torch.finfo(setup.acc).tiny))
+        lse_t = m.nan_to_num(neginf=0.0).add_(l_sum.log())
+        store_q(out, st, r, o)
+        store_q(lse, st, r, lse_t.view(B, Hkv, n, G * r, 1))
     return out[:, :, :, :Lq].to(v4.dtype), lse[:, :, :, :Lq]
 
 
 def _backward(setup, sched, q5, k4, v4, out5, lse5, dout5, dlse5, seed):
     """Gradients ``dq5, dk4, dv4`` (input dtypes) and the float-term gradients."""
     B, Hkv, G, Lq, _D = q5.shape
-    acc = setup.acc
+    acc, r = setup.acc, sched.block_q
+    rows = sched.num_q_blocks * r
     delta = (dout5.to(acc) * out5.to(acc)).sum(-1, keepdim=True)  # (B, Hkv, G, Lq, 1)
     if dlse5 is not None:
         delta = delta - dlse5.to(acc)
-    lse_safe = torch.where(torch.isneginf(lse5), torch.zeros_like(lse5), lse5)
-    qp, dop = _pad(setup.prepare_query(q5), sched.q_pad, 3), _pad(dout5.to(acc), sched.q_pad, 3)
-    lp, deltap = _pad(lse_safe, sched.q_pad, 3), _pad(delta, sched.q_pad, 3)
-    kp, vp = _pad(setup.prepare_kv(k4), sched.kv_pad, 2), _pad(setup.prepare_kv(v4), sched.kv_pad, 2)
+    qp, dop = _pad_rows(setup.prepare_query(q5), rows), _pad_rows(dout5.to(acc), rows)
+    lp, deltap = _pad_rows(lse5.nan_to_num(neginf=0.0), rows, float("inf")), _pad_rows(delta, rows)  # p = 0 on pads
+    kp, vp = setup.prepare_kv(k4), setup.prepare_kv(v4)
     dq = torch.zeros(qp.shape, dtype=acc, device=q5.device)
     dk = torch.zeros(kp.shape, dtype=acc, device=q5.device)
     dv = torch.zeros(vp.shape, dtype=acc, device=q5.device)
     bias_bufs = setup.bias_grad_buffers()
     inv_keep = 1.0 / (1.0 - setup.dropout_p)
     tile = 0
-    for g in sched.groups():
-        n, r = g.q_idx.shape
-        qt, dot = sched.load_q(qp, g), sched.load_q(dop, g)
-        lse_t = sched.load_q(lp, g).view(B, Hkv, n, G, r, 1)
-        delta_t = sched.load_q(deltap, g).view(B, Hkv, n, G, r, 1)
+    for st in sched.steps():
+        n = len(st.q_blocks)
+        qt, dot = load_q(qp, st, r), load_q(dop, st, r)
+        lse_t = load_q(lp, st, r).view(B, Hkv, n, G, r, 1)
+        delta_t = load_q(deltap, st, r).view(B, Hkv, n, G, r, 1)
         dq_t = None
-        for ch in g.chunks:
-            kt, vt = sched.load_kv(kp, ch), sched.load_kv(vp, ch)
-            s_raw = _scores(setup, qt, kt, n, r)
+        for ch in st.chunks:
+            kt, vt = load_kv(kp, ch), load_kv(vp, ch)
+            s_raw = setup.logits(qt, kt, n, r)
             if setup.score_mod is not None:
                 s_raw.requires_grad_(True)
                 with torch.enable_grad():
@@ -170,22 +239,23 @@ def _backward(setup, sched, q5, k4, v4, out5, lse5, dout5, dlse5, seed):
                 s_mod = setup.transform(s_raw, ch.index)
             bias, keep = setup.terms(ch.index)
             if ch.keep is not None:
-                extra = ch.keep.view(1, 1, n, 1, r, -1)
+                extra = ch.keep.unsqueeze(1).unsqueeze(0).unsqueeze(0)
                 keep = extra if keep is None else keep & extra
             s = s_mod.detach()
             if bias is not None:
                 s = s + bias
             if keep is not None:
                 s = s.masked_fill(~keep, float("-inf"))
-            p = torch.exp(s - lse_t)  # (B, Hkv, N, G, r, c)
-            dp = torch.matmul(dot, vt.transpose(-1, -2)).to(acc).view(p.shape)
+            elif bias is None and s_mod is not s_raw:
+                s = s.clone()  # s_mod (and what score_mod saved) is still needed below
+            p = s.sub_(lse_t).exp_()  # (B, Hkv, N, G, r, c); a fresh tensor or the unused raw scores
+            dp = torch.matmul(dot, vt.transpose(-1, -2)).view(p.shape)
             if setup.dropout_p > 0:
                 z = _dropout_keep(setup, p.shape, seed, tile, p.device) * inv_keep
                 pd, dp = p * z, dp * z
             else:
                 pd = p
-            pd = pd.view(B, Hkv, n, G * r, -1)
-            sched.add_kv(dv, ch, torch.matmul(pd.transpose(-1, -2), dot))
+            add_kv(dv, ch, torch.matmul(pd.view(B, Hkv, n, G * r, -1).transpose(-1, -2), dot))
             ds = p.mul_(dp.sub_(delta_t))
             setup.accumulate_bias_grad(bias_bufs, ds, ch.index)
             if setup.score_mod is not None:
@@ -196,13 +266,12 @@ def _backward(setup, sched, q5, k4, v4, out5, lse5, dout5, dlse5, seed):
             ds = ds.view(B, Hkv, n, G * r, -1)
             part = torch.matmul(ds, kt)
             dq_t = part if dq_t is None else dq_t.add_(part)
-            sched.add_kv(dk, ch, torch.matmul(ds.transpose(-1, -2), qt))
+            add_kv(dk, ch, torch.matmul(ds.transpose(-1, -2), qt))
             tile += 1
         if dq_t is not None:
-            sched.store_q(dq, g, dq_t)
-    Lk = k4.shape[2]
+            store_q(dq, st, r, dq_t)
     dq.mul_(setup.scale)
-    grads = (dq[:, :, :, :Lq].to(q5.dtype), dk[:, :, :Lk].to(k4.dtype), dv[:, :, :Lk].to(v4.dtype))
+    grads = (dq[:, :, :, :Lq].to(q5.dtype), dk.to(k4.dtype), dv.to(v4.dtype))
     return grads, setup.bias_grads(bias_bufs)
 
 

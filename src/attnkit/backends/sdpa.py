@@ -26,9 +26,10 @@ from attnkit.functional.registry import Backend, register
 from attnkit.functional.spec import AttentionSpec, lse_dtype
 from attnkit.functional.tiles import TileSetup, to_heads, whole
 
-__all__ = ["sdpa_attention"]
+__all__ = ["CPU_FLASH", "kernel_mask_from_keep", "sdpa_attention"]
 
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+#: ``aten::_scaled_dot_product_flash_attention_for_cpu`` (returns ``(output, logsumexp)``), or None.
+CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _HAS_ENABLE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -51,7 +52,7 @@ def _use_cpu_flash(spec: AttentionSpec) -> bool:
         spec.return_lse
         and use_cpu_flash_op
         and not _needs_grad(spec)
-        and _CPU_FLASH is not None
+        and CPU_FLASH is not None
         and spec.query.device.type == "cpu"
         and spec.query.shape[-1] == spec.value.shape[-1]
         and spec.dropout_p == 0.0  # the CPU flash op raises for dropout > 0
@@ -84,6 +85,15 @@ def _as_4d(t: Tensor) -> Tensor:
     return t.reshape((-1, *tuple(t.shape[-3:])))
 
 
+def kernel_mask_from_keep(keep: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A bool keep-mask ``(..., Lq, Lk)`` as the fused kernel's additive mask (0 / ``-inf``) in ``dtype``, with
+    rows that keep nothing left unmasked (so the kernel never divides by zero), and those rows ``(..., Lq, 1)``:
+    the caller zeroes their output and sets their lse to ``-inf``."""
+    empty = ~keep.any(dim=-1, keepdim=True)
+    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~(keep | empty), -torch.inf)
+    return mask, empty
+
+
 def _kernel_mask(spec: AttentionSpec) -> tuple[Tensor | None, bool, Tensor | None]:
     """``(mask (B'|1, H|1, Lq|1, Lk) in the query dtype or None, pass is_causal to torch, empty-row flags or None)``.
 
@@ -101,8 +111,7 @@ def _kernel_mask(spec: AttentionSpec) -> tuple[Tensor | None, bool, Tensor | Non
     if keep is not None:
         keep = to_heads(keep, setup.Hkv, setup.G)
     if bias is None:
-        empty = ~keep.any(dim=-1, keepdim=True)
-        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~(keep | empty), -torch.inf)
+        mask, empty = kernel_mask_from_keep(keep, dtype)
     else:
         mask = to_heads(bias, setup.Hkv, setup.G).to(dtype)
         if keep is not None:
@@ -123,7 +132,7 @@ def sdpa_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor |
     q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
     lse = None
     if _use_cpu_flash(spec):
-        out, lse = _CPU_FLASH(q4, k4, v4, spec.dropout_p, torch_causal, attn_mask=mask4, scale=spec.scale)
+        out, lse = CPU_FLASH(q4, k4, v4, spec.dropout_p, torch_causal, attn_mask=mask4, scale=spec.scale)
     else:
         gqa = spec.num_kv_heads != spec.num_heads
         if gqa and not _HAS_ENABLE_GQA:

@@ -18,21 +18,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit.backends.flash_core import Chunk, Group, check_alibi_grad, flash_attention
+from attnkit.backends.flash_core import (
+    FUSED_STEP_BYTES,
+    STEP_SCORES,
+    Step,
+    blocks_per_step,
+    check_alibi_grad,
+    make_chunk,
+)
+from attnkit.backends.flash_fused import run
 from attnkit.functional.masks import bottom_right_offset, effective_window
 from attnkit.functional.registry import ALL_OPTIONS, Backend, register
 from attnkit.functional.spec import AttentionSpec
-from attnkit.functional.tiles import TileIndex, TileSetup
+from attnkit.functional.tiles import TileSetup
 
 __all__ = ["TiledSchedule", "tiled_attention"]
 
-#: Target number of score elements per tile (all heads): 4 MiB of float32, about what stays in the caches of
-#: this project's CPU; measured on 2 cores, L = 4096, B·H = 8: 256 x 512 tiles beat 512 x 1024 by ~2x.
-TILE_ELEMENTS = 1 << 20
-#: Smallest query block.
-MIN_BLOCK_Q = 32
-#: Largest key chunk.
-MAX_BLOCK_KV = 512
+#: Query rows per block (64 for narrow sliding windows, whose key span per block is ``block + left + right``).
+BLOCK_Q = 128
+#: Largest key chunk of the explicit path (the fused path takes a block's whole key span at once).
+MAX_BLOCK_KV = 1024
 #: Auto picks "tiled" over "math" once math's float32 score matrix would exceed this many bytes.
 AUTO_MIN_SCORE_BYTES = 32 << 20
 
@@ -47,66 +52,56 @@ def kv_bounds(spec: AttentionSpec, q0: int, q1: int) -> tuple[int, int]:
 
 
 def block_sizes(spec: AttentionSpec) -> tuple[int, int]:
-    """``(block_q, block_kv)``: wide key chunks, and query blocks sized so a tile holds ~``TILE_ELEMENTS``."""
-    heads = max(1, spec.query[..., 0, 0].numel())  # B * H
-    block_kv = min(spec.kv_len, MAX_BLOCK_KV)
-    if spec.window_size is not None:
-        left, right = spec.window_size
-        if left != -1 and right != -1:
-            block_kv = min(block_kv, max(64, left + right + 1))
-    block_kv = max(block_kv, 1)
-    block_q = max(MIN_BLOCK_Q, TILE_ELEMENTS // (heads * block_kv))
-    return min(spec.q_len, block_q), block_kv
+    """``(block_q, block_kv)``: query rows per block and key columns per chunk of the explicit path."""
+    block_q = BLOCK_Q
+    if spec.window_size is not None and -1 not in spec.window_size and sum(spec.window_size) < 512:
+        block_q = min(block_q, 64)
+    return max(1, min(spec.q_len, block_q)), max(1, min(spec.kv_len, MAX_BLOCK_KV))
 
 
 class TiledSchedule:
-    """Dense rectangles: query blocks of ``block_q`` rows, each with key chunks of ``block_kv`` columns
-    restricted to the causal/window band."""
+    """Consecutive query blocks of ``block_q`` rows, batched into steps; each block's key span is its
+    causal/window band (keys outside it are never loaded), walked in chunks of ``block_kv`` columns
+    (one chunk per step on the fused path)."""
 
-    q_pad = 0
-    kv_pad = 0
+    def __init__(self, spec: AttentionSpec, block_q: int, block_kv: int, *, fused: bool = False):
+        self.spec, self.block_q, self.block_kv, self.fused = spec, block_q, block_kv, fused
+        self.num_q_blocks = -(-spec.q_len // block_q)
+        self._steps: list[Step] | None = None
 
-    def __init__(self, spec: AttentionSpec, block_q: int, block_kv: int):
-        self.spec, self.block_q, self.block_kv = spec, block_q, block_kv
-        self._groups: list[Group] | None = None
-        self.G = spec.num_heads // spec.num_kv_heads
-
-    def groups(self) -> list[Group]:
-        if self._groups is not None:
-            return self._groups
-        spec, dev = self.spec, self.spec.query.device
-        groups = []
-        for q0 in range(0, spec.q_len, self.block_q):
-            q1 = min(q0 + self.block_q, spec.q_len)
-            q_idx = torch.arange(q0, q1, device=dev).unsqueeze(0)
-            g = Group(where=(q0, q1), q_idx=q_idx, q_range=(q0, q1))
-            lo, hi = kv_bounds(spec, q0, q1)
-            for k0 in range(lo, hi, self.block_kv):
-                k1 = min(k0 + self.block_kv, hi)
-                kv_idx = torch.arange(k0, k1, device=dev).unsqueeze(0)
-                g.chunks.append(Chunk(TileIndex(q_idx, kv_idx, (q0, q1), (k0, k1)), where=(k0, k1)))
-            groups.append(g)
-        self._groups = groups
-        return groups
-
-    def load_q(self, x5: Tensor, group: Group) -> Tensor:
-        q0, q1 = group.where
-        t = x5[:, :, :, q0:q1]  # (B, Hkv, G, r, X)
-        if self.G == 1:
-            return t  # (B, Hkv, N=1, r, X): a view
-        return t.reshape(t.shape[0], t.shape[1], 1, self.G * (q1 - q0), t.shape[-1])
-
-    def store_q(self, dst5: Tensor, group: Group, val: Tensor) -> None:
-        q0, q1 = group.where
-        dst5[:, :, :, q0:q1] = val.view(val.shape[0], val.shape[1], self.G, q1 - q0, val.shape[-1])
-
-    def load_kv(self, x4: Tensor, chunk: Chunk) -> Tensor:
-        k0, k1 = chunk.where
-        return x4[:, :, None, k0:k1]
-
-    def add_kv(self, dst4: Tensor, chunk: Chunk, val: Tensor) -> None:
-        k0, k1 = chunk.where
-        dst4[:, :, k0:k1] += val[:, :, 0]
+    def steps(self) -> list[Step]:
+        if self._steps is not None:
+            return self._steps
+        spec, r, nq = self.spec, self.block_q, self.num_q_blocks
+        dev = spec.query.device
+        bounds = [kv_bounds(spec, i * r, min((i + 1) * r, spec.q_len)) for i in range(nq)]
+        widest = max(hi - lo for lo, hi in bounds)
+        heads = max(1, spec.query[..., 0, 0].numel())  # B * H
+        if self.fused:
+            cols = widest
+            cost = 2 * heads * widest * spec.query.shape[-1] * spec.query.element_size()
+            n = blocks_per_step(nq, cost, FUSED_STEP_BYTES)
+        else:
+            cols = min(widest, self.block_kv)
+            left, right = effective_window(spec.is_causal, spec.window_size)
+            n = blocks_per_step(nq, heads * r * cols, STEP_SCORES, varying=(left == -1) != (right == -1))
+        offs = torch.arange(r, device=dev)
+        steps = []
+        for s0 in range(0, nq, n):
+            s1 = min(nq, s0 + n)
+            width = max(bounds[i][1] - bounds[i][0] for i in range(s0, s1))
+            if width == 0:
+                continue  # rows with no key: output 0, lse -inf
+            q_blocks = torch.arange(s0, s1, device=dev)
+            q_idx = q_blocks[:, None] * r + offs  # (N, r)
+            lo = torch.tensor([bounds[i][0] for i in range(s0, s1)], device=dev)[:, None]
+            step = Step(q_blocks, s0)
+            for c0 in range(0, width, cols or 1):
+                kv_idx = lo + torch.arange(c0, min(width, c0 + cols), device=dev)  # (N, c): past hi is masked
+                step.chunks.append(make_chunk(q_idx, kv_idx, spec.kv_len))
+            steps.append(step)
+        self._steps = steps
+        return steps
 
 
 def tiled_attention(
@@ -116,15 +111,15 @@ def tiled_attention(
 
     Args:
         spec: the validated call.
-        block_q: query rows per tile; default from :func:`block_sizes`.
-        block_kv: key columns per tile; default from :func:`block_sizes`.
+        block_q: query rows per block; default from :func:`block_sizes`.
+        block_kv: key columns per chunk of the explicit path; default from :func:`block_sizes`.
 
     Returns:
         ``(output, None, lse or None)``.
     """
     bq, bk = block_sizes(spec)
-    sched = TiledSchedule(spec, block_q or bq, block_kv or bk)
-    out, lse = flash_attention(TileSetup(spec), sched)
+    setup = TileSetup(spec)
+    out, lse = run(setup, lambda fused: TiledSchedule(spec, block_q or bq, block_kv or bk, fused=fused))
     return out, None, (lse if spec.return_lse else None)
 
 

@@ -24,8 +24,6 @@ import torch
 from torch import Tensor
 
 from attnkit.backends.flash_core import (
-    FUSED_STEP_BYTES,
-    STEP_SCORES,
     Step,
     blocks_per_step,
     check_alibi_grad,
@@ -103,10 +101,10 @@ class BlockSparseSchedule:
             if self.fused:
                 per_chunk = n_total
                 cost = 2 * self.heads * n_total * bs * spec.query.shape[-1] * spec.query.element_size()
-                n_sub = blocks_per_step(len(lg.q_blocks), cost, FUSED_STEP_BYTES)
+                n_sub = blocks_per_step(len(lg.q_blocks), cost, fused=True)
             else:
                 per_chunk = max(1, min(n_total, MAX_TILE_COLS // bs))
-                n_sub = blocks_per_step(len(lg.q_blocks), self.heads * bs * per_chunk * bs, STEP_SCORES)
+                n_sub = blocks_per_step(len(lg.q_blocks), self.heads * bs * per_chunk * bs, fused=False)
             for i0 in range(0, len(lg.q_blocks), n_sub):
                 qb = lg.q_blocks[i0 : i0 + n_sub]
                 first, last = int(qb[0]), int(qb[-1])

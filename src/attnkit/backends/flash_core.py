@@ -35,6 +35,7 @@ __all__ = [
     "load_kv",
     "load_q",
     "make_chunk",
+    "pad_rows",
     "store_q",
 ]
 
@@ -126,15 +127,17 @@ FUSED_STEP_BYTES = 1 << 26
 MIN_STEPS = 8
 
 
-def blocks_per_step(num_blocks: int, cost_per_block: int, budget: int, *, varying: bool = False) -> int:
-    """How many query blocks a step batches: as many as ``budget`` allows (at least one)."""
-    n = budget // max(1, cost_per_block)
+def blocks_per_step(num_blocks: int, cost_per_block: int, *, fused: bool, varying: bool = False) -> int:
+    """How many query blocks a step batches: as many as the budget allows (at least one); ``cost_per_block`` is
+    in gathered key/value bytes (``fused``, budget :data:`FUSED_STEP_BYTES`) or score elements (budget
+    :data:`STEP_SCORES`)."""
+    n = (FUSED_STEP_BYTES if fused else STEP_SCORES) // max(1, cost_per_block)
     if varying:
         n = min(n, -(-num_blocks // MIN_STEPS))
     return max(1, min(n, num_blocks))
 
 
-def _pad_rows(t: Tensor, rows: int, value: float = 0.0) -> Tensor:
+def pad_rows(t: Tensor, rows: int, value: float = 0.0) -> Tensor:
     """``t (..., L, X)`` padded with ``value`` to ``rows`` rows along dim -2."""
     extra = rows - t.shape[-2]
     return t if extra == 0 else torch.nn.functional.pad(t, (0, 0, 0, extra), value=value)
@@ -164,7 +167,7 @@ def _forward(setup: TileSetup, sched: Schedule, q5: Tensor, k4: Tensor, v4: Tens
     B, Hkv, G, Lq, _ = q5.shape
     Dv, r = v4.shape[-1], sched.block_q
     rows = sched.num_q_blocks * r
-    qp = _pad_rows(setup.prepare_query(q5), rows)
+    qp = pad_rows(setup.prepare_query(q5), rows)
     kp, vp = setup.prepare_kv(k4), setup.prepare_kv(v4)
     out = torch.zeros((B, Hkv, G, rows, Dv), dtype=setup.acc, device=q5.device)
     lse = torch.full((B, Hkv, G, rows, 1), float("-inf"), dtype=setup.acc, device=q5.device)
@@ -213,8 +216,8 @@ def _backward(setup, sched, q5, k4, v4, out5, lse5, dout5, dlse5, seed):
     delta = (dout5.to(acc) * out5.to(acc)).sum(-1, keepdim=True)  # (B, Hkv, G, Lq, 1)
     if dlse5 is not None:
         delta = delta - dlse5.to(acc)
-    qp, dop = _pad_rows(setup.prepare_query(q5), rows), _pad_rows(dout5.to(acc), rows)
-    lp, deltap = _pad_rows(lse5.nan_to_num(neginf=0.0), rows, float("inf")), _pad_rows(delta, rows)  # p = 0 on pads
+    qp, dop = pad_rows(setup.prepare_query(q5), rows), pad_rows(dout5.to(acc), rows)
+    lp, deltap = pad_rows(lse5.nan_to_num(neginf=0.0), rows, float("inf")), pad_rows(delta, rows)  # p = 0 on pads
     kp, vp = setup.prepare_kv(k4), setup.prepare_kv(v4)
     dq = torch.zeros(qp.shape, dtype=acc, device=q5.device)
     dk = torch.zeros(kp.shape, dtype=acc, device=q5.device)

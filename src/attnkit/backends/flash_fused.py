@@ -24,12 +24,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from attnkit.backends.flash_core import Schedule, Step, flash_attention
+from attnkit.backends.flash_core import Schedule, Step, flash_attention, pad_rows
 from attnkit.backends.sdpa import CPU_FLASH, kernel_mask_from_keep
 from attnkit.functional.spec import lse_dtype
 from attnkit.functional.tiles import TileSetup, reshape_qkv
 
 __all__ = ["fusable", "fused_attention", "run"]
+
+CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 #: Set to False to run every call on the explicit online-softmax path (the tests run both).
 enabled = True
@@ -38,7 +40,7 @@ enabled = True
 def fusable(setup: TileSetup) -> str | None:
     """Why the fused step cannot serve ``setup``'s call, or ``None`` if it can."""
     spec = setup.spec
-    if not enabled or CPU_FLASH is None or spec.query.device.type != "cpu":
+    if not enabled or CPU_FLASH is None or CPU_FLASH_BACKWARD is None or spec.query.device.type != "cpu":
         return "the fused step is disabled or needs the CPU flash kernel"
     if spec.query.shape[-1] != spec.value.shape[-1]:
         return "the CPU flash kernel needs head_dim == value head_dim"
@@ -74,34 +76,104 @@ def _cols(x4: Tensor, gather: Tensor, n: int, groups: int) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _step(setup: TileSetup, step: Step, q: Tensor, k4: Tensor, v4: Tensor, block_q: int) -> tuple[Tensor, Tensor]:
+def _store(dst: Tensor, step: Step, block_q: int, val: Tensor) -> None:
+    """Write ``val (B·N, H, r, X)`` into the step's query blocks of ``dst (B, H, nq·r, X)``."""
+    B, H, _, X = dst.shape
+    n = len(step.q_blocks)
+    src = val.view(B, n, H, block_q, X).transpose(1, 2)
+    blocks = dst.view(B, H, -1, block_q, X)
+    if step.q_start is not None:
+        blocks[:, :, step.q_start : step.q_start + n] = src
+    else:
+        blocks.index_copy_(2, step.q_blocks, src)
+
+
+def _mask(setup: TileSetup, step: Step, batch: int, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """The step's additive kernel mask ``(B·N, 1, r, c)`` and its empty rows ``(B·N, 1, r, 1)`` (or None)."""
     (ch,) = step.chunks
-    B, H = q.shape[0], q.shape[1]
-    n, c = ch.index.kv_idx.shape
+    (n, r), c = ch.index.q_idx.shape, ch.index.kv_idx.shape[1]
     _bias, keep = setup.terms(ch.index)  # keep: (1, 1, N|1, 1, r|1, c|1) by fusable(); bias is None
     if keep is not None:
         keep = keep.view(keep.shape[2], keep.shape[4], keep.shape[5])
     if ch.keep is not None:
         keep = ch.keep if keep is None else keep & ch.keep
-    mask = empty = None
-    if keep is not None:
-        mask, empty = kernel_mask_from_keep(keep.expand(n, block_q, c), q.dtype)
-        mask = mask.unsqueeze(1) if B == 1 else mask.expand(B, n, block_q, c).reshape(B * n, 1, block_q, c)
-        empty = empty.view(1, n, 1, block_q, 1) if bool(empty.any()) else None
-    out, lse = CPU_FLASH(
-        _rows(q, step, block_q),
-        _cols(k4, ch.gather, n, setup.G),
-        _cols(v4, ch.gather, n, setup.G),
-        0.0,
-        False,
-        attn_mask=mask,
-        scale=setup.scale,
-    )
-    out, lse = out.view(B, n, H, block_q, -1), lse.view(B, n, H, block_q, 1)
-    if empty is not None:
-        out = out.masked_fill(empty, 0.0)
-        lse = lse.masked_fill(empty, float("-inf"))
-    return out, lse
+    if keep is None:
+        return None, None
+    mask, empty = kernel_mask_from_keep(keep.expand(n, r, c), dtype)
+    empty = empty.unsqueeze(1) if bool(empty.any()) else None
+    if batch == 1:
+        return mask.unsqueeze(1), empty
+    mask = mask.expand(batch, n, r, c).reshape(batch * n, 1, r, c)
+    return mask, None if empty is None else empty.expand(batch, n, 1, r, 1).reshape(batch * n, 1, r, 1)
+
+
+class _FusedFunction(torch.autograd.Function):
+    """Forward: one kernel call per step. Backward: the kernel's fused backward per step (keys/values gathered
+    again, their gradients scatter-added once per step), so no gathered tensor outlives its step."""
+
+    @staticmethod
+    def forward(ctx, setup, sched, q, k4, v4):
+        B, r = q.shape[0], sched.block_q
+        qp = pad_rows(q, sched.num_q_blocks * r)
+        out = torch.zeros((*qp.shape[:-1], v4.shape[-1]), dtype=v4.dtype, device=q.device)
+        lse = None
+        for st in sched.steps():
+            (ch,) = st.chunks
+            n = len(st.q_blocks)
+            mask, empty = _mask(setup, st, B, q.dtype)
+            k_, v_ = _cols(k4, ch.gather, n, setup.G), _cols(v4, ch.gather, n, setup.G)
+            o, lse_t = CPU_FLASH(_rows(qp, st, r), k_, v_, 0.0, False, attn_mask=mask, scale=setup.scale)
+            if lse is None:
+                lse = torch.full((*qp.shape[:-1], 1), float("-inf"), dtype=lse_t.dtype, device=q.device)
+            lse_t = lse_t.unsqueeze(-1)
+            if empty is not None:  # rows that keep nothing: output 0, lse -inf
+                o, lse_t = o.masked_fill(empty, 0.0), lse_t.masked_fill(empty, float("-inf"))
+            _store(out, st, r, o)
+            _store(lse, st, r, lse_t)
+        if lse is None:
+            lse = torch.full((*qp.shape[:-1], 1), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+        ctx.setup, ctx.sched = setup, sched
+        ctx.save_for_backward(q, k4, v4, out, lse)
+        Lq = q.shape[2]
+        lse_out = lse[:, :, :Lq, 0]
+        ctx.mark_non_differentiable(lse_out)
+        return out[:, :, :Lq], lse_out
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k4, v4, out, lse = ctx.saved_tensors
+        setup, sched = ctx.setup, ctx.sched
+        B, Lq = q.shape[0], q.shape[2]
+        r, rows, acc = sched.block_q, out.shape[2], setup.acc
+        qp, dop = pad_rows(q, rows), pad_rows(dout.to(out.dtype), rows)
+        lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # rows with no key: p = exp(s - inf) = 0
+        dq = torch.zeros(qp.shape, dtype=q.dtype, device=q.device)
+        dk = torch.zeros(k4.shape, dtype=acc, device=q.device)
+        dv = torch.zeros(v4.shape, dtype=acc, device=q.device)
+        Hkv = k4.shape[1]
+        for st in sched.steps():
+            (ch,) = st.chunks
+            n = len(st.q_blocks)
+            mask, _ = _mask(setup, st, B, q.dtype)
+            k_, v_ = _cols(k4, ch.gather, n, setup.G), _cols(v4, ch.gather, n, setup.G)
+            gq, gk, gv = CPU_FLASH_BACKWARD(
+                _rows(dop, st, r),
+                _rows(qp, st, r),
+                k_,
+                v_,
+                _rows(out, st, r),
+                _rows(lse, st, r).squeeze(-1),
+                0.0,
+                False,
+                attn_mask=mask,
+                scale=setup.scale,
+            )
+            _store(dq, st, r, gq)
+            for dst, g in ((dk, gk), (dv, gv)):  # (B·N, H, c, X) -> summed over each KV head's group
+                g = g.view(B, n, Hkv, setup.G, g.shape[-2], g.shape[-1])
+                g = g.sum(3) if setup.G > 1 else g.squeeze(3)  # (B, N, Hkv, c, X)
+                dst.index_add_(2, ch.gather, g.transpose(1, 2).reshape(B, Hkv, -1, g.shape[-1]).to(acc))
+        return None, None, dq[:, :, :Lq], dk.to(k4.dtype), dv.to(v4.dtype)
 
 
 def fused_attention(setup: TileSetup, sched: Schedule) -> tuple[Tensor, Tensor]:
@@ -114,28 +186,7 @@ def fused_attention(setup: TileSetup, sched: Schedule) -> tuple[Tensor, Tensor]:
     spec = setup.spec
     q5, k4, v4 = reshape_qkv(spec)
     B, Hkv, G, Lq, D = q5.shape
-    r, nq = sched.block_q, sched.num_q_blocks
-    q = q5.reshape(B, Hkv * G, Lq, D)
-    if nq * r != Lq:
-        q = torch.nn.functional.pad(q, (0, 0, 0, nq * r - Lq))
-    steps = sched.steps()
-    if not steps:
-        out = torch.zeros((*spec.query.shape[:-1], spec.value.shape[-1]), dtype=v4.dtype, device=q.device)
-        return out, torch.full(spec.query.shape[:-1], float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
-    parts = [_step(setup, st, q, k4, v4, r) for st in steps]
-    out = torch.cat([o for o, _ in parts], 1) if len(parts) > 1 else parts[0][0]  # (B, Nsum, H, r, Dv)
-    lse = torch.cat([s for _, s in parts], 1) if len(parts) > 1 else parts[0][1]
-    covered = 0
-    for st in steps:
-        if st.q_start != covered:
-            break
-        covered += len(st.q_blocks)
-    if covered != nq:  # blocks visited in another order, or blocks no step visits (output 0, lse -inf)
-        index = torch.cat([st.q_blocks for st in steps])
-        out = out.new_zeros((B, nq, *out.shape[2:])).index_copy(1, index, out)
-        lse = lse.new_full((B, nq, *lse.shape[2:]), float("-inf")).index_copy(1, index, lse)
-    out = out.transpose(1, 2).reshape(B, Hkv * G, nq * r, -1)[:, :, :Lq]
-    lse = lse.transpose(1, 2).reshape(B, Hkv * G, nq * r)[:, :, :Lq]
+    out, lse = _FusedFunction.apply(setup, sched, q5.reshape(B, Hkv * G, Lq, D), k4, v4)
     out = out.reshape((*spec.query.shape[:-1], spec.value.shape[-1]))
     return out, lse.reshape(spec.query.shape[:-1]).to(lse_dtype(spec.query.dtype))
 

@@ -19,8 +19,6 @@ import torch
 from torch import Tensor
 
 from attnkit.backends.flash_core import (
-    FUSED_STEP_BYTES,
-    STEP_SCORES,
     Step,
     blocks_per_step,
     check_alibi_grad,
@@ -80,11 +78,11 @@ class TiledSchedule:
         if self.fused:
             cols = widest
             cost = 2 * heads * widest * spec.query.shape[-1] * spec.query.element_size()
-            n = blocks_per_step(nq, cost, FUSED_STEP_BYTES)
+            n = blocks_per_step(nq, cost, fused=True)
         else:
             cols = min(widest, self.block_kv)
             left, right = effective_window(spec.is_causal, spec.window_size)
-            n = blocks_per_step(nq, heads * r * cols, STEP_SCORES, varying=(left == -1) != (right == -1))
+            n = blocks_per_step(nq, heads * r * cols, fused=False, varying=(left == -1) != (right == -1))
         offs = torch.arange(r, device=dev)
         steps = []
         for s0 in range(0, nq, n):

@@ -225,9 +225,29 @@ def _date_methods(kind: str):
         return method
 
     out = {name: make(name) for name in names}
+    if kind == "transformer":
+        for label, rule in (("AttnLRP", "attnlrp"), ("CP-LRP", "cp-lrp")):
+            out[label] = lambda m, x, ctx, rule=rule: _date_lrp(m, x, ctx, rule)
     out["random (baseline)"] = lambda m, x, ctx: torch.rand(
         x.shape[0], 10, x.shape[1], generator=torch.Generator().manual_seed(0)
     )
+    return out
+
+
+def _date_lrp(model, x, ctx, rule):
+    """``(B, T, S)``: row ``t`` (digit rows only, the others 0) is the relevance of the source characters for the
+    logit of the gold character ``t`` (published rules: the decoder's own inputs keep their share)."""
+    gold = ctx["gold"]
+    out = torch.zeros(x.shape[0], gold.shape[1], x.shape[1])
+    for t in DIGIT_ROWS:
+        res = lrp(
+            model,
+            (x, ctx["lengths"], ctx["tgt_in"]),
+            lambda logits, t=t: logits[:, t].gather(1, gold[:, t, None])[:, 0],
+            rule=rule,
+            conserve=False,
+        )
+        out[:, t] = res.relevance.float()
     return out
 
 

@@ -193,3 +193,28 @@ def test_bert_padding_gets_no_relevance():
         got = lrp(model, inputs, lambda out: out[:, 0, 3], rule=rule)
         assert got.relevance.shape == (2, 4) and float(got.relevance[:, 3].abs().max()) == 0.0
         assert bool(torch.isfinite(got.conservation).all())
+
+
+def test_char_decoder_next_token_conserves():
+    """attnkit's decoder-only CharDecoder (causal RoPE blocks): the next-character logit."""
+    from attnkit.models.char_decoder import CharDecoder
+
+    torch.manual_seed(6)
+    model = CharDecoder(embed_dim=16, depth=2, num_heads=2, ffn_dim=24, dtype=torch.float64).eval()
+    ids = torch.randint(2, 40, (3, 9))
+    with torch.no_grad():
+        token = model(ids).argmax(-1)[:, -1]
+    got = lrp(model, ids, lambda out: out[:, -1].gather(1, token[:, None])[:, 0])
+    assert got.relevance.shape == (3, 9) and float(got.conservation.max()) < 1e-10
+
+
+def test_seq2seq_reads_the_source_and_refuses_conserve():
+    from attnkit.ablation.seq2seq import build_seq2seq
+
+    torch.manual_seed(7)
+    model = build_seq2seq("transformer", 20, 15).double().eval()
+    src, lengths, tgt = torch.randint(3, 20, (2, 7)), torch.tensor([7, 7]), torch.randint(3, 15, (2, 4))
+    with pytest.raises(ValueError, match="conserve=False"):
+        lrp(model, (src, lengths, tgt), lambda out: out[:, 1, 3])
+    got = lrp(model, (src, lengths, tgt), lambda out: out[:, 1, 3], conserve=False)
+    assert got.relevance.shape == (2, 7)

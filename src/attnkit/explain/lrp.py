@@ -21,7 +21,7 @@ Where relevance leaks, and ``conserve``. With the papers' rules as published (``
 computes) relevance is absorbed by every bias (linear layers, LayerNorm shifts, the classifier) and, under
 AttnLRP, by the softmax rule itself, a first-order Taylor expansion *with a bias term* (Prop. 3.1): per query
 row it passes ``Cov_A(S, g)`` of the ``E_A[g]`` it receives. On the shipped digit ViT the input relevance then
-misses the logit by a median 23% (AttnLRP; about 3% of it biases, the rest the softmax) and 3% (CP-LRP).
+misses the logit by a median 24% (AttnLRP; about 3% of it biases, the rest the softmax) and 3% (CP-LRP).
 ``conserve=True`` (default) gives every absorbed share to a token, so that the input relevance sums to the
 score up to rounding: the relevance a bias absorbs (``b ⊙ ∂̃s/∂y`` at its layer's output ``y``) goes to the
 token whose representation it enters, and the softmax rule's bias term of a query row goes to that query's
@@ -41,8 +41,10 @@ Face model loaded with ``attn_implementation="attnkit"``; forward hooks on ``nn.
 Hugging Face ``*RMSNorm`` modules, activation modules (``torch.nn`` and ``transformers.activations``), the
 ``linear1``/``linear2`` pair of attnkit's layers, the ``down_proj`` of gated feed-forward blocks and
 (``conserve``) the outputs of biased ``nn.Linear`` and LayerNorm modules. All are removed on exit. Not
-covered: convolutional patch stems (pixel relevance), encoder-decoder cross-attention. Relevance is read at the
-input of the first transformer layer: ``(B, L)``.
+covered: convolutional patch stems (no pixel relevance: token maps are upsampled). Relevance is read at the input
+of the first transformer layer: ``(B, L)``; in an encoder-decoder model that is the encoder's (source) input
+(cross-attention gets the same rules; the relevance that reaches the decoder's own inputs is not reported, so
+such models need ``conserve=False`` and their conservation error counts it as missing).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from attnkit.backends.math import math_forward
 from attnkit.explain import _lrp_rules as rules
 from attnkit.explain.relevance import target_scores
 from attnkit.functional import observe
+from attnkit.nn.decoder_layer import TransformerDecoderLayer
 from attnkit.nn.encoder_layer import TransformerEncoderLayer
 
 __all__ = ["LRPResult", "lrp"]
@@ -101,6 +104,13 @@ def _first_layer(model: nn.Module) -> nn.Module:
     )
 
 
+def _encoder_decoder(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return True
+    return any(isinstance(m, TransformerDecoderLayer) for m in model.modules())
+
+
 def _is_activation(m: nn.Module) -> bool:
     return isinstance(m, _ACTIVATIONS) or type(m).__module__ == "transformers.activations"
 
@@ -136,8 +146,8 @@ def _install(model: nn.Module, stack: ExitStack, rule: str) -> None:
                 stack.callback(m.gate_proj.register_forward_hook(constant_gate).remove)
             else:
                 stack.callback(m.down_proj.register_forward_pre_hook(product_hook).remove)
-        if isinstance(m, TransformerEncoderLayer):
-            _encoder_activation(m, stack)
+        if isinstance(m, (TransformerEncoderLayer, TransformerDecoderLayer)):
+            _ffn_activation(m, stack)
 
 
 class _BiasRelevance:
@@ -200,7 +210,7 @@ class _BiasRelevance:
         return relevance
 
 
-def _encoder_activation(layer: TransformerEncoderLayer, stack: ExitStack) -> None:
+def _ffn_activation(layer: nn.Module, stack: ExitStack) -> None:
     """attnkit's layers apply their activation as a function: ``linear2``'s input ``f(h)`` gets the identity
     rule against ``h``, the output of ``linear1``."""
     seen: dict[str, Tensor] = {}
@@ -273,6 +283,11 @@ def lrp(
         raise ValueError(f"lrp: rule must be one of {', '.join(map(repr, _ATTENTION_FACTORS))}, got {rule!r}")
     if not isinstance(conserve, bool):
         raise TypeError(f"lrp: conserve must be a bool, got {conserve!r}")
+    if conserve and _encoder_decoder(model):
+        raise ValueError(
+            "lrp: conserve=True needs an encoder-only or decoder-only model; for an encoder-decoder model the "
+            "relevance is read at the encoder's input and the decoder's inputs keep theirs: pass conserve=False"
+        )
     first = _first_layer(model)
     start: dict[str, Tensor] = {}
     calls: list[int] = []

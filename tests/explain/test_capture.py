@@ -7,7 +7,9 @@ from torch import nn
 from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
 
 import attnkit
-from attnkit.explain import TokenLayout, _recompute, capture
+from attnkit.explain import TokenLayout, _recompute, capture, capture_plan
+from attnkit.functional.spec import make_spec
+from attnkit.functional.tiles import TileSetup
 
 TOL = {"atol": 1e-6, "rtol": 0.0}
 
@@ -165,6 +167,44 @@ def test_attnkit_attention_is_recorded():
     (m,) = rec.maps
     assert m.source == "attnkit" and m.name == ""
     torch.testing.assert_close(m.weights, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("terms", [{}, {"is_causal": True}, {"softcap": 2.0}])
+def test_unmasked_calls_take_the_plain_softmax_and_equal_the_math_backend(terms):
+    class Tiny(nn.Module):
+        def forward(self, q, k, v):
+            return attnkit.attention(q, k, v, **terms)
+
+    q, k, v = torch.randn(3, 2, 4, 9, 8, dtype=torch.float64).unbind(0)
+    assert _recompute._term_free(TileSetup(make_spec(q, k, v, **terms))) == (not terms)
+    model = Tiny()
+    with capture(model) as rec:
+        model(q, k, v)
+    want = attnkit.attention(q, k, v, **terms, return_weights=True, backend="math").weights
+    torch.testing.assert_close(rec.maps[0].weights, want, atol=1e-12, rtol=0)
+
+
+@torch.no_grad()
+def test_a_plan_made_once_serves_many_captures():
+    from attnkit.vision.vit import VisionTransformer
+
+    vit = VisionTransformer(image_size=16, patch_size=8, num_classes=3, embed_dim=16, depth=2, num_heads=2).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with capture(vit) as ref:
+        vit(x)
+    plan = capture_plan(vit)
+    for _ in range(2):
+        with capture(vit, plan=plan) as rec:
+            vit(x)
+        assert [(m.name, m.layer, m.layout) for m in rec.maps] == [(m.name, m.layer, m.layout) for m in ref.maps]
+        assert all(torch.equal(a.weights, b.weights) for a, b in zip(rec.maps, ref.maps))
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in vit.modules())
+    with pytest.raises(ValueError, match="another model"), capture(nn.Linear(2, 2), plan=plan):
+        pass
+    with pytest.raises(TypeError, match="capture_plan"), capture(vit, plan=object()):
+        pass
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        capture_plan("model")
 
 
 def test_extra_batch_dims_and_broadcast_masks_like_window_attention():

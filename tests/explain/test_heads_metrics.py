@@ -18,6 +18,9 @@ def test_entropy_uniform_and_one_hot():
     one_hot[..., 1] = 1
     ent = head_entropy([uniform, one_hot])
     torch.testing.assert_close(ent, torch.tensor([[[math.log(5)] * 2], [[0.0, 0.0]]]))
+    torch.testing.assert_close(head_entropy(torch.stack([uniform, one_hot])), ent)  # the stacked form
+    mixed = head_entropy([uniform, one_hot[..., :4]])  # key counts may differ between layers (cross-attention)
+    torch.testing.assert_close(mixed, torch.tensor([[[math.log(5)] * 2], [[0.0, 0.0]]]))
 
 
 def test_attention_distance_tokens_and_pixels():

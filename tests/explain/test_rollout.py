@@ -37,6 +37,12 @@ def test_rollout_equals_the_paper_formula(layers, batch, heads, length):
     torch.testing.assert_close(rollout(maps), got)  # the stacked tensor form
 
 
+def test_layers_with_different_head_counts():
+    maps = [_stochastic(2, h, 6, 6, seed=h) for h in (3, 1, 4)]
+    fused = torch.stack([m.mean(1, keepdim=True) for m in maps])  # (layers, B, 1, L, L): the same rollout
+    torch.testing.assert_close(rollout(maps), _paper(fused), atol=1e-12, rtol=0)
+
+
 def test_layer_order_and_keepdim_normalisation_matter():
     maps = _stochastic(2, 1, 2, 5, 5, seed=1)
     got = rollout(maps)

@@ -9,7 +9,7 @@ and ``report`` draw them (matplotlib: ``pip install attnkit[explain]``).
 """
 
 from attnkit.explain import plots
-from attnkit.explain.capture import Recording, capture
+from attnkit.explain.capture import Recording, capture, capture_plan
 from attnkit.explain.context_mixing import ContextMixing, attention_norms, value_zeroing
 from attnkit.explain.evaluate import EvaluationTask, RandomizationResult, evaluate, randomization_check
 from attnkit.explain.flow import attention_flow
@@ -59,6 +59,7 @@ __all__ = [
     "attention_flow",
     "attention_norms",
     "capture",
+    "capture_plan",
     "deletion",
     "evaluate",
     "generate_attribution",

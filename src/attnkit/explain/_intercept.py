@@ -28,7 +28,7 @@ from attnkit.explain.records import AttentionRecord, TokenLayout, layout_from_di
 from attnkit.functional import observe
 from attnkit.functional.spec import AttentionSpec
 
-__all__ = ["Interceptor"]
+__all__ = ["HookPlan", "Interceptor"]
 
 #: Keyword arguments whose presence marks a module call as cross-attention (transformers, torch, common code).
 _CROSS_KWARGS = ("encoder_hidden_states", "key_value_states", "cross_attention_states", "memory", "context")
@@ -60,6 +60,31 @@ def _never_attends(module: nn.Module) -> bool:
     if isinstance(module, _TORCH_ATTENTION_MODULES) or not type(module).__module__.startswith("torch.nn.modules"):
         return False
     return not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def _hook_kind(module: nn.Module) -> str | None:
+    """The producer hooks a module gets besides the stack hooks: ``"mha"``, ``"enc"``, ``"patch"``, ``"deformable"``."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
+    if isinstance(module, nn.TransformerEncoderLayer):
+        return "enc"
+    if "PatchEmbed" in type(module).__name__ and hasattr(module, "patch_size"):
+        return "patch"
+    return "deformable" if is_hf_deformable(module) else None
+
+
+class HookPlan:
+    """Where the hooks of a capture go on ``model``: module paths and hook kinds, from one walk over its modules.
+
+    Built by every :class:`Interceptor` unless given one; a caller that captures the same model many times
+    (a served model) builds it once. Valid while the model's submodules stay the same.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names = {m: n for n, m in reversed(list(model.named_modules()))}
+        hooks = ((m, not _never_attends(m), _hook_kind(m)) for m in self.names)
+        self.modules = tuple(h for h in hooks if h[1] or h[2] is not None)  # (module, stack hooks, producer kind)
 
 
 def _takes_query_key(module: nn.Module) -> bool:
@@ -110,13 +135,15 @@ class Interceptor(ModuleHooks):
         layout,
         differentiable,
         head_gates: Callable[[int, int], Tensor | None] | None = None,
+        plan: HookPlan | None = None,
     ):
         self.model, self.rec = model, rec
         self.layers = None if layers is None else frozenset(layers)
         self.heads, self.query_rows, self.head_mean = heads, query_rows, head_mean
         self.reducers, self.store, self.layout, self.differentiable = reducers, store, layout, differentiable
         self.head_gates = head_gates
-        self.names = {m: n for n, m in reversed(list(model.named_modules()))}
+        self.plan = HookPlan(model) if plan is None else plan
+        self.names = self.plan.names
         self.stack: list[tuple[str, bool | None, nn.Module]] = []
         self.layer_ids: dict[str, int] = {}
         self.mha_entries: dict[int, int] = {}
@@ -135,19 +162,19 @@ class Interceptor(ModuleHooks):
     # ---------------------------------------------------------------- install / remove
     def __enter__(self) -> Interceptor:
         try:
-            for module, _name in self.names.items():
-                if not _never_attends(module):  # the module stack names the innermost module of each call
+            for module, stacked, kind in self.plan.modules:
+                if stacked:  # the module stack names the innermost module of each call
                     self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
                     self.handles.append(module.register_forward_hook(self._post, always_call=True))
-                if isinstance(module, nn.MultiheadAttention):
+                if kind == "mha":
                     self.handles.append(module.register_forward_pre_hook(self._mha_pre, with_kwargs=True))
                     self.handles.append(module.register_forward_hook(self._mha_post, with_kwargs=True, prepend=True))
-                elif isinstance(module, nn.TransformerEncoderLayer):
+                elif kind == "enc":
                     self.handles.append(module.register_forward_pre_hook(self._enc_pre, with_kwargs=True))
                     self.handles.append(module.register_forward_hook(self._enc_post, with_kwargs=True, prepend=True))
-                elif "PatchEmbed" in type(module).__name__ and hasattr(module, "patch_size"):
+                elif kind == "patch":
                     self.handles.append(module.register_forward_pre_hook(self._patch_pre))
-                elif is_hf_deformable(module):
+                elif kind == "deformable":
                     self.handles.append(
                         module.register_forward_pre_hook(deformable_pre_hook(self._event), with_kwargs=True)
                     )

@@ -31,8 +31,13 @@ def head_entropy(maps) -> Tensor:
         ValueError: no maps, or maps with different ``B``/``H`` that cannot be stacked.
     """
     tensors = maps_of(maps, who="head_entropy", square=False)
-    out = [-(a * torch.log(a.clamp_min(torch.finfo(a.dtype).tiny))).sum(-1).mean(-1) for a in tensors]
-    return _stack(out, "head_entropy")
+
+    def entropy(a: Tensor) -> Tensor:
+        return -(a * torch.log(a.clamp_min(torch.finfo(a.dtype).tiny))).sum(-1).mean(-1)
+
+    if len({a.shape for a in tensors}) == 1:  # every layer at once (a few kernels, not a few per layer)
+        return entropy(maps if isinstance(maps, Tensor) else torch.stack(tensors, 0))
+    return _stack([entropy(a) for a in tensors], "head_entropy")
 
 
 def _stack(parts: list[Tensor], who: str) -> Tensor:

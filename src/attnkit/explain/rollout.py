@@ -94,9 +94,15 @@ def rollout(
     """
     _check_options(head_fusion, discard_ratio, "rollout")
     tensors = maps_of(maps, who="rollout")
-    result = None
-    for a in tensors:
-        length = a.shape[-1]
-        a_hat = augment(fuse_heads(a, head_fusion, discard_ratio), torch.arange(length), residual)
-        result = a_hat if result is None else a_hat @ result
+    length = tensors[0].shape[-1]
+    if len({t.shape for t in tensors}) == 1:  # one fusion + augmentation for every layer: a few kernels, not per layer
+        stacked = maps if isinstance(maps, Tensor) else torch.stack(tensors, 0)
+        n, b = stacked.shape[:2]
+        fused = fuse_heads(stacked.flatten(0, 1), head_fusion, discard_ratio)
+        hats = list(augment(fused, torch.arange(length), residual).unflatten(0, (n, b)).unbind(0))
+    else:  # layers with different head counts
+        hats = [augment(fuse_heads(a, head_fusion, discard_ratio), torch.arange(length), residual) for a in tensors]
+    result = hats[0]
+    for a_hat in hats[1:]:
+        result = a_hat @ result
     return result

@@ -48,18 +48,21 @@ def request_stats(
 
     maps = maps.float()
     length = maps.shape[-1]
-    entropy = head_entropy(maps[:, None]).mean().item() / math.log(length) if length > 1 else 0.0
-    sink_idx = torch.tensor(sorted(set(sinks)), dtype=torch.long)
-    sink_mass = maps[..., sink_idx].sum(-1).mean().item() if len(sink_idx) else 0.0
+    sink_set = {i % length for i in sinks}
+    sink_idx = sorted(sink_set)
     row = rollout(maps[:, None])[0, summary_row] if rollout_row is None else rollout_row.float()  # (L,)
-    content = torch.ones(length, dtype=torch.bool)
-    content[sink_idx] = False
-    p = row[content]
-    concentration = 0.0
-    if p.numel() > 1 and float(p.sum()) > 0:
-        p = p / p.sum()
-        h = -(p * torch.log(p.clamp_min(1e-30))).sum().item()
-        concentration = 1.0 - h / math.log(p.numel())
+    content = [i for i in range(length) if i not in sink_set]
+    p = row[content] if len(content) < length else row
+    p = p / p.sum().clamp_min(1e-30)
+    parts = [
+        head_entropy(maps[:, None]).mean(),
+        maps[..., sink_idx].sum(-1).mean() if sink_idx else maps.new_zeros(()),
+        -(p * torch.log(p.clamp_min(1e-30))).sum(),
+        p.sum(),
+    ]
+    entropy, sink_mass, h, total = torch.stack(parts).tolist()  # one conversion for the four numbers
+    entropy = entropy / math.log(length) if length > 1 else 0.0
+    concentration = 1.0 - h / math.log(len(content)) if len(content) > 1 and total > 0 else 0.0
     return {
         "head_entropy": float(entropy),
         "sink_mass": float(sink_mass),

@@ -108,6 +108,11 @@ def _check_layer_head(options: dict[str, Any], layers: int, heads: int) -> tuple
     return layer, head
 
 
+def _top(values: list[float], k: int) -> list[int]:
+    """Indices of the ``k`` largest ``values``, largest first (ties: the lower index first, as ``argmax``)."""
+    return sorted(range(len(values)), key=lambda i: -values[i])[:k]
+
+
 class Endpoint:
     """A served model. Subclasses set ``kind``, ``methods``, ``model`` and implement :meth:`explain`."""
 
@@ -116,9 +121,12 @@ class Endpoint:
     description: str = ""
 
     def __init__(self, name: str, model: nn.Module) -> None:
+        from attnkit.explain import capture_plan
+
         self.name = name
         self.model = model.eval()
         self.weights_sha256 = weights_sha256(model)
+        self.capture_plan = capture_plan(self.model)  # the module walk of capture, once per served model
 
     def explain(self, data: Any, method: str, options: dict[str, Any]) -> Explained:
         raise NotImplementedError
@@ -193,7 +201,7 @@ class TextEndpoint(Endpoint):
 
         t0 = time.perf_counter()
         batch = self.encode(data)
-        maps, hidden = capture_maps(self.tm, batch)
+        maps, hidden = capture_maps(self.tm, batch, plan=self.capture_plan)
         t1 = time.perf_counter()
         stacked = torch.stack(maps)[:, 0]  # (layers, H, L, L); one input, no padding
         layer, head = _check_layer_head(options, stacked.shape[0], stacked.shape[1])
@@ -201,9 +209,8 @@ class TextEndpoint(Endpoint):
         t2 = time.perf_counter()
         labels = list(options.get("labels") or self.default_labels)
         prompts = labels if options.get("labels") else [DEFAULT_LABEL_TEMPLATE.format(label) for label in labels]
-        cosines = self._label_embeddings(prompts) @ self._embed(hidden, batch["attention_mask"])[0].float()
-        order = cosines.argsort(descending=True).tolist()[: options.get("top_k", 5)]
-        top = [{"label": labels[i], "score": round(float(cosines[i]), 6)} for i in order]
+        cosines = (self._label_embeddings(prompts) @ self._embed(hidden, batch["attention_mask"])[0].float()).tolist()
+        top = [{"label": labels[i], "score": round(cosines[i], 6)} for i in _top(cosines, options.get("top_k", 5))]
         tokens = self.tm.tokens(batch["input_ids"][0])
         row = int(summary_index(batch["attention_mask"], self.tm.summary_row)[0])
         sinks = [i for i, tok in enumerate(tokens) if tok in self.special_tokens]
@@ -214,7 +221,7 @@ class TextEndpoint(Endpoint):
             prediction={"label": top[0]["label"], "score": top[0]["score"], "top": top, "kind": "nearest_labels"},
             explanation={
                 "tokens": tokens,
-                "scores": [round(float(s), 6) for s in scores],
+                "scores": [round(s, 6) for s in scores.tolist()],
                 "summary_token": row,
                 "truncated": bool(len(tokens) >= self.max_tokens),
             },
@@ -275,15 +282,15 @@ class ImageEndpoint(Endpoint):
 
         t0 = time.perf_counter()
         x = self.prepare(data)
-        with torch.inference_mode(), capture(self.model) as rec:
+        with torch.inference_mode(), capture(self.model, plan=self.capture_plan) as rec:
             logits = self.model(x)
         t1 = time.perf_counter()
-        maps = torch.stack([m.weights.float() for m in rec.maps if m.is_self])[:, 0]  # (layers, H, L, L)
+        maps = torch.stack([m.weights for m in rec.maps if m.is_self])[:, 0].float()  # (layers, H, L, L)
         layout = self.model.token_layout
         prefix, (gh, gw) = layout["num_prefix_tokens"], layout["grid"]
         layer, head = _check_layer_head(options, maps.shape[0], maps.shape[1])
-        probs = logits.float().softmax(-1)[0]
-        pred = int(probs.argmax())
+        probs = logits.float().softmax(-1)[0].tolist()
+        pred = _top(probs, 1)[0]
         if method == "raw":
             m = maps[-1 if layer is None else layer]
             row = (m.mean(0) if head is None else m[head])[0]
@@ -295,18 +302,19 @@ class ImageEndpoint(Endpoint):
             row = attention_flow(maps[:, None], rows=[0], solver="scipy")[0, 0].float()
         grid = row[prefix:].reshape(gh, gw)
         t2 = time.perf_counter()
-        names = self.class_names or [str(i) for i in range(probs.numel())]
-        order = probs.argsort(descending=True).tolist()[: options.get("top_k", 5)]
-        top = [{"label": names[i], "score": round(float(probs[i]), 6), "class": i} for i in order]
+        names = self.class_names or [str(i) for i in range(len(probs))]
+        top = [
+            {"label": names[i], "score": round(probs[i], 6), "class": i} for i in _top(probs, options.get("top_k", 5))
+        ]
         tokens = ["[CLS]" if i < prefix else f"({(i - prefix) // gw},{(i - prefix) % gw})" for i in range(len(row))]
         reuse = row if method == "rollout" else None
-        stats = request_stats(maps, list(range(prefix)), 0, float(probs[pred]), rollout_row=reuse)
+        stats = request_stats(maps, list(range(prefix)), 0, probs[pred], rollout_row=reuse)
         t3 = time.perf_counter()
         return Explained(
             prediction={"label": names[pred], "class": pred, "score": top[0]["score"], "top": top, "kind": "class"},
             explanation={
                 "grid": [gh, gw],
-                "heatmap": [[round(float(v), 6) for v in r] for r in grid],
+                "heatmap": [[round(v, 6) for v in r] for r in grid.tolist()],
                 "image_size": [self.image_size, self.image_size],
             },
             maps=maps,

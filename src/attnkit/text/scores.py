@@ -17,11 +17,14 @@ def summary_index(attention_mask: Tensor, which: str) -> Tensor:
     return attention_mask.long().sum(-1) - 1
 
 
-def capture_maps(tm: TextModel, batch: dict[str, Tensor]) -> tuple[list[Tensor], Tensor]:
-    """Per-layer self-attention probabilities ``[(B, H, L, L)]`` and the last hidden states."""
+def capture_maps(tm: TextModel, batch: dict[str, Tensor], *, plan=None) -> tuple[list[Tensor], Tensor]:
+    """Per-layer self-attention probabilities ``[(B, H, L, L)]`` and the last hidden states.
+
+    ``plan``: :func:`attnkit.explain.capture_plan` of ``tm.model``, for a model captured many times.
+    """
     from attnkit.explain import capture
 
-    with torch.inference_mode(), capture(tm.model) as rec:
+    with torch.inference_mode(), capture(tm.model, plan=plan) as rec:
         hidden = tm.forward(batch)
     return [m.weights.float() for m in rec.maps if m.is_self], hidden
 

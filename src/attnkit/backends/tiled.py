@@ -75,14 +75,15 @@ class TiledSchedule:
         bounds = [kv_bounds(spec, i * r, min((i + 1) * r, spec.q_len)) for i in range(nq)]
         widest = max(hi - lo for lo, hi in bounds)
         heads = max(1, spec.query[..., 0, 0].numel())  # B * H
+        left, right = effective_window(spec.is_causal, spec.window_size)
+        varying = (left == -1) != (right == -1)  # band widths grow along the rows (causal): keep steps short
         if self.fused:
             cols = widest
             cost = 2 * heads * widest * spec.query.shape[-1] * spec.query.element_size()
-            n = blocks_per_step(nq, cost, fused=True)
+            n = blocks_per_step(nq, cost, fused=True, varying=varying)
         else:
             cols = min(widest, self.block_kv)
-            left, right = effective_window(spec.is_causal, spec.window_size)
-            n = blocks_per_step(nq, heads * r * cols, fused=False, varying=(left == -1) != (right == -1))
+            n = blocks_per_step(nq, heads * r * cols, fused=False, varying=varying)
         offs = torch.arange(r, device=dev)
         steps = []
         for s0 in range(0, nq, n):

@@ -50,9 +50,9 @@ def _ops(q, backend, **kwargs) -> tuple[int, int]:
 @pytest.fixture(params=["fused", "explicit"])
 def path(request, monkeypatch):
     monkeypatch.setattr(flash_fused, "enabled", request.param == "fused")
-    # Budgets of 64 query rows per step at D = 8, H = 2 (fused: 2 * 2 * width 96 * 8 * 4 bytes per 32-row block).
-    monkeypatch.setattr(flash_core, "STEP_SCORES", 2 * 64 * 96)
-    monkeypatch.setattr(flash_core, "FUSED_STEP_BYTES", 2 * (2 * 2 * 96 * 8 * 4))
+    # Budgets of 128 query rows per step at H = 2, D = 8 and key spans of 96 (query blocks of 32, window ±32).
+    monkeypatch.setattr(flash_core, "STEP_SCORES", 2 * 128 * 96)
+    monkeypatch.setattr(flash_core, "FUSED_STEP_BYTES", 4 * (2 * 2 * 96 * 8 * 4))
     return request.param
 
 

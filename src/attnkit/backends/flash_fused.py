@@ -99,8 +99,12 @@ def _mask(setup: TileSetup, step: Step, batch: int, dtype: torch.dtype) -> tuple
         keep = ch.keep if keep is None else keep & ch.keep
     if keep is None:
         return None, None
-    mask, empty = kernel_mask_from_keep(keep.expand(n, r, c), dtype)
-    empty = empty.unsqueeze(1) if bool(empty.any()) else None
+    m = keep.shape[0]  # N, or 1 for a uniform chunk: one (r, c) mask broadcast to every block
+    mask, empty = kernel_mask_from_keep(keep.expand(m, r, c), dtype)
+    empty = empty.unsqueeze(1) if bool(empty.any()) else None  # (m, 1, r, 1)
+    if m == 1:
+        mask = mask.unsqueeze(1).expand(batch * n, 1, r, c)
+        return mask, None if empty is None else empty.expand(batch * n, 1, r, 1)
     if batch == 1:
         return mask.unsqueeze(1), empty
     mask = mask.expand(batch, n, r, c).reshape(batch * n, 1, r, c)

@@ -86,8 +86,7 @@ class TiledSchedule:
             n = blocks_per_step(nq, heads * r * cols, fused=False, varying=varying)
         offs = torch.arange(r, device=dev)
         steps = []
-        for s0 in range(0, nq, n):
-            s1 = min(nq, s0 + n)
+        for s0, s1, uniform in self._runs(bounds, widest, n):
             width = max(bounds[i][1] - bounds[i][0] for i in range(s0, s1))
             if width == 0:
                 continue  # rows with no key: output 0, lse -inf
@@ -97,10 +96,31 @@ class TiledSchedule:
             step = Step(q_blocks, s0)
             for c0 in range(0, width, cols or 1):
                 kv_idx = lo + torch.arange(c0, min(width, c0 + cols), device=dev)  # (N, c): past hi is masked
-                step.chunks.append(make_chunk(q_idx, kv_idx, spec.kv_len))
+                step.chunks.append(make_chunk(q_idx, kv_idx, spec.kv_len, uniform=uniform))
             steps.append(step)
         self._steps = steps
         return steps
+
+    def _runs(self, bounds: list[tuple[int, int]], widest: int, n: int) -> list[tuple[int, int, bool]]:
+        """``(first, stop, uniform)`` block ranges of at most ``n`` blocks. A window's interior blocks (key span
+        not clipped by either end of the sequence) share one relative layout and run as ``uniform`` steps."""
+        spec, r = self.spec, self.block_q
+        left, _ = effective_window(spec.is_causal, spec.window_size)
+        off = bottom_right_offset(spec.q_len, spec.kv_len)
+
+        def interior(i: int) -> bool:
+            lo = bounds[i][0]
+            return left != -1 and lo == i * r + off - left and lo + widest <= spec.kv_len and (i + 1) * r <= spec.q_len
+
+        runs, i = [], 0
+        while i < self.num_q_blocks:
+            kind = interior(i)
+            j = i + 1
+            while j < self.num_q_blocks and j - i < n and interior(j) == kind:
+                j += 1
+            runs.append((i, j, kind))
+            i = j
+        return runs
 
 
 def tiled_attention(

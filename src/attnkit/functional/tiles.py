@@ -44,12 +44,18 @@ __all__ = ["TileIndex", "TileSetup", "flatten_batch", "masked_softmax", "reshape
 
 @dataclass
 class TileIndex:
-    """Where a tile lies: ``q_idx (N, r)``, ``kv_idx (N, c)``, optional rectangle ranges (``N == 1``)."""
+    """Where a tile lies: ``q_idx (N, r)``, ``kv_idx (N, c)``, optional rectangle ranges (``N == 1``).
+
+    ``uniform``: every block's positions are the first block's shifted by one amount on both axes, so the
+    terms that depend only on ``kv_idx - q_idx`` (``is_causal``/``window_size``) are evaluated once, on the
+    first block, and broadcast over ``N``.
+    """
 
     q_idx: Tensor
     kv_idx: Tensor
     q_range: tuple[int, int] | None = None
     kv_range: tuple[int, int] | None = None
+    uniform: bool = False
 
     @classmethod
     def rect(cls, q_range: tuple[int, int], kv_range: tuple[int, int], device) -> TileIndex:
@@ -240,6 +246,8 @@ class TileSetup:
                     kv_range=ti.kv_range,
                 )
                 keep = None if keep is None else keep.view(1, 1, 1, 1, r, c)
+            elif ti.uniform:
+                keep = self._positional_gathered(TileIndex(ti.q_idx[:1], ti.kv_idx[:1])).view(1, 1, 1, 1, r, c)
             else:
                 keep = self._positional_gathered(ti).view(1, 1, n, 1, r, c)
         for t4 in self.bool_masks:

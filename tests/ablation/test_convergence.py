@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnkit.ablation.convergence import best_epoch, epochs_since_improvement, has_plateaued
+from attnkit.ablation.convergence import best_epoch, epochs_since_improvement, has_plateaued, has_stalled
 from attnkit.ablation.train import TrainConfig, fit
 
 
@@ -26,6 +26,20 @@ def test_plateau_rule_on_synthetic_curves(curve, min_delta, best, plateau):
     assert best_epoch(curve, min_delta) == best
     assert epochs_since_improvement(curve, min_delta) == len(curve) - 1 - best
     assert has_plateaued(curve, 3, min_delta) is plateau
+
+
+@pytest.mark.parametrize(
+    ("curve", "stalled"),
+    [
+        ([0.100, 0.098, 0.100, 0.099], True),  # at chance from the first epoch on (a ViT at lr 3e-3 on 1k images)
+        ([0.100, 0.098, 0.100], False),  # too short to tell (patience 3)
+        ([0.100, 0.100, 0.100, 0.100, 0.200], False),  # learns late: not stalled (and not converged)
+        ([0.500, 0.800, 0.800, 0.800, 0.800], False),  # learned, then plateaued: converged
+        ([0.900, 0.903, 0.901, 0.904], True),  # gains below min_delta never count
+    ],
+)
+def test_stall_rule_on_synthetic_curves(curve, stalled):
+    assert has_stalled(curve, 3, 0.005) is stalled
 
 
 def test_plateau_rule_errors():

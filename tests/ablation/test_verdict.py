@@ -64,6 +64,25 @@ def test_recommends_the_largest_passing_lift_and_names_unconverged_runs():
     assert "`se` had not converged in seed(s) 1, 2" in md and "speed-of-learning effect" in md
 
 
+def test_names_variants_that_did_not_learn():
+    def runs(*stalled):
+        return [History(train_loss=[1.0], val_score=[0.1], converged=True, stalled=s) for s in stalled]
+
+    variants = [
+        VariantResult("none", [0.90, 0.92, 0.91], runs=runs(False, False, False)),
+        VariantResult("vit", [0.10, 0.10, 0.11], runs=runs(True, True, False)),
+    ]
+    result = _result(variants)
+    (v,) = result.verdict().variants
+    assert v.stalled == [0, 1] and not v.not_converged and not v.roll_out
+    md = result.to_markdown()
+    assert "**STALLED: did not learn** (seed 0, 1)" in md and "| `vit (stalled)` |" in md
+    assert "`vit` did not learn in seed(s) 0, 1" in md and "failed training run" in md
+    stuck = VariantResult("none", [0.1, 0.1, 0.1], runs=runs(True, True, True))
+    base = _result([stuck, VariantResult("se", [0.9] * 3)])
+    assert "The baseline `none` did not learn in seed(s) 0, 1, 2" in base.to_markdown()
+
+
 def test_one_seed_and_errors():
     one = _result([VariantResult("none", [0.5]), VariantResult("se", [0.9])], seeds=(0,))
     (v,) = decide(one).variants

@@ -10,6 +10,9 @@ Prechelt 1998 ("Early Stopping — But When?", the "no improvement in a number o
 * Every run, under either budget, is *converged* when its validation curve has plateaued at its last epoch; a run
   still improving at the end is *not converged*, and a difference between such runs may be a difference in how
   fast the variants learn rather than in what they can learn.
+* A run whose curve never improved on its first epoch has *stalled*: it plateaued, but at wherever one epoch
+  left it (typically chance level: a learning rate or schedule that does not suit the architecture), so its score
+  says how its training failed, not what the model can learn.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["History", "best_epoch", "epochs_since_improvement", "has_plateaued"]
+__all__ = ["History", "best_epoch", "epochs_since_improvement", "has_plateaued", "has_stalled"]
 
 
 def _check(curve: Sequence[float], min_delta: float) -> None:
@@ -68,6 +71,20 @@ def has_plateaued(curve: Sequence[float], patience: int, min_delta: float = 0.0)
     return epochs_since_improvement(curve, min_delta) >= patience
 
 
+def has_stalled(curve: Sequence[float], patience: int, min_delta: float = 0.0) -> bool:
+    """True when ``curve`` never improved on its first epoch by more than ``min_delta`` over more than ``patience``
+    epochs: the run plateaued where one epoch left it, i.e. it did not learn.
+
+    Raises:
+        ValueError: an empty curve, a negative ``min_delta`` or ``patience < 1``.
+
+    Example:
+        >>> has_stalled([0.10, 0.10, 0.098, 0.101], patience=3, min_delta=0.005), has_stalled([0.1, 0.5], 1)
+        (True, False)
+    """
+    return has_plateaued(curve, patience, min_delta) and best_epoch(curve, min_delta) == 0
+
+
 @dataclass
 class History:
     """What one training run did, epoch by epoch.
@@ -79,6 +96,8 @@ class History:
         stopped_early: training stopped at a plateau before the maximum number of epochs.
         converged: the validation curve had plateaued at the end (:func:`has_plateaued`); ``None`` without a
             validation curve (unknown).
+        stalled: the validation curve never improved on its first epoch (:func:`has_stalled`): the run did not
+            learn; ``None`` without a validation curve.
         best_epoch: the epoch whose weights the model holds at the end (budget ``"plateau"``: the best validation
             score; budget ``"epochs"``: the last epoch).
     """
@@ -88,6 +107,7 @@ class History:
     lr_drops: list[int] = field(default_factory=list)
     stopped_early: bool = False
     converged: bool | None = None
+    stalled: bool | None = None
     best_epoch: int = -1
 
     @property

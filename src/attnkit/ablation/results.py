@@ -45,13 +45,18 @@ class VariantResult:
         return all(known) if known else None
 
     def convergence_note(self, seeds: list[int]) -> str:
-        """``"yes"``, ``"NOT converged (seeds 0, 2)"`` or ``"n/a"`` (no validation curve)."""
+        """``"yes"``, ``"NOT converged (seeds 0, 2)"``, ``"STALLED (seed 1)"`` (both when both apply) or ``"n/a"``
+        (no validation curve)."""
         if self.converged is None:
             return "n/a"
-        if self.converged:
-            return "yes"
-        bad = [str(seed) for seed, r in zip(seeds, self.runs) if r.converged is False]
-        return f"**NOT converged** (seed {', '.join(bad)})"
+        notes = []
+        if not self.converged:
+            bad = [str(seed) for seed, r in zip(seeds, self.runs) if r.converged is False]
+            notes.append(f"**NOT converged** (seed {', '.join(bad)})")
+        stalled = [str(seed) for seed, r in zip(seeds, self.runs) if r.stalled]
+        if stalled:
+            notes.append(f"**STALLED: did not learn** (seed {', '.join(stalled)})")
+        return "; ".join(notes) or "yes"
 
     def epochs_note(self) -> str:
         """Epochs trained per run: ``"15"`` or a range ``"9-21"``."""
@@ -143,6 +148,7 @@ class AblationResult:
             row["accuracy_per_seed_pct"] = " ".join(f"{100 * s:.2f}" for s in v.scores)
             row["epochs_per_seed"] = " ".join(str(r.epochs) for r in v.runs)
             row["converged_per_seed"] = " ".join({True: "yes", False: "no", None: "n/a"}[r.converged] for r in v.runs)
+            row["stalled_per_seed"] = " ".join({True: "yes", False: "no", None: "n/a"}[r.stalled] for r in v.runs)
             rows.append(row)
         return rows
 

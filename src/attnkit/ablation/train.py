@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from attnkit.ablation.convergence import History, best_epoch, epochs_since_improvement, has_plateaued
+from attnkit.ablation.convergence import History, best_epoch, epochs_since_improvement, has_plateaued, has_stalled
 
 __all__ = [
     "BUDGETS",
@@ -284,6 +284,7 @@ def fit(
     history.best_epoch = history.epochs - 1
     if history.val_score:
         history.converged = history.stopped_early or has_plateaued(history.val_score, config.patience, config.min_delta)
+        history.stalled = has_stalled(history.val_score, config.patience, config.min_delta)
         if config.budget == "plateau" and best_state is not None:
             model.load_state_dict(best_state)
             history.best_epoch = best_epoch(history.val_score, config.min_delta)
@@ -295,6 +296,8 @@ def run_summary(history: History) -> str:
     if not history.val_score:
         return f"{history.epochs} epochs"
     state = "converged" if history.converged else "NOT converged"
+    if history.stalled:
+        state = "STALLED (no gain after epoch 1)"
     best = history.val_score[history.best_epoch]
     return f"{history.epochs} epochs, val {100 * best:.2f}% at epoch {history.best_epoch + 1}, {state}"
 

@@ -44,6 +44,7 @@ class VariantVerdict:
         roll_out: the decision.
         reason: why, in one sentence.
         not_converged: seeds of this variant whose runs had not converged.
+        stalled: seeds of this variant whose runs never improved on their first epoch (did not learn).
     """
 
     name: str
@@ -56,6 +57,7 @@ class VariantVerdict:
     roll_out: bool
     reason: str
     not_converged: list[int] = field(default_factory=list)
+    stalled: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Verdict:
         confidence: the confidence level of the intervals.
         variants: one :class:`VariantVerdict` per other variant, in report order.
         baseline_not_converged: seeds whose baseline run had not converged.
+        baseline_stalled: seeds whose baseline run never improved on its first epoch.
         recommended: the variant to roll out (largest lift among those that pass), or ``None``.
     """
 
@@ -76,6 +79,7 @@ class Verdict:
     confidence: float
     variants: list[VariantVerdict]
     baseline_not_converged: list[int] = field(default_factory=list)
+    baseline_stalled: list[int] = field(default_factory=list)
     recommended: str | None = None
 
     def title(self) -> str:
@@ -100,7 +104,7 @@ class Verdict:
         rows = []
         for v in self.variants:
             cells = [
-                v.name + (" (not converged)" if v.not_converged else ""),
+                v.name + (" (not converged)" if v.not_converged else "") + (" (stalled)" if v.stalled else ""),
                 f"{100 * v.lift:+.2f}",
                 _interval(v.ci, 100, "{:+.2f}"),
                 "n/a" if math.isnan(v.relative) else f"{100 * v.relative:+.1f}%",
@@ -125,14 +129,26 @@ class Verdict:
         return "\n".join(lines) + "\n"
 
     def caveats(self) -> list[str]:
-        """Sentences naming the runs that had not converged and what that means for the lifts."""
+        """Sentences naming the runs that had not converged or did not learn, and what that means for the lifts."""
         out = []
         if self.baseline_not_converged:
             out.append(
                 f"The baseline `{self.baseline}` had not converged in seed(s) {_seeds(self.baseline_not_converged)}: "
                 "it was still improving at its last epoch, so every lift may shrink with more training."
             )
+        if self.baseline_stalled:
+            out.append(
+                f"The baseline `{self.baseline}` did not learn in seed(s) {_seeds(self.baseline_stalled)} (its "
+                "validation score never rose above its first epoch's): every lift against it measures that failure."
+            )
         for v in self.variants:
+            if v.stalled:
+                out.append(
+                    f"`{v.name}` did not learn in seed(s) {_seeds(v.stalled)}: its validation score never rose above "
+                    f"its first epoch's, so its {100 * v.lift:+.2f} pp measures a failed training run (often a "
+                    "learning rate or schedule that does not suit the architecture), not what the variant can reach; "
+                    "tune its training before reading its lift."
+                )
             if v.not_converged:
                 out.append(
                     f"`{v.name}` had not converged in seed(s) {_seeds(v.not_converged)} (validation score still "
@@ -156,6 +172,10 @@ def _interval(ci: tuple[float, float], scale: float, fmt: str) -> str:
 def _not_converged(result: AblationResult, name: str) -> list[int]:
     runs = result.variant(name).runs
     return [seed for seed, run in zip(result.seeds, runs) if run.converged is False]
+
+
+def _stalled(result: AblationResult, name: str) -> list[int]:
+    return [seed for seed, run in zip(result.seeds, result.variant(name).runs) if run.stalled]
 
 
 def decide(result: AblationResult, *, threshold: float | None = None, confidence: float = 0.95) -> Verdict:
@@ -221,6 +241,7 @@ def decide(result: AblationResult, *, threshold: float | None = None, confidence
                 roll_out=roll_out,
                 reason=reason,
                 not_converged=_not_converged(result, v.name),
+                stalled=_stalled(result, v.name),
             )
         )
     passing = [v for v in verdicts if v.roll_out]
@@ -231,5 +252,6 @@ def decide(result: AblationResult, *, threshold: float | None = None, confidence
         confidence=confidence,
         variants=verdicts,
         baseline_not_converged=_not_converged(result, result.baseline),
+        baseline_stalled=_stalled(result, result.baseline),
         recommended=recommended,
     )

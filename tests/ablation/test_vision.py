@@ -8,6 +8,7 @@ import torch
 from attnkit.ablation.images import ImageData
 from attnkit.ablation.train import TrainConfig
 from attnkit.ablation.vision import VISION_VARIANTS, build_vision_model, random_translate, run_vision_ablation
+from attnkit.nn.residual_self_attention import ResidualSelfAttention
 from attnkit.vision import ECA, MHSA2d, NonLocal2d, VisionTransformer
 
 
@@ -21,7 +22,7 @@ def test_variants_build_and_run(name, chans, size):
 
 def test_placement():
     kinds = {}
-    for name in ("eca", "nonlocal", "mhsa", "vit"):
+    for name in ("eca", "nonlocal", "single_head", "mhsa", "vit"):
         model = build_vision_model(name, in_chans=1, num_classes=10, image_size=(64, 64))
         kinds[name] = model
     assert sum(isinstance(m, ECA) for m in kinds["eca"].modules()) == 4  # every block
@@ -29,6 +30,8 @@ def test_placement():
     assert nonlocal_stages == [1, 2]
     assert [isinstance(stage[0].conv2, MHSA2d) for stage in kinds["mhsa"].stages] == [False, False, False, True]
     assert isinstance(kinds["vit"], VisionTransformer)
+    heads = [m.attn.num_heads for m in kinds["single_head"].modules() if isinstance(m, ResidualSelfAttention)]
+    assert heads == [1] and isinstance(kinds["single_head"].stages[2][1], ResidualSelfAttention)  # after stage 3
     with pytest.raises(ValueError, match="unknown variant 'sk'"):
         build_vision_model("sk", in_chans=1, num_classes=2, image_size=(8, 8))
 

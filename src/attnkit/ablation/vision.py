@@ -9,6 +9,9 @@ basic block per stage, a stride-2 stem (a 64x64 input gives 32, 16, 8 and 4 pixe
   hidden unit at 16 channels);
 * ``nonlocal``: a non-local block (Wang et al. 2018, embedded Gaussian) after the residual branch of the blocks of
   the two middle stages (16x16 and 8x8 maps; the paper adds them to res3/res4);
+* ``single_head``: one single-head self-attention layer (pre-norm, zero-initialised residual gate, no position
+  encoding; the block of :func:`attnkit.vision.insert_attention`) after the third stage (8x8 map of 64 channels
+  for a 64x64 input): the seed experiment's "add one attention layer";
 * ``mhsa``: BoTNet (Srinivas et al. 2021): multi-head self-attention with relative positions replaces the 3x3
   convolution of the last stage;
 * ``vit``: a small Vision Transformer (Dosovitskiy et al. 2021) instead of the CNN: patches of 1/8 of the image
@@ -36,7 +39,7 @@ from attnkit.ablation.train import TrainConfig, fit, is_main_process, predict, r
 __all__ = ["VISION_VARIANTS", "build_vision_model", "random_translate", "run_vision_ablation"]
 
 #: Variant names, in report order.
-VISION_VARIANTS = ("none", "se", "eca", "cbam", "nonlocal", "mhsa", "vit")
+VISION_VARIANTS = ("none", "se", "eca", "cbam", "nonlocal", "single_head", "mhsa", "vit")
 WIDTHS = (16, 32, 64, 128)
 
 _DESCRIPTIONS = {
@@ -45,6 +48,7 @@ _DESCRIPTIONS = {
     "eca": "same ResNet + ECA (adaptive kernel) in every block (Wang et al. 2020)",
     "cbam": "same ResNet + CBAM (r=8, channel then spatial) in every block (Woo et al. 2018)",
     "nonlocal": "same ResNet + non-local block in the blocks of stages 2-3 (Wang et al. 2018)",
+    "single_head": "same ResNet + one single-head self-attention layer after stage 3 (8x8 map; insert_attention)",
     "mhsa": "same ResNet, last stage's 3x3 conv replaced by MHSA with relative positions "
     "(BoTNet, Srinivas et al. 2021)",
     "vit": "Vision Transformer instead of the CNN: patch = side/8, E=64, 4 layers, 4 heads, MLP x2 "
@@ -70,6 +74,11 @@ def build_vision_model(name: str, *, in_chans: int, num_classes: int, image_size
             for block in net.stages[stage]:
                 block.attn = create_attention("nonlocal", WIDTHS[stage])
         return net
+    if name == "single_head":
+        from attnkit.vision import insert_attention
+
+        example = torch.zeros(1, in_chans, *image_size)
+        return insert_attention(HybridResNet(**common), "self_attention", where="stages.2", example_input=example)[0]
     if name == "mhsa":
         side = max(image_size) // 16 + 1  # last-stage map side after four stride-2 steps
         return HybridResNet(mhsa_last_stage=True, mhsa_kwargs={"num_heads": 4, "max_size": max(side, 2)}, **common)

@@ -146,3 +146,24 @@ def test_evaluate_table_is_the_metrics_on_each_method():
     assert got["peak"] == {"aer": 0.0}
     with pytest.raises(ValueError, match="unknown metrics"):
         evaluate(task, methods, metrics=("accuracy",))
+
+
+def test_deletion_and_insertion_match_petsiuk_formula_on_a_linear_score():
+    """Petsiuk et al. 2018, Sec. 4.1: with f(x) = w·x and baseline 0, the deletion curve after removing the k most
+    salient units is f(x) - Σ_top-k w_i x_i, the insertion curve Σ_top-k w_i x_i; AUC = trapezoid over k / n."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 12, generator=g, dtype=torch.float64)
+    w, sal = torch.randn(12, generator=g, dtype=torch.float64), torch.rand(3, 12, generator=g)
+    steps = 6  # 2 units per step
+    top = sal.argsort(-1, descending=True)
+    contrib = (x * w).gather(1, top).cumsum(-1)[:, 1::2]  # after removing / inserting 2, 4, ... units
+    total = (x * w).sum(-1, keepdim=True)
+    fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    want_del = torch.cat([total, total - contrib], 1)
+    want_ins = torch.cat([torch.zeros_like(total), contrib], 1)
+    got_del = deletion(lambda v: v @ w, x, sal, steps=steps)
+    got_ins = insertion(lambda v: v @ w, x, sal, steps=steps)
+    torch.testing.assert_close(got_del.curve, want_del)
+    torch.testing.assert_close(got_ins.curve, want_ins)
+    torch.testing.assert_close(got_del.auc, torch.trapezoid(want_del, fractions))
+    torch.testing.assert_close(got_ins.auc, torch.trapezoid(want_ins, fractions))

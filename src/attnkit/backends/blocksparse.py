@@ -1,11 +1,13 @@
 """The ``"blocksparse"`` backend: exact attention over the visited blocks of a :class:`attnkit.sparse.BlockMask`.
 
 Work is proportional to the number of visited blocks. Query blocks that visit the same number of key blocks
-are batched: their visited key blocks are gathered into one ``(B, Hkv, N, n · block, D)`` operand, the scores
+are batched into steps (as many as the memory budget of :mod:`attnkit.backends.flash_core` allows): their
+visited key blocks are gathered into one ``(B, Hkv, N, n · block, D)`` operand, the scores
 ``(B, Hkv, N, G, block, n · block)`` come from one batched matmul over all heads, the layout's cached element
-masks are applied to partial blocks only where needed, and FlashAttention's online softmax
-(:mod:`attnkit.backends.flash_core`) merges chunks when a row visits many blocks (global tokens). Backward
-recomputes the same tiles from the saved log-sum-exp and scatter-adds key/value gradients per block.
+masks are applied to partial blocks only where needed, and FlashAttention's online softmax merges chunks when a
+row visits many blocks (global tokens). Calls whose terms reduce to the layout's keep-mask run each step as one
+fused CPU flash-attention kernel (:mod:`attnkit.backends.flash_fused`). Backward recomputes the same steps from
+the saved log-sum-exp and scatter-adds key/value gradients once per chunk.
 
 The layout is ``block_mask`` and-ed with ``is_causal``/``window_size`` (cached on the mask); with no
 ``block_mask`` the backend builds the causal/window layout itself (all blocks for a call with neither, which is

@@ -1,7 +1,7 @@
 """FlashAttention-2's forward and backward over a schedule of tiles, in plain PyTorch (shared by the
 ``"tiled"`` and ``"blocksparse"`` backends).
 
-Forward (Dao et al. 2022, Alg. 1; Dao 2023, Alg. 1): for each group of query rows, walk its key chunks keeping a
+Forward (Dao et al. 2022, Alg. 1; Dao 2023, Alg. 1): for each step of query blocks, walk its key chunks keeping a
 running row maximum ``m``, normalizer ``l`` and unnormalized output ``acc``; a chunk's scores ``s`` update them as
 ``m' = max(m, rowmax s)``, ``p = exp(s - m')``, ``l' = l·exp(m - m') + rowsum p``,
 ``acc' = acc·exp(m - m') + p v``. The output is ``acc / l`` and the log-sum-exp ``m + log l`` is saved.
@@ -9,8 +9,16 @@ Backward (Dao 2023, Alg. 2): recompute ``p = exp(s - lse)`` per tile, ``dv += p�
 ``ds = p (dp - delta)`` with ``delta = rowsum(do · o)`` (minus the incoming gradient of the lse), then
 ``dq += ds k``, ``dk += dsᵀ q``. Only tiles and per-row vectors are ever held, never the ``Lq x Lk`` matrix.
 
-A *schedule* decides which tiles exist and how blocks of Q/K/V are loaded and stored (slices for the dense
-tiled backend, gathers for block-sparse layouts); see :class:`Schedule`.
+A *schedule* decides which tiles exist and batches them into *steps* (:class:`Step`): ``N`` query blocks of
+``r`` rows processed together, their key/value rows gathered with one ``index_select`` over a stacked ``(N, c)``
+position index per *chunk*, scores ``(B, Hkv, N, G, r, c)`` from one batched matmul, the online-softmax state
+held in batched tensors. ``N`` comes from a memory budget (:data:`STEP_SCORES` score elements per chunk,
+:data:`FUSED_STEP_BYTES` gathered bytes per fused step), so the number of tensor operations per call follows the
+number of steps and chunks, never the number of tiles: at most about 120 aten calls per call plus 100 per chunk
+(views included; forward and backward alike; ``tests/backends/test_op_count.py`` counts them). This is what keeps
+the paths fast on a shared CPU, where every operation is an OpenMP region whose barrier waits for a parked
+thread. Calls whose terms are only a keep-mask run each step as one fused kernel instead
+(:mod:`attnkit.backends.flash_fused`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,17 @@
 """The ``"tiled"`` backend: exact attention with FlashAttention's online softmax, never holding ``Lq x Lk``.
 
-Queries are cut into blocks of ``block_q`` rows and keys into chunks of ``block_kv`` columns; each tile's scores
-``(B, Hkv, 1, G, block_q, block_kv)`` are computed with one batched matmul over every head (grouped-query heads
-share their key/value head's tiles without copies), all of :func:`attnkit.attention`'s terms are applied to the
-tile (``softcap``, ``score_mod``, ``attn_bias``, ALiBi, masks, ``mask_mod``, ``block_mask``), and the online
-softmax folds it into the running output. Key chunks outside the causal/sliding window band of a query block
-are skipped entirely. Extra memory: ``O((Lq + Lk) · D)`` plus one tile, independent of ``Lq · Lk``. The
-backward pass recomputes tiles from the saved log-sum-exp (:mod:`attnkit.backends.flash_core`).
+Queries are cut into blocks of ``block_q`` rows; each block's key span is its causal/sliding-window band
+(keys outside it are never loaded or computed: a causal call does about half the work of a dense one, a window
+of ``w`` keys costs ``O(L · (w + block_q))``). Consecutive blocks are batched into steps (sizes from a memory
+budget, :mod:`attnkit.backends.flash_core`): one gather of their key/value rows, one batched matmul over every
+head and block (grouped-query heads share their key/value head without copies), all of
+:func:`attnkit.attention`'s terms applied by :class:`~attnkit.functional.tiles.TileSetup` (``softcap``,
+``score_mod``, ``attn_bias``, ALiBi, masks, ``mask_mod``, ``block_mask``), and the online softmax across key
+chunks. Calls whose terms reduce to a shared keep-mask run each step as one fused CPU flash-attention kernel
+(:mod:`attnkit.backends.flash_fused`; bfloat16/float16 matmuls stay in that dtype there, the softmax in
+float32); the others run the explicit online softmax in float32 (float64 for float64). Extra memory:
+``O((Lq + Lk) · D)`` plus one step, independent of ``Lq · Lk``. The backward pass recomputes each step from the
+saved log-sum-exp.
 
 References:
     Dao, Fu, Ermon, Rudra, Ré 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with

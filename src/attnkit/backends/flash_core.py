@@ -84,15 +84,21 @@ class Schedule(Protocol):
 
 
 def make_chunk(
-    q_idx: Tensor, kv_idx: Tensor, kv_len: int, keep: Tensor | None = None, *, uniform: bool = False
+    q_idx: Tensor,
+    kv_idx: Tensor,
+    kv_len: int,
+    keep: Tensor | None = None,
+    *,
+    uniform: bool = False,
+    in_band: bool = False,
 ) -> Chunk:
     """A chunk of absolute key positions ``kv_idx (N, c)``; positions ``>= kv_len`` are masked out.
-    ``uniform``: see :class:`~attnkit.functional.tiles.TileIndex` (no block may then reach past the keys)."""
+    ``uniform``, ``in_band``: see :class:`~attnkit.functional.tiles.TileIndex`."""
     gather = kv_idx.clamp(max=kv_len - 1).flatten()
     if int(kv_idx.max()) >= kv_len:
         inside = (kv_idx < kv_len).unsqueeze(1)  # (N, 1, c)
         keep = inside if keep is None else keep & inside
-    return Chunk(TileIndex(q_idx, kv_idx, uniform=uniform), gather, keep)
+    return Chunk(TileIndex(q_idx, kv_idx, uniform=uniform, in_band=in_band), gather, keep)
 
 
 def load_q(x5: Tensor, step: Step, block_q: int) -> Tensor:

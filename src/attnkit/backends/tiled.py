@@ -100,11 +100,28 @@ class TiledSchedule:
             lo = torch.tensor([bounds[i][0] for i in range(s0, s1)], device=dev)[:, None]
             step = Step(q_blocks, s0)
             for c0 in range(0, width, cols or 1):
-                kv_idx = lo + torch.arange(c0, min(width, c0 + cols), device=dev)  # (N, c): past hi is masked
-                step.chunks.append(make_chunk(q_idx, kv_idx, spec.kv_len, uniform=uniform))
+                c1 = min(width, c0 + cols)
+                kv_idx = lo + torch.arange(c0, c1, device=dev)  # (N, c): past hi is masked
+                band = self._in_band(bounds, s0, s1, c0, c1)
+                step.chunks.append(make_chunk(q_idx, kv_idx, spec.kv_len, uniform=uniform, in_band=band))
             steps.append(step)
         self._steps = steps
         return steps
+
+    def _in_band(self, bounds: list[tuple[int, int]], s0: int, s1: int, c0: int, c1: int) -> bool:
+        """Whether columns ``[lo + c0, lo + c1)`` of every block ``s0 <= i < s1`` lie inside the causal/window
+        band for all of the block's rows (then the band needs no mask there)."""
+        spec, r = self.spec, self.block_q
+        left, right = effective_window(spec.is_causal, spec.window_size)
+        off = bottom_right_offset(spec.q_len, spec.kv_len)
+        for i in range(s0, s1):
+            lo = bounds[i][0]
+            q0, q1 = i * r, (i + 1) * r  # padded rows included: their output is discarded anyway
+            if left != -1 and lo + c0 - (q1 - 1) - off < -left:
+                return False
+            if right != -1 and lo + c1 - 1 - q0 - off > right:
+                return False
+        return True
 
     def _runs(self, bounds: list[tuple[int, int]], widest: int, n: int) -> list[tuple[int, int, bool]]:
         """``(first, stop, uniform)`` block ranges of at most ``n`` blocks. A window's interior blocks (key span

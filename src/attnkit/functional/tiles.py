@@ -48,7 +48,8 @@ class TileIndex:
 
     ``uniform``: every block's positions are the first block's shifted by one amount on both axes, so the
     terms that depend only on ``kv_idx - q_idx`` (``is_causal``/``window_size``) are evaluated once, on the
-    first block, and broadcast over ``N``.
+    first block, and broadcast over ``N``. ``in_band``: every pair lies inside the causal/window band, so
+    those terms keep everything and are not evaluated.
     """
 
     q_idx: Tensor
@@ -56,6 +57,7 @@ class TileIndex:
     q_range: tuple[int, int] | None = None
     kv_range: tuple[int, int] | None = None
     uniform: bool = False
+    in_band: bool = False
 
     @classmethod
     def rect(cls, q_range: tuple[int, int], kv_range: tuple[int, int], device) -> TileIndex:
@@ -191,10 +193,15 @@ class TileSetup:
         ki = ti.kv_idx.clamp(max=self.kv_len - 1).view(1, 1, n, 1, 1, c)
         return qi, ki
 
-    def transform(self, s: Tensor, ti: TileIndex) -> Tensor:
-        """``softcap`` then ``score_mod`` on scaled scores ``(B, Hkv, N, G, r, c)`` (autograd-friendly)."""
+    def transform(self, s: Tensor, ti: TileIndex, *, inplace: bool = False) -> Tensor:
+        """``softcap`` then ``score_mod`` on scaled scores ``(B, Hkv, N, G, r, c)`` (autograd-friendly;
+        ``inplace``: ``s`` may be overwritten)."""
         if self.softcap is not None:
-            s = torch.tanh(s / self.softcap) * self.softcap
+            s = (
+                s.div_(self.softcap).tanh_().mul_(self.softcap)
+                if inplace
+                else torch.tanh(s / self.softcap) * self.softcap
+            )
         if self.score_mod is not None:
             qi, ki = self._mod_indices(ti)
             s = call_score_mod(self.score_mod, s, self.b_idx, self.h_idx, qi, ki)
@@ -234,7 +241,7 @@ class TileSetup:
             t = -self.alibi * dist.view(1, 1, n, 1, r, c)
             bias = t if bias is None else bias + t
         keep = None
-        if self.positional:
+        if self.positional and not ti.in_band:
             if ti.q_range is not None and ti.kv_range is not None:
                 keep = positional_mask(
                     self.q_len,
@@ -267,15 +274,20 @@ class TileSetup:
         return band_keep(ti.kv_idx[:, None, :] - (ti.q_idx[:, :, None] + self.offset), left, right)
 
     def masked_logits(self, s_raw: Tensor, ti: TileIndex, extra_keep: Tensor | None = None) -> Tensor:
-        """The tile's final logits: ``transform`` + bias, ``-inf`` where not kept (``extra_keep`` and-ed in)."""
-        s = self.transform(s_raw, ti)
+        """The tile's final logits: ``transform`` + bias, ``-inf`` where not kept (``extra_keep`` and-ed in).
+
+        ``s_raw`` (fresh scores from :meth:`logits`) is consumed: without autograd it is overwritten in place
+        (up to a ``score_mod``, whose result may alias other tensors)."""
+        inplace = not s_raw.requires_grad
+        s = self.transform(s_raw, ti, inplace=inplace)
+        inplace = inplace and self.score_mod is None
         bias, keep = self.terms(ti)
         if extra_keep is not None:
             keep = extra_keep if keep is None else keep & extra_keep
         if bias is not None:
-            s = s + bias
+            s = s.add_(bias) if inplace else s + bias
         if keep is not None:
-            s = s.masked_fill(~keep, float("-inf"))
+            s = s.masked_fill_(~keep, float("-inf")) if inplace else s.masked_fill(~keep, float("-inf"))
         return s
 
     def tile_probs(self, s: Tensor) -> tuple[Tensor, Tensor]:

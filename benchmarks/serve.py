@@ -9,7 +9,8 @@
    started again on the same store. Clients retry refused connections and 503s (after ``Retry-After``). Afterwards
    every 2xx response's record must be in the store, and no 5xx other than 503 may have been answered.
 
-Run under the shared lock: ``flock /tmp/attnkit-heavy.lock python benchmarks/serve.py`` (``--quick``: 20 s).
+Run under the shared lock: ``flock /tmp/attnkit-heavy.lock python benchmarks/serve.py`` (``--quick``: 20 s;
+``--latency-only`` / ``--load-only``: one part).
 """
 
 from __future__ import annotations
@@ -233,13 +234,16 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads, here and in the server")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--latency-only", action="store_true", help="skip the load part")
+    parser.add_argument("--load-only", action="store_true", help="skip the latency part")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     duration, rounds = (20.0, 5) if args.quick else (args.duration, args.rounds)
     print(f"load average at start: {os.getloadavg()}", flush=True)
-    print("latency (in process, medians of interleaved rounds):", flush=True)
-    latency = latency_part(rounds)
+    latency = []
+    if not args.load_only:
+        print("latency (in process, medians of interleaved rounds):", flush=True)
+        latency = latency_part(rounds)
     if args.latency_only:
         print(f"load average at end: {os.getloadavg()}", flush=True)
         if args.json is not None:

@@ -8,8 +8,10 @@ token is computed by :func:`attnkit.explain.generate_attribution` through the KV
 ``prompt-chars + steps`` earlier characters, and scored by :func:`attnkit.explain.evaluate` with the explained
 token's softmax probability as the score and the unknown-character id as the deletion baseline: deletion and
 insertion AUC (Petsiuk et al. 2018), AOPC comprehensiveness and sufficiency (DeYoung et al. 2020) and the cascading
-randomisation check (Adebayo et al. 2018, top-down from ``lm_head`` to ``embed``). Baselines: ``random`` (uniform
-scores) and ``recency`` (the most recent character first), the trivial method a character model has to beat.
+randomisation check (Adebayo et al. 2018, top-down from ``lm_head`` to ``embed``). Also ``grad_input_contrastive``
+(against the runner-up token, through the cache) and AttnLRP / CP-LRP (:func:`attnkit.explain.lrp`, one pass over
+the whole sequence). Baselines: ``random`` (uniform scores) and ``recency`` (the most recent character first), the
+trivial method a character model has to beat.
 
 Part ``cost``: attributing every generated token of ``--cost-new`` tokens, with the KV cache (this library) versus
 re-running the whole sequence for each token (what a per-token call of ``capture``/``relevance`` does); medians.
@@ -31,7 +33,7 @@ import time
 import torch
 
 from attnkit.datasets import language_reference_text
-from attnkit.explain import EvaluationTask, capture, evaluate, generate_attribution, rollout
+from attnkit.explain import EvaluationTask, capture, evaluate, generate_attribution, lrp, rollout
 from attnkit.models.char_decoder import UNK_ID, encode_chars, load_char_decoder
 
 METHODS = ("raw", "rollout", "grad_input", "relevance")
@@ -55,6 +57,38 @@ def attribution_method(name: str, prompt_chars: int):
             model, x[:, :prompt_chars], max_new_tokens=steps + 1, methods=name, forced_tokens=x[:, prompt_chars:]
         )
         return res[name][:, -1, : x.shape[1]]
+
+    return method
+
+
+def contrastive_method(prompt_chars: int):
+    """Gradient x input of ``logit[explained] - logit[runner-up]`` (Yin & Neubig 2022), through the KV cache."""
+
+    def method(model, x):
+        steps = x.shape[1] - prompt_chars
+        runner_up = next_logits(model, x).topk(2, -1).indices[:, 1]
+        res = generate_attribution(
+            model,
+            x[:, :prompt_chars],
+            max_new_tokens=steps + 1,
+            methods="grad_input",
+            forced_tokens=x[:, prompt_chars:],
+            foil=runner_up,
+        )
+        return res["grad_input"][:, -1, : x.shape[1]]
+
+    return method
+
+
+def lrp_method(rule: str):
+    """AttnLRP / CP-LRP (``attnkit.explain.lrp``) of the next-token logit: one forward and backward over the whole
+    sequence (no KV cache: the LRP rules are applied by ``lrp`` around one call)."""
+
+    def method(model, x):
+        target = next_logits(model, x).argmax(-1)
+        return lrp(
+            model, {"input_ids": x}, lambda out: out[:, -1].gather(1, target[:, None])[:, 0], rule=rule
+        ).relevance
 
     return method
 
@@ -89,9 +123,16 @@ def run_evaluate(args) -> dict:
         steps=args.deletion_steps,
     )
     methods = {m: attribution_method(m, args.prompt_chars) for m in METHODS}
+    methods["grad_input_contrastive"] = contrastive_method(args.prompt_chars)
+    methods.update({"attnlrp": lrp_method("attnlrp"), "cp-lrp": lrp_method("cp-lrp")})
     methods.update({b: baseline_method(b) for b in ("recency", "random")})
+    unknown = set(args.methods or ()) - set(methods)
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; valid: {', '.join(methods)}")
     table, seconds = {}, {}
     for name, method in methods.items():
+        if args.methods and name not in args.methods:
+            continue
         t0 = time.perf_counter()
         table[name] = evaluate(task, {name: method})[name]
         seconds[name] = round(time.perf_counter() - t0, 1)
@@ -154,6 +195,7 @@ def main() -> None:
     parser.add_argument("--cost-new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=None, help="evaluate only these methods (default all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"start {time.strftime('%H:%M:%S', time.gmtime())} load {os.getloadavg()}", flush=True)

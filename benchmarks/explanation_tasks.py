@@ -4,8 +4,10 @@ Sentence pairs (task b): consecutive sentences of 6 to 20 words from the same to
 reference (``pydoc_data``, real English shipped with Python), encoded by the shipped all-MiniLM-L6-v2 loaded
 into :class:`attnkit.models.BertModel`; the explained score is the cosine similarity of the two mean-pooled
 sentence embeddings (the model's sentence-transformers use). Inputs are ``(P, 2, L)`` token ids, padded with
-the pad id; a removed token becomes ``[UNK]``, while padding and ``[CLS]``/``[SEP]`` never change (their
-baseline is themselves) and rank last in every map.
+the pad id; a removed token becomes padding (``removal="pad"``: masked out of attention and of the pooling, as
+ERASER removes tokens) or ``[UNK]`` (``removal="unk"``: both sentences then share ``[UNK]`` tokens, which raises
+their similarity), while padding and ``[CLS]``/``[SEP]`` never change (their baseline is themselves) and rank
+last in every map.
 
 The date models are not shipped: :func:`date_models` trains the Bahdanau, Luong and Transformer models of
 ``attnkit ablate seq2seq`` (same task, sizes and training loop; a fixed budget of ``epochs`` epochs, seed 0) and
@@ -58,7 +60,7 @@ class PairTask:
     pad_id: int
 
 
-def minilm_pairs(count: int) -> PairTask:
+def minilm_pairs(count: int, *, removal: str = "pad") -> PairTask:
     from transformers import AutoTokenizer
 
     from attnkit.models import BertModel
@@ -70,7 +72,8 @@ def minilm_pairs(count: int) -> PairTask:
     ids = tok(flat, padding=True, truncation=True, max_length=64, return_tensors="pt")["input_ids"]
     ids = ids.reshape(len(flat) // 2, 2, -1)
     special = torch.isin(ids, torch.tensor([tok.pad_token_id, tok.cls_token_id, tok.sep_token_id]))
-    baseline = torch.where(special, ids, torch.full_like(ids, tok.unk_token_id))
+    fill = tok.pad_token_id if removal == "pad" else tok.unk_token_id
+    baseline = torch.where(special, ids, torch.full_like(ids, fill))
     model = BertModel.from_pretrained(path).eval()
     return PairTask(model, ids, baseline, ~special, tok.pad_token_id)
 

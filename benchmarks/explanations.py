@@ -189,8 +189,8 @@ def _text_methods(pad_id: int):
     }
 
 
-def text_table(num: int, steps: int) -> tuple[dict, dict]:
-    task_data = minilm_pairs(num)
+def text_table(num: int, steps: int, removal: str = "pad") -> tuple[dict, dict]:
+    task_data = minilm_pairs(num, removal=removal)
     model, ids, pad = task_data.model, task_data.ids, task_data.pad_id
     layers = [f"layers.{i}" for i in reversed(range(len(model.layers)))]
     task = EvaluationTask(
@@ -328,6 +328,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="few inputs: a smoke run, not a result")
     p.add_argument("--canvases", type=int, default=100, help="digit canvases (default 100)")
     p.add_argument("--pairs", type=int, default=40, help="sentence pairs (default 40)")
+    p.add_argument("--removal", choices=("pad", "unk"), default="pad", help="what a removed token becomes (text)")
     p.add_argument("--per-length", type=int, default=40, help="date sources per length group (default 40)")
     p.add_argument("--lengths", type=int, default=4, help="date length groups (default 4)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/attnkit-explanations"), help="trained date models")
@@ -343,8 +344,9 @@ def main(argv=None) -> None:
         print(markdown(digits, f"(a) digit ViT, {canvases} held-out canvases"), "\n", flush=True)
         print("LRP conservation error |sum R - logit| / |logit|, median:", lrp_conservation(canvases), flush=True)
     if args.task in ("text", "all"):
-        text, facts = text_table(pairs, min(steps, 20))
-        print(markdown(text, f"(b) all-MiniLM-L6-v2, {pairs} sentence pairs, score = cosine"), "\n", flush=True)
+        text, facts = text_table(pairs, min(steps, 20), args.removal)
+        title = f"(b) all-MiniLM-L6-v2, {pairs} sentence pairs, score = cosine, removed tokens: {args.removal}"
+        print(markdown(text, title), "\n", flush=True)
         print("facts (LRP: median per-pair conservation error):", facts, flush=True)
     if args.task in ("dates", "all"):
         dates, exact = dates_table(per_length, lengths, min(steps, 20), args.cache)

@@ -32,6 +32,12 @@ def test_generate_prints_one_line_per_generated_character(capsys, tmp_path):
     assert code == 2 and "exists; pass --overwrite" in err
 
 
+def test_attnlrp_through_the_cache(capsys):
+    code, out, err = run(capsys, "explain-text", "while x", "--generate", "2", "--method", "attnlrp")
+    assert code == 0, err
+    assert "attnlrp: what each generated token draws on" in out and out.count(" <- ") == 2
+
+
 def test_contrastive_foil_with_a_gradient_method(capsys):
     code, out, err = run(capsys, "explain-text", "for x in", "--generate", "3", "--method", "grad_input", "--foil", "e")
     assert code == 0, err

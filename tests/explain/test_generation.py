@@ -9,7 +9,7 @@ Hugging Face Llama / Mistral causal LMs on ``attn_implementation="attnkit"``, al
 import pytest
 import torch
 
-from attnkit.explain import capture, relevance, rollout
+from attnkit.explain import capture, lrp, relevance, rollout
 from attnkit.explain.generation import GENERATION_METHODS, generate_attribution
 from attnkit.integrations.transformers import register
 from attnkit.models.char_decoder import CharDecoder
@@ -62,6 +62,8 @@ def _full(model, seq, length, method, foil=None):
         return maps[-1][:, :, -1].mean(1) if method == "raw" else rollout(maps)[:, -1]
     if method == "relevance":
         return relevance(model, {"inputs_embeds": emb}, score).get()[:, -1]
+    if method in ("attnlrp", "cp-lrp"):
+        return lrp(model, {"inputs_embeds": emb}, score, rule=method, conserve=False).relevance
     emb.requires_grad_(True)
     (grad,) = torch.autograd.grad(score(model(inputs_embeds=emb)).sum(), emb)
     return (grad * emb).sum(-1).detach()
@@ -74,19 +76,35 @@ def _close(got, ref, scale=None):
     torch.testing.assert_close(got, ref, rtol=0, atol=TOL64 * scale)
 
 
+#: Computed together in one call; the LRP rules need a call of their own.
+CACHED = tuple(m for m in GENERATION_METHODS if m not in ("attnlrp", "cp-lrp"))
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_cached_steps_equal_a_full_rerun(name):
     model = MODELS[name]()
     ids = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(1))
     n = 4
-    res = generate_attribution(model, ids, max_new_tokens=n, methods=GENERATION_METHODS)
+    res = generate_attribution(model, ids, max_new_tokens=n, methods=CACHED)
     assert res.sequences.shape == (2, 5 + n) and res.explained.shape == (2, n)
-    for method in GENERATION_METHODS:
+    for method in CACHED:
         scores = res[method]
         assert scores.shape == (2, n, 5 + n)
         for t in range(n):
             _close(scores[:, t, : 5 + t], _full(model, res.sequences, 5 + t, method))
             assert not scores[:, t, 5 + t :].any()  # the future is not attributed
+
+
+@pytest.mark.parametrize("name", ["char", "llama"])
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_lrp_through_the_cache_equals_lrp_of_a_full_rerun(name, rule):
+    model = MODELS[name]()
+    ids = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(5))
+    res = generate_attribution(model, ids, max_new_tokens=3, methods=rule)
+    for t in range(3):
+        _close(res[rule][:, t, : 5 + t], _full(model, res.sequences, 5 + t, rule))
+    with pytest.raises(ValueError, match="compute them in a call of their own"):
+        generate_attribution(model, ids, max_new_tokens=1, methods=(rule, "rollout"))
 
 
 def test_greedy_tokens_equal_transformers_generate():
@@ -104,11 +122,11 @@ def test_batched_with_left_padding_equals_unbatched(name):
     long, short = torch.randint(3, 90, (1, 7), generator=g), torch.randint(3, 90, (1, 4), generator=g)
     ids = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
     mask = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]])
-    batched = generate_attribution(model, ids, mask, max_new_tokens=3, methods=GENERATION_METHODS)
-    alone = [generate_attribution(model, x, max_new_tokens=3, methods=GENERATION_METHODS) for x in (long, short)]
+    batched = generate_attribution(model, ids, mask, max_new_tokens=3, methods=CACHED)
+    alone = [generate_attribution(model, x, max_new_tokens=3, methods=CACHED) for x in (long, short)]
     assert torch.equal(batched.sequences[0], alone[0].sequences[0])
     assert torch.equal(batched.sequences[1, 3:], alone[1].sequences[0])
-    for method in GENERATION_METHODS:
+    for method in CACHED:
         _close(batched[method][0], alone[0][method][0])
         _close(batched[method][1, :, 3:], alone[1][method][0])
         assert not batched[method][1, :, :3].any()  # padding gets nothing
@@ -149,7 +167,7 @@ def test_each_step_feeds_only_the_new_token():
     lengths = []
     hook = model.layers[0].register_forward_pre_hook(lambda _m, args: lengths.append(args[0].shape[1]))
     try:
-        generate_attribution(model, torch.randint(3, 90, (2, 6)), max_new_tokens=4, methods=GENERATION_METHODS)
+        generate_attribution(model, torch.randint(3, 90, (2, 6)), max_new_tokens=4, methods=CACHED)
     finally:
         hook.remove()
     assert lengths == [6, 1, 1, 1]

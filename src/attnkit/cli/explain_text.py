@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         default="rollout",
-        help="raw | rollout | flow | relevance; with --generate: raw | rollout | grad_input | relevance "
-        "(default rollout)",
+        help="raw | rollout | flow | relevance; with --generate: raw | rollout | grad_input | relevance | attnlrp | "
+        "cp-lrp (default rollout)",
     )
     parser.add_argument(
         "--generate",
@@ -104,8 +104,9 @@ def run_generation(args: argparse.Namespace) -> int:
         raise UserError(f"--generate must be in [1, {MAX_GENERATE}], got {args.generate}")
     if args.method not in GENERATION_METHODS:
         raise UserError(f"--method must be one of {', '.join(GENERATION_METHODS)} with --generate, got {args.method!r}")
-    if args.foil is not None and args.method not in ("grad_input", "relevance"):
-        raise UserError(f"--foil needs a gradient method (grad_input, relevance), got --method {args.method}")
+    gradient = ("grad_input", "relevance", "attnlrp", "cp-lrp")
+    if args.foil is not None and args.method not in gradient:
+        raise UserError(f"--foil needs a gradient method ({', '.join(gradient)}), got --method {args.method}")
     check_out_file(args.out, overwrite=args.overwrite)
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")

@@ -10,6 +10,9 @@ that step adds and keep what earlier steps computed:
 * ``"grad_input"`` (gradient x input, Shrikumar et al. 2016; Denil et al. 2014): the input embeddings of every
   step are autograd leaves and the cached keys/values stay on the graph, so one backward pass per step from the
   explained logit reaches every earlier token through the cache;
+* ``"attnlrp"`` / ``"cp-lrp"`` (Achtibat et al. 2024; Ali et al. 2022): gradient x input under the LRP rules of
+  :func:`attnkit.explain.lrp`, installed for the whole generation, with the published rules (``lrp``'s
+  ``conserve=False``: biases and the softmax rule absorb their share); computed in a call of their own;
 * ``"relevance"`` (Chefer et al. 2021): the attention maps of every step stay on the graph (captured with
   ``differentiable=True``); each step's backward gives the gradients of all rows so far, and
   :func:`attnkit.explain.relevance.propagate_relevance` is run on the rows assembled into full maps.
@@ -29,6 +32,7 @@ depend on the explained token and refuse a foil.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +47,9 @@ from attnkit.explain.rollout import augment, fuse_heads
 __all__ = ["GENERATION_METHODS", "GenerationAttribution", "generate_attribution"]
 
 #: Methods of :func:`generate_attribution`.
-GENERATION_METHODS = ("raw", "rollout", "grad_input", "relevance")
-_GRADIENT = frozenset({"grad_input", "relevance"})
+GENERATION_METHODS = ("raw", "rollout", "grad_input", "relevance", "attnlrp", "cp-lrp")
+_LRP = frozenset({"attnlrp", "cp-lrp"})
+_GRADIENT = frozenset({"grad_input", "relevance"}) | _LRP
 _MAPS = frozenset({"raw", "rollout", "relevance"})
 
 
@@ -165,6 +170,15 @@ def _check_methods(methods) -> tuple[str, ...]:
     return tuple(dict.fromkeys(methods))
 
 
+def _lrp_rules(model: nn.Module, rule: str, stack: ExitStack) -> None:
+    """Install :func:`attnkit.explain.lrp`'s rules (published form) on ``model`` until ``stack`` closes."""
+    from attnkit.explain.lrp import _attention_rule, _install
+    from attnkit.functional import observe
+
+    _install(model, stack, rule)
+    stack.enter_context(observe.interceptor(_attention_rule(rule, None, [])))
+
+
 def _keys_at_positions(a: Tensor, positions: int) -> Tensor:
     """``a`` ``(..., Lk)`` over the last ``Lk`` of ``positions`` keys (a sliding-window cache keeps only the
     most recent ones) as ``(..., positions)``, zeros in front."""
@@ -215,9 +229,10 @@ class _Steps:
         flat = [a for per_layer in self.blocks for a in per_layer] if "relevance" in methods else []
         grads = torch.autograd.grad(score.sum(), self.embeds + flat, retain_graph=retain, allow_unused=True)
         out = {}
-        if "grad_input" in methods:
-            g = torch.cat([torch.zeros_like(e) if d is None else d for e, d in zip(self.embeds, grads)], dim=1)
-            out["grad_input"] = (g * torch.cat([e.detach() for e in self.embeds], dim=1)).sum(-1)
+        for name in ("grad_input", *sorted(_LRP)):  # gradient x input; under the LRP rules, LRP relevance
+            if name in methods:
+                g = torch.cat([torch.zeros_like(e) if d is None else d for e, d in zip(self.embeds, grads)], dim=1)
+                out[name] = (g * torch.cat([e.detach() for e in self.embeds], dim=1)).sum(-1)
         if "relevance" in methods:
             it = iter(grads[len(self.embeds) :])
             maps, map_grads = [], []
@@ -278,6 +293,11 @@ def generate_attribution(
         2016, "Not Just a Black Box" (gradient x input); Yin & Neubig 2022 (contrastive, Sec. 2).
     """
     methods = _check_methods(methods)
+    if _LRP & set(methods) and len(methods) > 1:
+        raise ValueError(
+            f"generate_attribution: {', '.join(sorted(_LRP & set(methods)))} change the gradients of every other "
+            "method; compute them in a call of their own"
+        )
     if foil is not None and not set(methods) <= _GRADIENT:
         raise ValueError(
             f"generate_attribution: a foil needs gradient methods ({', '.join(sorted(_GRADIENT))}); "
@@ -299,7 +319,10 @@ def generate_attribution(
     cache = adapter.new_cache()
     step_ids, positions = ids, (mask.cumsum(-1) - 1).clamp_min(0)
     num_layers = None
-    with torch.enable_grad() if need_grad else torch.no_grad():
+    with ExitStack() as stack:
+        stack.enter_context(torch.enable_grad() if need_grad else torch.no_grad())
+        if _LRP & set(methods):
+            _lrp_rules(model, methods[0], stack)
         for t in range(n):
             embeds = adapter.embed(step_ids)
             if need_grad:

@@ -125,6 +125,8 @@ def run_evaluate(args) -> dict:
     methods = {m: attribution_method(m, args.prompt_chars) for m in METHODS}
     methods["grad_input_contrastive"] = contrastive_method(args.prompt_chars)
     methods.update({"attnlrp": lrp_method("attnlrp"), "cp-lrp": lrp_method("cp-lrp")})
+    # the published rules (conserve=False) through the KV cache
+    methods.update({f"{r}_cache": attribution_method(r, args.prompt_chars) for r in ("attnlrp", "cp-lrp")})
     methods.update({b: baseline_method(b) for b in ("recency", "random")})
     unknown = set(args.methods or ()) - set(methods)
     if unknown:

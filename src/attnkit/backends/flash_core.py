@@ -135,8 +135,10 @@ def add_kv(dst4: Tensor, chunk: Chunk, val: Tensor) -> None:
     dst4.index_add_(2, chunk.gather, val.reshape(dst4.shape[0], dst4.shape[1], -1, dst4.shape[-1]))
 
 
-#: Score elements (all heads, all query blocks of a step) per chunk of the explicit path: 32 MiB of float32.
-STEP_SCORES = 1 << 23
+#: Score elements (all heads, all query blocks of a step) per chunk of the explicit path: 16 MiB of float32.
+#: Measured (causal softcap, L = 4096, H = 8, 2 cores): 2^22 293 ms, 2^21 322, 2^20 327, 2^23 with 1024-key
+#: chunks 642 (before in-place ops); with the other core busy smaller chunks win (2^20 1070 ms, 2^22 1351).
+STEP_SCORES = 1 << 22
 #: Bytes of gathered keys and values per step of the fused path.
 FUSED_STEP_BYTES = 1 << 26
 #: When the rows of a step need different numbers of keys (causal), a step covers at most 1/MIN_STEPS of the

@@ -40,7 +40,7 @@ __all__ = ["TiledSchedule", "tiled_attention"]
 #: Query rows per block (64 for narrow sliding windows, whose key span per block is ``block + left + right``).
 BLOCK_Q = 128
 #: Largest key chunk of the explicit path (the fused path takes a block's whole key span at once).
-MAX_BLOCK_KV = 1024
+MAX_BLOCK_KV = 512
 #: Auto picks "tiled" over "math" once math's float32 score matrix would exceed this many bytes.
 AUTO_MIN_SCORE_BYTES = 32 << 20
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import attnkit
 from attn_reference import reference_attention
 from attnkit import sparse
-from attnkit.backends import blocksparse, flash_core, flash_fused
+from attnkit.backends import blocksparse, flash_core, flash_fused, tiled
 from attnkit.functional.spec import make_spec
 
 FLOAT64 = {"atol": 1e-10, "rtol": 1e-9}
@@ -21,6 +21,8 @@ def small_tiles(monkeypatch, request):
     """At most 2 key blocks per chunk and few query blocks per step: exercises chunking and sub-batching, on
     the fused step (where a call allows it) and on the explicit online softmax."""
     monkeypatch.setattr(blocksparse, "MAX_TILE_COLS", 8)
+    monkeypatch.setattr(tiled, "BLOCK_Q", 3)  # calls without a block_mask run the tiled band schedule
+    monkeypatch.setattr(tiled, "WINDOW_BLOCK_Q", 3)
     monkeypatch.setattr(flash_core, "STEP_SCORES", 256)
     monkeypatch.setattr(flash_core, "FUSED_STEP_BYTES", 2 * 8 * 12 * 8 * 8)
     monkeypatch.setattr(flash_fused, "enabled", request.param == "fused")

@@ -26,6 +26,7 @@ def small_tiles(monkeypatch, request):
     allows it) and the explicit online softmax."""
     monkeypatch.setattr(tiled, "MAX_BLOCK_KV", 4)
     monkeypatch.setattr(tiled, "BLOCK_Q", 3)
+    monkeypatch.setattr(tiled, "WINDOW_BLOCK_Q", 3)
     monkeypatch.setattr(flash_core, "STEP_SCORES", 3 * 4 * 8)
     monkeypatch.setattr(flash_core, "FUSED_STEP_BYTES", 2 * 8 * 4 * 8 * 8)
     monkeypatch.setattr(flash_fused, "enabled", request.param == "fused")

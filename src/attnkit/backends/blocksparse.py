@@ -9,9 +9,10 @@ row visits many blocks (global tokens). Calls whose terms reduce to the layout's
 fused CPU flash-attention kernel (:mod:`attnkit.backends.flash_fused`). Backward recomputes the same steps from
 the saved log-sum-exp and scatter-adds key/value gradients once per chunk.
 
-The layout is ``block_mask`` and-ed with ``is_causal``/``window_size`` (cached on the mask); with no
-``block_mask`` the backend builds the causal/window layout itself (all blocks for a call with neither, which is
-exact but skips nothing; ``auto`` never picks it then). All other options of
+The layout is ``block_mask`` and-ed with ``is_causal``/``window_size`` (cached on the mask). With no
+``block_mask`` the call runs on the ``"tiled"`` backend's band schedule, which computes each query block's exact
+causal/window key range and shares one mask across its interior blocks (measured faster than block-aligned
+layouts: ``benchmarks/RESULTS.md``). All other options of
 :func:`attnkit.attention` (biases, ALiBi, softcap, ``score_mod``, ``mask_mod``, bool masks, dropout, GQA,
 ``return_lse``) are applied per tile exactly as in the ``"tiled"`` backend.
 
@@ -32,6 +33,7 @@ from attnkit.backends.flash_core import (
     make_chunk,
 )
 from attnkit.backends.flash_fused import run
+from attnkit.backends.tiled import tiled_attention
 from attnkit.functional.block_mask import BlockMask
 from attnkit.functional.registry import ALL_OPTIONS, Backend, register
 from attnkit.functional.spec import AttentionSpec
@@ -128,6 +130,8 @@ def blocksparse_attention(spec: AttentionSpec) -> tuple[Tensor, None, Tensor | N
     Returns:
         ``(output, None, lse or None)``.
     """
+    if spec.block_mask is None:  # the layout is the causal/window band itself: the tiled band schedule is exact
+        return tiled_attention(spec)  # per row and shares one mask across blocks (measured faster, RESULTS.md)
     mask = effective_block_mask(spec)
     setup = TileSetup(spec, positional=False, block_mask_elements=False)
     out, lse = run(setup, lambda fused: BlockSparseSchedule(spec, mask, fused=fused))

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnkit.explain._inputs import call_model
 from attnkit.explain.capture import capture
 from attnkit.explain.rollout import rollout
 from attnkit.nn.encoder_layer import TransformerEncoderLayer
@@ -69,14 +70,6 @@ class ContextMixing:
         if residual is None:
             residual = self.method == "attention_norm"
         return rollout(self.normalized().unsqueeze(2), residual=residual)
-
-
-def _run(model: nn.Module, inputs: Any):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _attention_modules(model: nn.Module, who: str) -> dict[nn.Module, str]:
@@ -141,7 +134,7 @@ def attention_norms(model: nn.Module, inputs: Any) -> ContextMixing:
     handles = [m.register_forward_pre_hook(keep, with_kwargs=True) for m in modules]
     try:
         with torch.no_grad(), capture(model) as rec:
-            _run(model, inputs)
+            call_model(model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -222,7 +215,7 @@ def value_zeroing(model: nn.Module, inputs: Any, *, chunk_size: int = 32) -> Con
     handles = [m.register_forward_hook(keep, with_kwargs=True) for m in layers]
     try:
         with torch.no_grad():
-            _run(model, inputs)
+            call_model(model, inputs)
     finally:
         for h in handles:
             h.remove()

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.explain._detection import is_hf_deformable
+from attnkit.explain._inputs import call_model
 from attnkit.explain.capture import capture
 from attnkit.explain.point_maps import dense_query_map, gaussian_blur, splat_points
 from attnkit.explain.records import AttentionRecord
@@ -236,11 +237,7 @@ def _collect(records: list[AttentionRecord], calls: list[_DeformableCall]) -> li
 def _run(model: nn.Module, inputs: Any) -> Any:
     if callable(inputs) and not isinstance(inputs, (Tensor, nn.Module)):
         return inputs()
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    return call_model(model, inputs)
 
 
 def query_relevance(

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnkit.explain._inputs import call_model
 from attnkit.explain._intercept import Interceptor
 from attnkit.explain.capture import Recording
 from attnkit.explain.records import AttentionRecord, TokenLayout, maps_of
@@ -98,14 +99,6 @@ def attention_distance(maps, *, layout: TokenLayout | None = None, unit: str = "
     return _stack(out, "attention_distance")
 
 
-def _run(model: nn.Module, inputs: Any):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _scalar(score_fn: Callable[[Any], Tensor], output: Any) -> Tensor:
     score = score_fn(output)
     if not isinstance(score, Tensor):
@@ -171,7 +164,7 @@ def head_importance(
             head_gates=gate_for,
         )
         with torch.enable_grad(), icpt:  # grad on: keeps nn.TransformerEncoderLayer off its native fast path
-            value = _scalar(score, _run(model, inputs))
+            value = _scalar(score, call_model(model, inputs))
         if rec.num_calls == 0:
             raise RuntimeError(
                 "head_importance: no attention computation ran inside the model (see attnkit.explain.capture)"

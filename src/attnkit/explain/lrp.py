@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from attnkit.backends.math import math_forward
 from attnkit.explain import _lrp_rules as rules
+from attnkit.explain._inputs import call_model
 from attnkit.explain.relevance import target_scores
 from attnkit.functional import observe
 from attnkit.nn.decoder_layer import TransformerDecoderLayer
@@ -313,12 +314,7 @@ def lrp(
         if conserve:
             biases.install(model, stack)
         stack.enter_context(observe.interceptor(_attention_rule(rule, biases if conserve else None, calls)))
-        if isinstance(inputs, dict):
-            output = model(**inputs)
-        elif isinstance(inputs, (tuple, list)):
-            output = model(*inputs)
-        else:
-            output = model(inputs)
+        output = call_model(model, inputs)
         x = start.get("x")
         if x is None:
             raise ValueError(f"lrp: the first transformer layer ({type(first).__name__}) did not run")

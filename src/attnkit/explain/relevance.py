@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnkit.explain._inputs import call_model
 from attnkit.explain.capture import capture
 from attnkit.explain.records import AttentionRecord
 
@@ -220,12 +221,7 @@ def relevance(
     """
     with torch.enable_grad():
         with capture(model, differentiable=True) as rec:
-            if isinstance(inputs, dict):
-                output = model(**inputs)
-            elif isinstance(inputs, (tuple, list)):
-                output = model(*inputs)
-            else:
-                output = model(inputs)
+            output = call_model(model, inputs)
         records = [m for m in rec.maps if m.kind in ("self", "cross") and m.weights is not None]
         tracked = [m.weights for m in records if m.weights.requires_grad]
         if not tracked:

@@ -56,7 +56,10 @@ def test_vision_on_npz(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["vision", "--attention", "none,sk"], "unknown attention 'sk'; valid: none,se,eca,cbam,nonlocal,mhsa,vit"),
+        (
+            ["vision", "--attention", "none,sk"],
+            "unknown attention 'sk'; valid: none,se,eca,cbam,nonlocal,single_head,mhsa,vit",
+        ),
         (["seq2seq", "--models", "gru"], "unknown model 'gru'"),
         (["vision", "--seeds", "0"], "--seeds must be at least 1"),
         (["seq2seq", "--quick", "--languages", "en,zz-nope"], "unknown language 'zz-nope'"),

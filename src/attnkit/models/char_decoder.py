@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnkit.data import DATA_DIR
 from attnkit.io.checkpoint import CheckpointError, file_in, layer_count, load_from_header, read_header, read_json
 from attnkit.nn.encoder_layer import TransformerEncoderLayer
 from attnkit.nn.kv_cache import KVCache
@@ -39,8 +40,6 @@ __all__ = [
     "load_char_decoder_metadata",
 ]
 
-#: Package data directory of the shipped weights.
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 CHAR_DECODER_METADATA = "char_decoder.json"
 
 PAD_ID, UNK_ID = 0, 1

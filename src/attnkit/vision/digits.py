@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnkit.data import DATA_DIR
 from attnkit.io.checkpoint import CheckpointError, file_in, layer_count, load_from_header, read_header, read_json
 from attnkit.vision.conv_patch_embed import ConvPatchEmbed
 from attnkit.vision.hybrid import HybridResNet
@@ -29,8 +30,6 @@ __all__ = [
     "load_model",
 ]
 
-#: Where the shipped weights and their metadata live (package data).
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 METADATA_NAME = "digits.json"
 MODEL_NAMES = ("vit", "cnn")
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from attnkit.data import DATA_DIR
 from attnkit.vision.detection.centernet import CenterNet
 from attnkit.vision.detection.model import RTDETR
 
@@ -27,7 +28,6 @@ __all__ = [
     "load_detector_metadata",
 ]
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 METADATA_NAME = "digit_detectors.json"
 _CLASSES: dict[str, type[nn.Module]] = {"rtdetr": RTDETR, "centernet": CenterNet}
 DETECTOR_NAMES = tuple(_CLASSES)

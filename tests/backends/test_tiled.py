@@ -116,6 +116,48 @@ def test_fully_masked_tiles_give_zero_output_minus_inf_lse_and_zero_grads(small_
     _compare(q, k, v, is_causal=True)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(B=2, H=4, Hkv=4, L=40, kw={"window_size": (4, 2)}),
+        dict(B=2, H=4, Hkv=2, L=37, kw={"window_size": (5, 5)}),  # grouped-query heads: the kernel's own
+        dict(B=1, H=2, Hkv=1, L=29, kw={"is_causal": True}),  # causal prefixes: stride 0
+        dict(B=2, H=4, Hkv=2, L=40, kw={"window_size": (4, 2)}, layout="BLHD"),  # batch/head strides do not merge
+        dict(B=1, H=4, Hkv=2, L=40, kw={"window_size": (4, 2)}, layout="BLHD"),  # one element: any head stride
+    ],
+    ids=["window", "gqa", "causal", "blhd-batch2", "blhd-batch1"],
+)
+def test_strided_key_views_match_math(small_tiles, case, monkeypatch):
+    """Steps whose blocks read consecutive keys at a constant stride run on overlapping strided views of the
+    inputs (no gather); output, lse and gradients equal math's in float64, and the views are really used unless
+    the layout cannot be viewed that way (then the gathered copy serves)."""
+    if not flash_fused.enabled:
+        pytest.skip("strided views are a property of the fused step")
+    used = []
+    real = flash_fused._slide_step
+    monkeypatch.setattr(flash_fused, "_slide_step", lambda *a: used.append(real(*a)) or used[-1])
+    g = torch.Generator().manual_seed(11)
+    B, H, Hkv, L = case["B"], case["H"], case["Hkv"], case["L"]
+
+    def make(h):
+        if case.get("layout") == "BLHD":  # (B, L, H, D) memory seen as (B, H, L, D), as Hugging Face passes it
+            return torch.randn(B, L, h, 4, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
+        return torch.randn(B, h, L, 4, generator=g, dtype=torch.float64, requires_grad=True)
+
+    q, k, v = make(H), make(Hkv), make(Hkv)
+    got = attnkit.attention(q, k, v, backend="tiled", **case["kw"])  # no lse: its gradient needs the explicit path
+    ref = attnkit.attention(q, k, v, backend="math", **case["kw"])
+    torch.testing.assert_close(got, ref, **FLOAT64)
+    for a, b in zip(_grads(got, None, [q, k, v]), _grads(ref, None, [q, k, v])):
+        torch.testing.assert_close(a, b, **FLOAT64)
+    with torch.no_grad():
+        lse = attnkit.attention(q, k, v, backend="tiled", return_lse=True, **case["kw"]).lse
+        ref_lse = attnkit.attention(q, k, v, backend="math", return_lse=True, **case["kw"]).lse
+    torch.testing.assert_close(lse, ref_lse, **FLOAT64)
+    expect_views = not (case.get("layout") == "BLHD" and B > 1)
+    assert any(used) == expect_views, used
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_error_at_most_twice_naive(small_tiles, dtype, monkeypatch):
     monkeypatch.setattr(tiled, "MAX_BLOCK_KV", 16)

@@ -51,12 +51,16 @@ __all__ = [
 @dataclass
 class Chunk:
     """The key columns of one step: ``index.kv_idx (N, c)`` absolute positions per query block (possibly past
-    the end of the keys: padding), ``gather (N·c,)`` the rows actually loaded (clamped into ``[0, Lk)``) and
-    ``keep``, the schedule's structural mask broadcastable to ``(N, r, c)`` (layout blocks, padding) or None."""
+    the end of the keys: padding), ``gather (N·c,)`` the rows actually loaded (clamped into ``[0, Lk)``),
+    ``keep``, the schedule's structural mask broadcastable to ``(N, r, c)`` (layout blocks, padding) or None, and
+    ``slide``: ``(start, stride)`` when block ``n``'s columns are the consecutive keys ``start + n·stride + j``,
+    all inside ``[0, Lk)`` (sliding-window interiors, causal prefixes with ``stride = 0``): the fused path then
+    reads them as an overlapping strided view instead of gathering a copy."""
 
     index: TileIndex
     gather: Tensor
     keep: Tensor | None = None
+    slide: tuple[int, int] | None = None
 
 
 @dataclass
@@ -91,14 +95,17 @@ def make_chunk(
     *,
     uniform: bool = False,
     in_band: bool = False,
+    slide: tuple[int, int] | None = None,
 ) -> Chunk:
     """A chunk of absolute key positions ``kv_idx (N, c)``; positions ``>= kv_len`` are masked out.
-    ``uniform``, ``in_band``: see :class:`~attnkit.functional.tiles.TileIndex`."""
+    ``uniform``, ``in_band``: see :class:`~attnkit.functional.tiles.TileIndex`; ``slide``: see :class:`Chunk`
+    (dropped when a position falls outside the keys)."""
     gather = kv_idx.clamp(max=kv_len - 1).flatten()
     if int(kv_idx.max()) >= kv_len:
         inside = (kv_idx < kv_len).unsqueeze(1)  # (N, 1, c)
         keep = inside if keep is None else keep & inside
-    return Chunk(TileIndex(q_idx, kv_idx, uniform=uniform, in_band=in_band), gather, keep)
+        slide = None
+    return Chunk(TileIndex(q_idx, kv_idx, uniform=uniform, in_band=in_band), gather, keep, slide)
 
 
 def load_q(x5: Tensor, step: Step, block_q: int) -> Tensor:

@@ -5,7 +5,13 @@ layouts, ``mask_mod``-free bool masks, no float terms, no ``softcap``/``score_mo
 schedule runs as three large operations instead of an explicit online softmax: gather the key/value rows of its
 ``N`` query blocks (``(B·N, H, c, D)``), build the step's additive mask from
 :meth:`attnkit.functional.tiles.TileSetup.terms` (the one definition of what is kept), and call
-``aten::_scaled_dot_product_flash_attention_for_cpu`` on the ``(B·N, H, r, D)`` query blocks. That kernel keeps
+``aten::_scaled_dot_product_flash_attention_for_cpu`` on the ``(B·N, H, r, D)`` query blocks. When a step's
+blocks read consecutive keys at a constant stride (:attr:`~attnkit.backends.flash_core.Chunk.slide`: the interior
+of a sliding window, a causal prefix), nothing is gathered: queries, keys and values are passed as overlapping
+strided views ``(N, B·H, ·, D)`` of the inputs (the kernel reads any batch/head/row strides; grouped-query heads
+are the kernel's own), and the output is written through the same view: one kernel call and one copy per step.
+Measured at L = 16384, window ±256, 2 threads: the kernel call on views 256 ms float32 / 144 ms bfloat16 against
+312 / 196 ms with the gathered copies (``benchmarks/RESULTS.md``). That kernel keeps
 its softmax in float32 and runs bfloat16/float16 matmuls in the low-precision dtype (oneDNN); its backward is
 the fused ``_scaled_dot_product_flash_attention_for_cpu_backward``, reached through autograd (the gathers'
 backward scatter-adds the key/value gradients). A step holds every key column its query blocks need (one
@@ -19,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -88,6 +95,47 @@ def _store(dst: Tensor, step: Step, block_q: int, val: Tensor) -> None:
         blocks.index_copy_(2, step.q_blocks, src)
 
 
+@functools.cache
+def _native_gqa() -> bool:
+    """Whether this torch's CPU flash kernel (forward and backward) takes fewer key/value heads than query heads."""
+    q, k = torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 1, 8)
+    try:
+        o, lse = CPU_FLASH(q, k, k, 0.0, False, attn_mask=None, scale=None)
+        grads = CPU_FLASH_BACKWARD(o, q, k, k, o, lse, 0.0, False, attn_mask=None, scale=None)
+    except RuntimeError:
+        return False
+    return grads[1].shape == k.shape
+
+
+def _slidable(x: Tensor) -> bool:
+    """Whether ``x (B, H, L, X)`` merges its batch and head dims into one stride (views of :func:`_slide`)."""
+    return x.stride(-1) == 1 and (x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1))
+
+
+def _slide(x: Tensor, start: int, stride: int, n: int, length: int) -> Tensor:
+    """Rows ``start + i·stride + [0, length)`` of ``x (B, H, L, X)`` for ``i < n`` as an ``(n, B·H, length, X)``
+    view (overlapping when ``stride < length``; no copy)."""
+    B, H, _, X = x.shape
+    row = x.stride(2)
+    return x.as_strided((n, B * H, length, X), (stride * row, x.stride(1), row, 1), x.storage_offset() + start * row)
+
+
+def _q_rows(x: Tensor, step: Step, block_q: int, slide: bool) -> Tensor:
+    """The step's query blocks of ``x (B, H, nq·r, X)``: an ``(N, B·H, r, X)`` view (``slide``) or the
+    ``(B·N, H, r, X)`` copy of :func:`_rows`."""
+    if not slide:
+        return _rows(x, step, block_q)
+    return _slide(x, step.q_start * block_q, block_q, len(step.q_blocks), block_q)
+
+
+def _slide_step(step: Step, tensors: tuple[Tensor, ...], groups: int) -> bool:
+    """Whether ``step`` runs on strided views (see the module docstring) for these ``(B, H, L, X)`` tensors."""
+    (ch,) = step.chunks
+    if ch.slide is None or step.q_start is None or not all(_slidable(t) for t in tensors):
+        return False
+    return groups == 1 or _native_gqa()
+
+
 def _mask(setup: TileSetup, step: Step, batch: int, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
     """The step's additive kernel mask ``(B·N, 1, r, c)`` and its empty rows ``(B·N, 1, r, 1)`` (or None)."""
     (ch,) = step.chunks
@@ -124,16 +172,25 @@ class _FusedFunction(torch.autograd.Function):
         for st in sched.steps():
             (ch,) = st.chunks
             n = len(st.q_blocks)
-            mask, empty = _mask(setup, st, B, q.dtype)
-            k_, v_ = _cols(k4, ch.gather, n, setup.G), _cols(v4, ch.gather, n, setup.G)
-            o, lse_t = CPU_FLASH(_rows(qp, st, r), k_, v_, 0.0, False, attn_mask=mask, scale=setup.scale)
+            slide = _slide_step(st, (qp, k4, v4), setup.G)
+            mask, empty = _mask(setup, st, 1 if slide else B, q.dtype)
+            if slide:
+                (start, stride), c = ch.slide, ch.index.kv_idx.shape[1]
+                args = (_q_rows(qp, st, r, True), _slide(k4, start, stride, n, c), _slide(v4, start, stride, n, c))
+            else:
+                args = (_rows(qp, st, r), _cols(k4, ch.gather, n, setup.G), _cols(v4, ch.gather, n, setup.G))
+            o, lse_t = CPU_FLASH(*args, 0.0, False, attn_mask=mask, scale=setup.scale)
             if lse is None:
                 lse = torch.full((*qp.shape[:-1], 1), float("-inf"), dtype=lse_t.dtype, device=q.device)
             lse_t = lse_t.unsqueeze(-1)
             if empty is not None:  # rows that keep nothing: output 0, lse -inf
                 o, lse_t = o.masked_fill(empty, 0.0), lse_t.masked_fill(empty, float("-inf"))
-            _store(out, st, r, o)
-            _store(lse, st, r, lse_t)
+            if slide:
+                _q_rows(out, st, r, True).copy_(o)
+                _q_rows(lse, st, r, True).copy_(lse_t)
+            else:
+                _store(out, st, r, o)
+                _store(lse, st, r, lse_t)
         if lse is None:
             lse = torch.full((*qp.shape[:-1], 1), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         ctx.setup, ctx.sched = setup, sched
@@ -150,6 +207,7 @@ class _FusedFunction(torch.autograd.Function):
         B, Lq = q.shape[0], q.shape[2]
         r, rows, acc = sched.block_q, out.shape[2], setup.acc
         qp, dop = pad_rows(q, rows), pad_rows(dout.to(out.dtype), rows)
+        dop = dop if _slidable(dop) else dop.contiguous()
         lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # rows with no key: p = exp(s - inf) = 0
         dq = torch.zeros(qp.shape, dtype=q.dtype, device=q.device)
         dk = torch.zeros(k4.shape, dtype=acc, device=q.device)
@@ -158,20 +216,31 @@ class _FusedFunction(torch.autograd.Function):
         for st in sched.steps():
             (ch,) = st.chunks
             n = len(st.q_blocks)
-            mask, _ = _mask(setup, st, B, q.dtype)
-            k_, v_ = _cols(k4, ch.gather, n, setup.G), _cols(v4, ch.gather, n, setup.G)
+            slide = _slide_step(st, (qp, k4, v4), setup.G)
+            mask, _ = _mask(setup, st, 1 if slide else B, q.dtype)
+            if slide:
+                (start, stride), c = ch.slide, ch.index.kv_idx.shape[1]
+                k_, v_ = _slide(k4, start, stride, n, c), _slide(v4, start, stride, n, c)
+            else:
+                k_, v_ = _cols(k4, ch.gather, n, setup.G), _cols(v4, ch.gather, n, setup.G)
             gq, gk, gv = CPU_FLASH_BACKWARD(
-                _rows(dop, st, r),
-                _rows(qp, st, r),
+                _q_rows(dop, st, r, slide),
+                _q_rows(qp, st, r, slide),
                 k_,
                 v_,
-                _rows(out, st, r),
-                _rows(lse, st, r).squeeze(-1),
+                _q_rows(out, st, r, slide),
+                _q_rows(lse, st, r, slide).squeeze(-1),
                 0.0,
                 False,
                 attn_mask=mask,
                 scale=setup.scale,
             )
+            if slide:  # (N, B·Hkv, c, X): the kernel already summed each KV head's group
+                _q_rows(dq, st, r, slide).copy_(gq)
+                for dst, g in ((dk, gk), (dv, gv)):
+                    flat = dst.view(B * Hkv, -1, g.shape[-1])
+                    flat.index_add_(1, ch.gather, g.transpose(0, 1).reshape(B * Hkv, -1, g.shape[-1]).to(acc))
+                continue
             _store(dq, st, r, gq)
             for dst, g in ((dk, gk), (dv, gv)):  # (B·N, H, c, X) -> summed over each KV head's group
                 g = g.view(B, n, Hkv, setup.G, g.shape[-2], g.shape[-1])

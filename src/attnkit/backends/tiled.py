@@ -20,6 +20,8 @@ References:
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -102,11 +104,15 @@ class TiledSchedule:
             q_idx = q_blocks[:, None] * r + offs  # (N, r)
             lo = torch.tensor([bounds[i][0] for i in range(s0, s1)], device=dev)[:, None]
             step = Step(q_blocks, s0)
+            starts = [bounds[i][0] for i in range(s0, s1)]
+            stride = starts[1] - starts[0] if len(starts) > 1 else 0
+            evenly = all(b - a == stride for a, b in itertools.pairwise(starts))
             for c0 in range(0, width, cols or 1):
                 c1 = min(width, c0 + cols)
                 kv_idx = lo + torch.arange(c0, c1, device=dev)  # (N, c): past hi is masked
                 band = self._in_band(bounds, s0, s1, c0, c1)
-                step.chunks.append(make_chunk(q_idx, kv_idx, spec.kv_len, uniform=uniform, in_band=band))
+                slide = (starts[0] + c0, stride) if evenly and stride >= 0 else None
+                step.chunks.append(make_chunk(q_idx, kv_idx, spec.kv_len, uniform=uniform, in_band=band, slide=slide))
             steps.append(step)
         self._steps = steps
         return steps

@@ -69,7 +69,7 @@ def _vit_methods(prefix: int, grid: tuple[int, int], size: tuple[int, int]):
         def method(model, x):
             with torch.no_grad():
                 target = model(x).argmax(-1)
-            tokens = lrp(model, x, target, rule=rule).relevance.float()
+            tokens = lrp(model, x, target, rule=rule, pixels=False).relevance.float()
             return ev.upsample(tokens[:, prefix:].reshape(-1, gh, gw), size)
 
         return method
@@ -98,7 +98,7 @@ def lrp_conservation(num: int) -> dict[str, float]:
         target = model(images).argmax(-1)
     return {
         f"{rule} conserve={conserve}": float(
-            lrp(model, images, target, rule=rule, conserve=conserve).conservation.median()
+            lrp(model, images, target, rule=rule, conserve=conserve, pixels=False).conservation.median()
         )
         for rule in ("attnlrp", "cp-lrp")
         for conserve in (True, False)

@@ -1,100 +1,11 @@
 """AttnLRP / CP-LRP against the papers' rules written out as explicit relevance propagation (float64)."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
 from attnkit.explain.lrp import lrp
-from attnkit.nn import TransformerEncoderLayer
-
-E, H, F_DIM, L = 12, 3, 20, 5
-
-
-class Encoder(nn.Module):
-    def __init__(self, *, bias=False, norm_first=True, layers=1):
-        super().__init__()
-        opts = {"ffn_dim": F_DIM, "bias": bias, "norm_first": norm_first, "activation": "gelu"}
-        self.layers = nn.ModuleList(TransformerEncoderLayer(E, H, dtype=torch.float64, **opts) for _ in range(layers))
-        self.head = nn.Linear(E, 4, bias=bias, dtype=torch.float64)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x[:, 0])
-
-
-def _linear(x, w, r_out):
-    """ε-rule, ε = 0 (Montavon et al. 2019, Eq. 4): R_i = Σ_j x_i w_ji R_j / z_j."""
-    return x * ((r_out / (x @ w.T)) @ w)
-
-
-def _layer_norm(x, ln, r_out):
-    """LN-rule (Ali et al. 2022): the normalisation with sigma constant is a linear map J; R = x ⊙ Jᵀ(R_out / y)."""
-    c = x - x.mean(-1, keepdim=True)
-    sigma = (c.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
-    y = ln.weight * c / sigma
-    v = ln.weight / sigma * (r_out / y)
-    return x * (v - v.mean(-1, keepdim=True))
-
-
-def _share(a, b, r_out):
-    """A sum a + b passes R in proportion to each term."""
-    return a / (a + b) * r_out, b / (a + b) * r_out
-
-
-def _attention(u, mha, r_out, conserve=False):
-    """AttnLRP for one head-split attention (Achtibat et al. 2024, Prop. 3.1 and 3.2), and the relevance the softmax
-    rule absorbs per query row, summed over heads ``(L,)``."""
-    d = E // H
-    q = (u @ mha.q_proj.weight.T).unflatten(-1, (H, d)).transpose(0, 1)  # (H, L, D)
-    k = (u @ mha.k_proj.weight.T).unflatten(-1, (H, d)).transpose(0, 1)
-    v = (u @ mha.v_proj.weight.T).unflatten(-1, (H, d)).transpose(0, 1)
-    scale = 1 / math.sqrt(d)
-    s = scale * q @ k.mT  # (H, L, L)
-    a = s.softmax(-1)
-    o = a @ v  # (H, L, D)
-    concat = o.transpose(0, 1).flatten(-2)
-    r_o = _linear(concat, mha.out_proj.weight, r_out).unflatten(-1, (H, d)).transpose(0, 1)
-    c = a[..., None] * v[:, None, :, :]  # (H, i, j, D): A_ij v_jd
-    ratio = r_o / o  # (H, i, D)
-    r_a = 0.5 * (c * ratio[:, :, None, :]).sum(-1)  # uniform rule, half to A
-    r_v = 0.5 * (c * ratio[:, :, None, :]).sum(1)  # half to v
-    r_s = s * (r_a - a * r_a.sum(-1, keepdim=True))  # softmax rule
-    absorbed = (r_a.sum(-1) - r_s.sum(-1)).sum(0)
-    cq = scale * q[:, :, None, :] * k[:, None, :, :]  # (H, i, j, D): scale q_id k_jd
-    ratio_s = (r_s / s)[..., None]
-    r_q = 0.5 * (cq * ratio_s).sum(2)
-    r_k = 0.5 * (cq * ratio_s).sum(1)
-    back = [
-        _linear(u, w, r.transpose(0, 1).flatten(-2))
-        for w, r in ((mha.q_proj.weight, r_q), (mha.k_proj.weight, r_k), (mha.v_proj.weight, r_v))
-    ]
-    return sum(back), concat @ mha.out_proj.weight.T, absorbed
-
-
-def _reference(model, x, target, conserve=False):
-    """Explicit AttnLRP through one pre-norm layer and the head, for one item ``x`` (L, E)."""
-    layer = model.layers[0]
-    u = layer.norm1(x)
-    _, att, _ = _attention(u, layer.self_attn, torch.zeros(L, E, dtype=x.dtype))
-    h = x + att
-    n2 = layer.norm2(h)
-    z = n2 @ layer.linear1.weight.T
-    f = torch.nn.functional.gelu(z)
-    ffn = f @ layer.linear2.weight.T
-    y = h + ffn
-    w = model.head.weight[target : target + 1]
-    r_y = torch.zeros_like(y)
-    r_y[0] = _linear(y[0], w, (y[0] @ w.T))  # R_out = the logit itself
-    r_h, r_ffn = _share(h, ffn, r_y)
-    r_z = _linear(f, layer.linear2.weight, r_ffn)  # identity rule: R_f passes to z unchanged
-    r_h = r_h + _layer_norm(h, layer.norm2, _linear(n2, layer.linear1.weight, r_z))
-    r_x, r_att = _share(x, att, r_h)
-    r_u, _, absorbed = _attention(u, layer.self_attn, r_att)
-    r = (r_x + _layer_norm(x, layer.norm1, r_u)).sum(-1)
-    return r + absorbed if conserve else r  # conserve: a row's absorbed share goes to its query token
+from lrp_reference import E, Encoder, L, reference
 
 
 @pytest.mark.parametrize("conserve", [False, True])
@@ -106,7 +17,7 @@ def test_attnlrp_matches_the_rules_written_out(conserve):
     got = lrp(model, x, target, conserve=conserve)
     assert got.relevance.shape == (3, L) and got.relevance.dtype == torch.float64
     for b in range(3):
-        want = _reference(model, x[b], int(target[b]), conserve)
+        want = reference(model, x[b], int(target[b]), conserve)
         torch.testing.assert_close(got.relevance[b], want, rtol=1e-7, atol=1e-9)
     with torch.no_grad():
         torch.testing.assert_close(got.logit, model(x).gather(1, target[:, None])[:, 0])
@@ -138,7 +49,8 @@ def test_conserve_sums_to_the_logit_with_biases(rule, norm_first):
 
 
 def test_conserve_on_a_vit():
-    """A ViT with class-token and with mean pooling (biases after the pooling have no token) conserves."""
+    """A ViT with class-token and with mean pooling (biases after the pooling have no token) conserves, at its
+    tokens and at its pixels (the patch embedding's bias and the position embeddings included)."""
     from attnkit.vision import VisionTransformer
 
     torch.manual_seed(5)
@@ -157,9 +69,13 @@ def test_conserve_on_a_vit():
         with torch.no_grad():
             for p in vit.parameters():
                 p.add_(0.2 * torch.randn_like(p))
-        got = lrp(vit, torch.randn(2, 1, 16, 16, dtype=torch.float64), 0)
-        assert got.relevance.shape == (2, 17)
+        image = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+        got = lrp(vit, image, 0)
+        assert got.relevance.shape == (2, 16, 16) and got.token_relevance.shape == (2, 17)
         assert float(got.conservation.max()) < 1e-10
+        tokens = lrp(vit, image, 0, pixels=False)
+        assert tokens.relevance.shape == (2, 17) and float(tokens.conservation.max()) < 1e-10
+        torch.testing.assert_close(tokens.relevance, got.token_relevance, rtol=1e-12, atol=1e-12)
 
 
 def test_hooks_are_removed_and_outputs_unchanged():

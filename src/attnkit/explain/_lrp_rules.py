@@ -9,9 +9,27 @@ are bit-identical with and without the rules.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["identity_rule", "layer_norm_rule", "rewire", "rms_norm_rule", "scale_grad", "softmax_bias"]
+__all__ = [
+    "ACTIVATIONS",
+    "identity_rule",
+    "is_activation",
+    "layer_norm_rule",
+    "rewire",
+    "rms_norm_rule",
+    "scale_grad",
+    "softmax_bias",
+]
+
+
+#: Activation modules that get the identity rule (and those of ``transformers.activations``).
+ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.LeakyReLU, nn.ELU)
+
+
+def is_activation(m: nn.Module) -> bool:
+    """Whether ``m`` is an element-wise activation module (gets :func:`identity_rule`)."""
+    return isinstance(m, ACTIVATIONS) or type(m).__module__ == "transformers.activations"
 
 
 class _Rewire(torch.autograd.Function):

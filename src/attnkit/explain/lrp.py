@@ -40,11 +40,20 @@ float64-capable reference kernel (``"math"``): every :class:`attnkit.nn.MultiHea
 Face model loaded with ``attn_implementation="attnkit"``; forward hooks on ``nn.LayerNorm``, ``nn.RMSNorm`` and
 Hugging Face ``*RMSNorm`` modules, activation modules (``torch.nn`` and ``transformers.activations``), the
 ``linear1``/``linear2`` pair of attnkit's layers, the ``down_proj`` of gated feed-forward blocks and
-(``conserve``) the outputs of biased ``nn.Linear`` and LayerNorm modules. All are removed on exit. Not
-covered: convolutional patch stems (no pixel relevance: token maps are upsampled). Relevance is read at the input
-of the first transformer layer: ``(B, L)``; in an encoder-decoder model that is the encoder's (source) input
-(cross-attention gets the same rules; the relevance that reaches the decoder's own inputs is not reported, so
-such models need ``conserve=False`` and their conservation error counts it as missing).
+(``conserve``) the outputs of biased ``nn.Linear`` and LayerNorm modules. All are removed on exit. Relevance is
+read at the input of the first transformer layer: ``(B, L)``; in an encoder-decoder model that is the encoder's
+(source) input (cross-attention gets the same rules; the relevance that reaches the decoder's own inputs is not
+reported, so such models need ``conserve=False`` and their conservation error counts it as missing).
+
+Pixels: when the input is an image ``(B, C, Hi, Wi)`` read by a convolutional patch stem (attnkit's
+``PatchEmbed`` and ``ConvPatchEmbed``, Hugging Face's ``ViTPatchEmbeddings``: convolutions, BatchNorm2d in eval
+mode, ReLU), relevance continues through the stem to the pixels, ``(B, Hi, Wi)`` summed over channels: LRP-0
+through the later convolutions and the BatchNorms, the z^B rule for bounded pixels at the first convolution
+(Montavon et al. 2019, Sec. 10.3.2; ``pixel_rule`` and ``bounds``), and with ``conserve`` the relevance absorbed
+by the stem's biases and BatchNorm shifts, the position embeddings and the class token laid on the pixels of the
+place it was absorbed at (:mod:`attnkit.explain._lrp_pixels` gives the rules and the reasons). The token-level
+relevance stays available as ``token_relevance``. On the shipped digit ViT the pixel relevance sums to the logit
+within a median 1e-7 (float32; ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ from torch import Tensor, nn
 from attnkit.backends.math import math_forward
 from attnkit.explain import _lrp_rules as rules
 from attnkit.explain._inputs import call_model
+from attnkit.explain._lrp_pixels import PIXEL_RULES, PixelStem, find_image
 from attnkit.explain.relevance import target_scores
 from attnkit.functional import observe
 from attnkit.nn.decoder_layer import TransformerDecoderLayer
@@ -72,24 +82,27 @@ _ATTENTION_FACTORS = {"attnlrp": (0.25, 0.25, 0.5), "cp-lrp": (0.0, 0.0, 1.0)}
 #: Names of the module lists that hold a model's transformer layers (HF: BERT ``layer``, Llama ``layers``,
 #: GPT-2 ``h``; timm/attnkit ``blocks``).
 _LAYER_LISTS = ("layer", "layers", "h", "blocks", "block")
-_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.LeakyReLU, nn.ELU)
 
 
 class LRPResult(NamedTuple):
     """What :func:`lrp` returns.
 
     Attributes:
-        relevance: ``(B, L)`` float64 relevance of each input token of the first transformer layer (token plus
-            position embedding; for a ViT: class and patch tokens).
-        conservation: ``(B,)`` ``|Σ_l relevance - score| / |score|``.
+        relevance: float64 input relevance: ``(B, Hi, Wi)`` per pixel (summed over channels) when :func:`lrp`
+            explains pixels, else ``(B, L)`` per input token of the first transformer layer (token plus position
+            embedding; for a ViT: class and patch tokens).
+        conservation: ``(B,)`` ``|Σ relevance - score| / |score|`` (of the relevance returned).
         logit: ``(B,)`` the explained score.
         output: the model's output.
+        token_relevance: ``(B, L)`` float64 token relevance (the same tensor as ``relevance`` when no pixels
+            are explained).
     """
 
     relevance: Tensor
     conservation: Tensor
     logit: Tensor
     output: Any
+    token_relevance: Tensor | None = None
 
 
 def _first_layer(model: nn.Module) -> nn.Module:
@@ -110,10 +123,6 @@ def _encoder_decoder(model: nn.Module) -> bool:
     if getattr(config, "is_encoder_decoder", False):
         return True
     return any(isinstance(m, TransformerDecoderLayer) for m in model.modules())
-
-
-def _is_activation(m: nn.Module) -> bool:
-    return isinstance(m, _ACTIVATIONS) or type(m).__module__ == "transformers.activations"
 
 
 def _install(model: nn.Module, stack: ExitStack, rule: str) -> None:
@@ -140,7 +149,7 @@ def _install(model: nn.Module, stack: ExitStack, rule: str) -> None:
             stack.callback(m.register_forward_hook(norm_hook).remove)
         elif isinstance(m, nn.RMSNorm) or type(m).__name__.endswith("RMSNorm"):
             stack.callback(m.register_forward_hook(rms_hook).remove)
-        elif _is_activation(m):
+        elif rules.is_activation(m):
             stack.callback(m.register_forward_hook(act_hook).remove)
         if all(isinstance(getattr(m, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
             if rule == "cp-lrp":
@@ -252,6 +261,9 @@ def lrp(
     *,
     rule: str = "attnlrp",
     conserve: bool = True,
+    pixels: bool | None = None,
+    pixel_rule: str = "zb",
+    bounds: tuple[Any, Any] | None = None,
 ) -> LRPResult:
     """Explain ``model(inputs)`` with AttnLRP or CP-LRP (rules in the module docstring), one forward and backward.
 
@@ -265,51 +277,77 @@ def lrp(
         rule: ``"attnlrp"`` (Achtibat et al. 2024) or ``"cp-lrp"`` (attention as constant, Ali et al. 2022).
         conserve: let no bias and no softmax absorb relevance (module docstring): the input relevance then
             sums to the score. ``False``: the published rules (``lxt``'s values).
+        pixels: explain the pixels of an image input through the model's convolutional patch stem
+            (:mod:`attnkit.explain._lrp_pixels`): ``None`` (default) when ``inputs`` hold one ``(B, C, Hi, Wi)``
+            floating tensor and a supported stem reads it, else tokens; ``True``: pixels or an error;
+            ``False``: tokens.
+        pixel_rule: the rule of the first convolution: ``"zb"`` (default, Montavon et al. 2017's z^B for
+            bounded pixels), ``"w2"`` or ``"lrp-0"`` (gradient x input).
+        bounds: ``(low, high)`` the range of the (preprocessed) pixels for ``"zb"``, numbers or tensors
+            broadcastable to the image (per channel: ``(C, 1, 1)``); default each image's own per-channel
+            minimum and maximum.
 
     Returns:
-        :class:`LRPResult`: ``relevance`` ``(B, L)``, ``conservation`` ``(B,)``, ``logit`` ``(B,)``.
+        :class:`LRPResult`: ``relevance`` ``(B, Hi, Wi)`` (pixels) or ``(B, L)`` (tokens), ``conservation``
+        ``(B,)``, ``logit`` ``(B,)``, ``token_relevance`` ``(B, L)``; relevance in float64.
 
     Raises:
-        ValueError: an unknown rule; no transformer layers found, or no attention call went through attnkit
-            (a Hugging Face model not loaded with ``attn_implementation="attnkit"``).
-        TypeError: logits not found or a target callable that returns no tensor.
+        ValueError: an unknown rule or pixel rule; no transformer layers found, or no attention call went
+            through attnkit (a Hugging Face model not loaded with ``attn_implementation="attnkit"``);
+            ``pixels=True`` without one image among the inputs or without a supported stem (the modules that
+            are not supported are named; BatchNorm must be in eval mode); pixels outside ``bounds``.
+        TypeError: logits not found or a target callable that returns no tensor; bad ``pixels``/``bounds``.
 
     References:
         Achtibat et al. 2024, "AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers",
         ICML, Sec. 3 (Prop. 3.1 softmax rule, Prop. 3.2 uniform rule, Eq. 9 identity rule); Ali et al. 2022,
         "XAI for Transformers: Better Explanations through Conservative Propagation", ICML (LN-rule, CP-LRP);
-        Montavon et al. 2019, "Layer-Wise Relevance Propagation: An Overview" (LRP-0, gradient x input form).
+        Montavon et al. 2019, "Layer-Wise Relevance Propagation: An Overview" (LRP-0, gradient x input form;
+        Sec. 10.3.2, z^B and w² for the input layer); Montavon et al. 2017, "Explaining nonlinear classification
+        decisions with deep Taylor decomposition", Pattern Recognition 65 (z^B and w² rules).
     """
     if rule not in _ATTENTION_FACTORS:
         raise ValueError(f"lrp: rule must be one of {', '.join(map(repr, _ATTENTION_FACTORS))}, got {rule!r}")
     if not isinstance(conserve, bool):
         raise TypeError(f"lrp: conserve must be a bool, got {conserve!r}")
+    if pixels not in (None, True, False):
+        raise TypeError(f"lrp: pixels must be None, True or False, got {pixels!r}")
+    if pixel_rule not in PIXEL_RULES:
+        raise ValueError(f"lrp: pixel_rule must be one of {', '.join(map(repr, PIXEL_RULES))}, got {pixel_rule!r}")
     if conserve and _encoder_decoder(model):
         raise ValueError(
             "lrp: conserve=True needs an encoder-only or decoder-only model; for an encoder-decoder model the "
             "relevance is read at the encoder's input and the decoder's inputs keep theirs: pass conserve=False"
         )
     first = _first_layer(model)
+    image = find_image(inputs) if pixels is not False else None
+    if pixels and image is None:
+        raise ValueError("lrp: pixels=True needs inputs holding exactly one (B, C, Hi, Wi) floating image tensor")
+    stem = PixelStem(image.shape, pixel_rule, bounds) if image is not None else None
     start: dict[str, Tensor] = {}
     calls: list[int] = []
+
+    def take(t: Tensor) -> Tensor:  # the first layer's input: a leaf, or kept on the stem's graph for pixels
+        use_stem = stem is not None and stem.close() and stem.patch_tokens(t.shape[1])
+        start["x"] = t if use_stem else t.detach().requires_grad_(True)
+        start["stem"] = use_stem
+        return start["x"]
 
     def leaf(_m, args, kwargs):
         if "x" in start:
             return None
         if args and isinstance(args[0], Tensor):
-            x = args[0].detach().requires_grad_(True)
-            start["x"] = x
-            return (x, *args[1:]), kwargs
+            return (take(args[0]), *args[1:]), kwargs
         for name in ("hidden_states", "x"):
             if isinstance(kwargs.get(name), Tensor):
-                x = kwargs[name].detach().requires_grad_(True)
-                start["x"] = x
-                return args, {**kwargs, name: x}
+                return args, {**kwargs, name: take(kwargs[name])}
         raise ValueError(f"lrp: cannot find the hidden states in the call of {type(_m).__name__}")
 
     with ExitStack() as stack, torch.enable_grad():
         stack.callback(first.register_forward_pre_hook(leaf, with_kwargs=True).remove)
         _install(model, stack, rule)
+        if stem is not None:
+            stem.install(model, stack)
         biases = _BiasRelevance(start)
         if conserve:
             biases.install(model, stack)
@@ -323,14 +361,29 @@ def lrp(
                 "lrp: no attention call went through attnkit; load Hugging Face models with "
                 'attn_implementation="attnkit" (attnkit.integrations.transformers.register())'
             )
+        if pixels and not start["stem"]:
+            raise ValueError(f"lrp: pixels=True but {_no_stem(stem)}")
         scores = _per_item_scores(output, target, x.shape[0])
-        (grad,) = torch.autograd.grad(scores.sum(), [x])
-    relevance = (x.detach().double() * grad.double()).sum(-1)
+        wrt = [x, *stem.grad_inputs()] if start["stem"] else [x]
+        grads = torch.autograd.grad(scores.sum(), wrt)
+    relevance = (x.detach().double() * grads[0].double()).sum(-1)
     if conserve:
         relevance = biases.add_to(relevance)
+    tokens = relevance
+    if start["stem"]:
+        relevance = stem.relevance(list(grads[1:]), tokens if conserve else None)
     logit = scores.detach().double()
-    conservation = (relevance.sum(-1) - logit).abs() / logit.abs().clamp_min(torch.finfo(torch.float64).tiny)
-    return LRPResult(relevance, conservation, logit, output)
+    total = relevance.reshape(relevance.shape[0], -1).sum(-1)
+    conservation = (total - logit).abs() / logit.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    return LRPResult(relevance, conservation, logit, output, tokens)
+
+
+def _no_stem(stem: PixelStem) -> str:
+    if stem.pixels is None:
+        return f"no nn.Conv2d read the image {stem.image_shape} before the first transformer layer"
+    if stem.unsupported:
+        return f"the patch stem runs modules without a pixel rule: {', '.join(sorted(set(stem.unsupported)))}"
+    return "the first transformer layer's tokens do not end with one token per cell of the stem's output grid"
 
 
 def _per_item_scores(output: Any, target, batch: int) -> Tensor:

@@ -199,7 +199,8 @@ def test_dropout_in_training_uses_the_same_random_stream_as_eager():
     ids=["window", "softcap", "plain-causal"],
 )
 def test_long_prompts_are_routed_and_stay_exact(monkeypatch, kwargs, backend):
-    """At 2048 x 2048 scores the adapter picks the backend (no L x L tensor), and the result equals math's."""
+    """At 2048 x 2048 scores the adapter picks the backend (no L x L tensor), and the result and the gradients
+    of a training step (what fine-tuning a Hugging Face model on attnkit runs) equal math's."""
     from attnkit.integrations import transformers as adapter
 
     seen = []
@@ -210,7 +211,7 @@ def test_long_prompts_are_routed_and_stay_exact(monkeypatch, kwargs, backend):
 
     monkeypatch.setattr(adapter, "attention", spy)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, h, 2048, 8, generator=g) for h in (2, 1, 1))
+    q, k, v = (torch.randn(1, h, 2048, 8, generator=g).requires_grad_(True) for h in (2, 1, 1))
     module = torch.nn.Module()
     module.is_causal = True
     mask = _hf_mask.HFMask(2048, 2048, 0, True, None if "sliding_window" not in kwargs else (255, 0))
@@ -221,3 +222,8 @@ def test_long_prompts_are_routed_and_stay_exact(monkeypatch, kwargs, backend):
         q, k, v, is_causal=True, window_size=window, softcap=kwargs.get("softcap"), backend="math"
     ).transpose(1, 2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    weight = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    expected = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # float32, sums over 2048 keys

@@ -10,31 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnkit
 from attnkit import sparse
 from attnkit.backends import blocksparse, flash_core, flash_fused, tiled
 from attnkit.functional.spec import make_spec
+from op_count import count_ops as _count
 
 #: Documented bound (attnkit.backends.flash_core): aten calls (views included) per call and per chunk of a step.
 FIXED, PER_CHUNK = 120, 100
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _count(fn) -> int:
-    with _Count() as c:
-        fn()
-    return c.n
 
 
 def _ops(q, backend, **kwargs) -> tuple[int, int]:

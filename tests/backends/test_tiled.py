@@ -227,3 +227,30 @@ def test_auto_picks_tiled_only_when_the_scores_would_be_large(heads):
     # Plain dense and causal calls stay on the fused SDPA kernel.
     assert attnkit.backends.select(long_q, long_q, long_q, is_causal=True).backend == "sdpa"
     assert attnkit.backends.select(long_q, long_q, long_q).backend == "sdpa"
+
+
+def test_schedules_are_cached_per_geometry_without_holding_the_call(monkeypatch):
+    """A repeated call reuses its schedule and step masks (far fewer operations), keeps no reference to the
+    call's tensors, and a mask argument is never taken from the cache (a new mask gives a new, exact result)."""
+    import gc
+    import weakref
+
+    from op_count import count_ops as _count
+
+    monkeypatch.setattr(tiled, "_SCHEDULES", type(tiled._SCHEDULES)())
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 600, 8, generator=g)
+    first = _count(lambda: attnkit.attention(q, q, q, window_size=(40, 40), backend="tiled"))
+    again = _count(lambda: attnkit.attention(q, q, q, window_size=(40, 40), backend="tiled"))
+    assert again < first / 2, (first, again)
+    assert len(tiled._SCHEDULES) == 1
+    ref = weakref.ref(q)
+    del q
+    gc.collect()
+    assert ref() is None  # the cached schedule does not keep the call's tensors alive
+    q = torch.randn(1, 2, 600, 8, generator=g, dtype=torch.float64)
+    for seed in (0, 1):  # same geometry, different masks
+        keep = torch.rand(600, 600, generator=torch.Generator().manual_seed(seed)) > 0.3
+        got = attnkit.attention(q, q, q, window_size=(40, 40), attn_mask=keep, backend="tiled")
+        want = attnkit.attention(q, q, q, window_size=(40, 40), attn_mask=keep, backend="math")
+        torch.testing.assert_close(got, want, **FLOAT64)

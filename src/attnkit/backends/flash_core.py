@@ -71,6 +71,8 @@ class Step:
     q_blocks: Tensor
     q_start: int | None
     chunks: list[Chunk] = field(default_factory=list)
+    #: Per-step results that depend only on the schedule (the fused path's kernel masks), kept with it.
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def q_idx(self) -> Tensor:

@@ -42,6 +42,8 @@ CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attentio
 
 #: Set to False to run every call on the explicit online-softmax path (the tests run both).
 enabled = True
+#: Step masks up to this size are kept with their (cached) schedule.
+MASK_CACHE_BYTES = 1 << 20
 
 
 def fusable(setup: TileSetup) -> str | None:
@@ -137,7 +139,23 @@ def _slide_step(step: Step, tensors: tuple[Tensor, ...], groups: int) -> bool:
 
 
 def _mask(setup: TileSetup, step: Step, batch: int, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-    """The step's additive kernel mask ``(B·N, 1, r, c)`` and its empty rows ``(B·N, 1, r, 1)`` (or None)."""
+    """The step's additive kernel mask ``(B·N, 1, r, c)`` and its empty rows ``(B·N, 1, r, 1)`` (or None).
+
+    When the call's only terms are positional (causal, window: what the schedule itself encodes), the result is
+    kept with the step, so a cached schedule (:func:`attnkit.backends.tiled.cached_schedule`) builds it once."""
+    positional_only = not setup.bool_masks and setup.block_mask is None and setup.mask_mod is None
+    if not positional_only:
+        return _build_mask(setup, step, batch, dtype)
+    key = ("kernel_mask", batch, dtype)
+    found = step.cache.get(key)
+    if found is None:
+        found = _build_mask(setup, step, batch, dtype)
+        if sum(t.untyped_storage().nbytes() for t in found if t is not None) <= MASK_CACHE_BYTES:
+            step.cache[key] = found  # shared (r, c) layouts; a causal step's (N, r, c) diagonal is rebuilt
+    return found
+
+
+def _build_mask(setup: TileSetup, step: Step, batch: int, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
     (ch,) = step.chunks
     (n, r), c = ch.index.q_idx.shape, ch.index.kv_idx.shape[1]
     _bias, keep = setup.terms(ch.index)  # keep: (1, 1, N|1, 1, r|1, c|1) by fusable(); bias is None

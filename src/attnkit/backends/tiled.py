@@ -9,7 +9,10 @@ head and block (grouped-query heads share their key/value head without copies), 
 ``score_mod``, ``attn_bias``, ALiBi, masks, ``mask_mod``, ``block_mask``), and the online softmax across key
 chunks. Calls whose terms reduce to a shared keep-mask run each step as one fused CPU flash-attention kernel
 (:mod:`attnkit.backends.flash_fused`; bfloat16/float16 matmuls stay in that dtype there, the softmax in
-float32); the others run the explicit online softmax in float32 (float64 for float64). Extra memory:
+float32); the others run the explicit online softmax in float32 (float64 for float64), with bfloat16/float16
+inputs converted to float32 first: PyTorch's CPU matmuls have no low-precision-in, float32-out form
+(``aten::bmm.dtype`` is CUDA-only in torch 2.13), and rounding the scores themselves to bfloat16 would cost up to
+about 0.1 at ``|s| ≈ 30``, a 10% error in ``exp(s)`` (FlashAttention accumulates ``q kᵀ`` in float32). Extra memory:
 ``O((Lq + Lk) · D)`` plus one step, independent of ``Lq · Lk``. The backward pass recomputes each step from the
 saved log-sum-exp. Schedules (steps, index tensors, the fused path's shared step masks) are cached per call
 geometry (:func:`cached_schedule`): a repeated window call at L = 16384 dispatches 50 aten operations forward

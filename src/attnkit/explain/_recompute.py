@@ -93,38 +93,24 @@ def probability_tiles(
     kt = setup.prepare_kv(k4).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
     row_index = rows if rows is not None else torch.arange(Lq, device=q5.device)
     step = max(1, _TILE_ELEMENTS // max(1, B * H * Lk))
-    plain = _term_free(setup)
     for start in range(0, row_index.numel(), step):
         r = row_index[start : start + step].to(q5.device)
         t = r.numel()
         qt = q5[:, :, :, start : start + t] if rows is None else q5.index_select(3, r)
         qt = setup.prepare_query(qt).reshape(B, Hkv, 1, G * t, D)
         s = setup.logits(qt, kt, 1, t)  # (B, Hkv, 1, G, t, Lk)
-        if plain:  # nothing masks, biases or transforms the scores: masked_softmax is the plain softmax
-            p = torch.softmax(s, -1)
-        else:
+        if not setup.plain:  # a plain call's scores need no mask, bias or transform
             ti = (
                 TileIndex.rect((start, start + t), (0, Lk), q5.device)
                 if rows is None
                 else TileIndex.rows(r, Lk, q5.device)
             )
-            p, _ = setup.tile_probs(setup.masked_logits(s, ti))
+            s = setup.masked_logits(s, ti)
+        p, _ = setup.tile_probs(s, lse=False)
         p = p.reshape(B, H, t, Lk)
         if heads is not None:
             p = p.index_select(1, heads.to(p.device))
         yield p, r
-
-
-def _term_free(setup: TileSetup) -> bool:
-    """True when a call's scores are ``scale · q kᵀ`` alone: no mask, bias, ALiBi, sink, softcap or mods.
-
-    Then every row has a key and no ``-inf``, and :func:`~attnkit.functional.tiles.masked_softmax` equals
-    ``torch.softmax`` (one kernel instead of about a dozen: most of the recomputation's cost for short inputs).
-    """
-    return not (setup.biases or setup.bool_masks or setup.positional) and all(
-        term is None
-        for term in (setup.alibi, setup.sink, setup.softcap, setup.score_mod, setup.mask_mod, setup.block_mask)
-    )
 
 
 def select_index(sel, size: int, what: str, name: str) -> Tensor | None:

@@ -94,7 +94,9 @@ def to_heads(t: Tensor, num_kv_heads: int, groups: int) -> Tensor:
     return t.expand(t.shape[0], num_kv_heads, groups, t.shape[-2], t.shape[-1]).flatten(1, 2)
 
 
-def masked_softmax(scores: Tensor, keep: Tensor | None = None, sink: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def masked_softmax(
+    scores: Tensor, keep: Tensor | None = None, sink: Tensor | None = None, *, finite_rows: bool = False
+) -> tuple[Tensor, Tensor]:
     """Softmax over the last dim, optionally with a sink logit in the denominator; 0 (not NaN) for empty rows.
 
     Args:
@@ -102,6 +104,8 @@ def masked_softmax(scores: Tensor, keep: Tensor | None = None, sink: Tensor | No
         keep: bool mask broadcastable to ``scores`` (True = keep), or ``None``.
         sink: logits broadcastable to ``scores[..., :1]`` that join every row's denominator with a zero value
             (attention sinks), or ``None``.
+        finite_rows: the caller guarantees that every row has a finite maximum (nothing masked, no ``-inf``
+            score): the guards for empty rows are skipped (six kernels fewer, the same result).
 
     Returns:
         ``(probs, lse)``: probabilities shaped like ``scores`` (rows sum to ``1 - sink mass``; all-zero where
@@ -114,11 +118,15 @@ def masked_softmax(scores: Tensor, keep: Tensor | None = None, sink: Tensor | No
     if sink is not None:
         sink = sink.to(scores.dtype).expand_as(row_max) if sink.dim() else sink.to(scores.dtype)
         row_max = torch.maximum(row_max, sink)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    if not finite_rows:
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    row_max = row_max.detach()
     exp = torch.exp(scores - row_max)
     total = exp.sum(dim=-1, keepdim=True)
     if sink is not None:
         total = total + torch.exp(sink - row_max)
+    if finite_rows:  # every total is >= 1 (the maximum's own term)
+        return exp / total, (row_max + torch.log(total)).squeeze(-1)
     nonempty = total > 0
     safe_total = torch.where(nonempty, total, torch.ones_like(total))
     probs = exp / safe_total
@@ -134,6 +142,11 @@ class TileSetup:
         positional: evaluate ``is_causal``/``window_size`` per tile (False when the schedule's layout already
             applies them exactly).
         block_mask_elements: evaluate ``spec.block_mask`` per tile (False when the layout applies it).
+
+    Attributes:
+        plain: the scores are ``scale · q kᵀ`` alone: no mask, bias, ALiBi, sink, softcap, ``score_mod``,
+            ``mask_mod``, block mask, ``is_causal`` or ``window_size`` (:meth:`masked_logits` changes nothing
+            and :meth:`tile_probs` is one softmax).
     """
 
     def __init__(self, spec: AttentionSpec, *, positional: bool = True, block_mask_elements: bool = True):
@@ -161,9 +174,22 @@ class TileSetup:
                 self.biases.append((t, flatten_batch(t, spec)))
         self.alibi = self._per_head(spec.alibi_slopes)
         self.sink = self._per_head(spec.sinks)
-        dev = q.device
-        self.b_idx = torch.arange(self.B, device=dev).view(-1, 1, 1, 1, 1, 1)
-        self.h_idx = torch.arange(self.H, device=dev).view(1, self.Hkv, 1, self.G, 1, 1)
+        self.plain = not (self.biases or self.bool_masks or spec.is_causal or spec.window_size is not None) and all(
+            term is None
+            for term in (self.alibi, self.sink, self.softcap, self.score_mod, self.mask_mod, spec.block_mask)
+        )
+        self._mod_index: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def mod_index(self) -> tuple[Tensor, Tensor]:
+        """``(b_idx (B, 1, 1, 1, 1, 1), h_idx (1, Hkv, 1, G, 1, 1))``: the batch and query-head indices passed to
+        ``score_mod``/``mask_mod``, built on first use (most calls have neither)."""
+        if self._mod_index is None:
+            dev = self.spec.query.device
+            b_idx = torch.arange(self.B, device=dev).view(-1, 1, 1, 1, 1, 1)
+            h_idx = torch.arange(self.H, device=dev).view(1, self.Hkv, 1, self.G, 1, 1)
+            self._mod_index = (b_idx, h_idx)
+        return self._mod_index
 
     def _per_head(self, t: Tensor | None) -> Tensor | None:
         """``(H,)`` or ``(B..., H)`` as ``(B', Hkv, 1, G, 1, 1)`` in the accumulation dtype (autograd kept)."""
@@ -175,11 +201,11 @@ class TileSetup:
     # ---------------------------------------------------------------------------------------------- scores
     def prepare_query(self, q: Tensor) -> Tensor:
         """Queries in the accumulation dtype, multiplied by ``scale`` (the one place the scale is applied)."""
-        return q.to(self.acc) * self.scale
+        return (q if q.dtype == self.acc else q.to(self.acc)) * self.scale
 
     def prepare_kv(self, t: Tensor) -> Tensor:
         """Keys or values in the accumulation dtype (scores and outputs are never formed in fp16/bf16)."""
-        return t.to(self.acc)
+        return t if t.dtype == self.acc else t.to(self.acc)
 
     def logits(self, qt: Tensor, kt: Tensor, n: int, r: int) -> Tensor:
         """Scaled scores ``(B, Hkv, N, G, r, c)`` of prepared ``qt (B, Hkv, N, G·r, D)``, ``kt (B, Hkv, N, c, D)``."""
@@ -204,7 +230,7 @@ class TileSetup:
             )
         if self.score_mod is not None:
             qi, ki = self._mod_indices(ti)
-            s = call_score_mod(self.score_mod, s, self.b_idx, self.h_idx, qi, ki)
+            s = call_score_mod(self.score_mod, s, *self.mod_index, qi, ki)
         return s
 
     def transform_grad(self, s_raw: Tensor, s_mod: Tensor, ds: Tensor) -> Tensor:
@@ -262,7 +288,7 @@ class TileSetup:
             keep = m if keep is None else keep & m
         if self.mask_mod is not None:
             qi, ki = self._mod_indices(ti)
-            m = call_mask_mod(self.mask_mod, self.b_idx, self.h_idx, qi, ki)
+            m = call_mask_mod(self.mask_mod, *self.mod_index, qi, ki)
             keep = m if keep is None else keep & m
         if self.block_mask is not None:
             m = self.block_mask.element_mask(ti.q_idx[:, :, None], ti.kv_idx[:, None, :]).view(1, 1, n, 1, r, c)
@@ -290,9 +316,18 @@ class TileSetup:
             s = s.masked_fill_(~keep, float("-inf")) if inplace else s.masked_fill(~keep, float("-inf"))
         return s
 
-    def tile_probs(self, s: Tensor) -> tuple[Tensor, Tensor]:
-        """Softmax of final logits ``(B, Hkv, N, G, r, c)`` over the whole key axis, with this call's sinks."""
-        return masked_softmax(s, None, self.sink)
+    def tile_probs(self, s: Tensor, *, lse: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Softmax of final logits ``(B, Hkv, N, G, r, c)`` over the whole key axis, with this call's sinks.
+
+        Returns ``(probs, lse)`` as :func:`masked_softmax` (``lse`` ``None`` when not asked for). For a
+        :attr:`plain` call (no mask, bias, ALiBi, sink, softcap or mods: no ``-inf`` and every row has its keys)
+        :func:`masked_softmax` needs no guards for empty rows, and without ``lse`` it is ``torch.softmax``: one
+        kernel instead of about a dozen, most of the cost of short calls.
+        """
+        if self.plain and not lse:
+            return torch.softmax(s, -1), None
+        probs, row_lse = masked_softmax(s, None, self.sink, finite_rows=self.plain)
+        return probs, (row_lse if lse else None)
 
     # ---------------------------------------------------------------------------------------------- grads
     def bias_grad_buffers(self) -> list[Tensor | None]:

@@ -136,12 +136,15 @@ class Interceptor(ModuleHooks):
         differentiable,
         head_gates: Callable[[int, int], Tensor | None] | None = None,
         plan: HookPlan | None = None,
+        math_kernel: bool = False,
     ):
         self.model, self.rec = model, rec
         self.layers = None if layers is None else frozenset(layers)
         self.heads, self.query_rows, self.head_mean = heads, query_rows, head_mean
         self.reducers, self.store, self.layout, self.differentiable = reducers, store, layout, differentiable
         self.head_gates = head_gates
+        # attnkit's math path computes the calls, and its probabilities are recorded (no second computation)
+        self.math_kernel = bool(differentiable or math_kernel)
         self.plan = HookPlan(model) if plan is None else plan
         self.names = self.plan.names
         self.stack: list[tuple[str, bool | None, nn.Module]] = []
@@ -152,6 +155,7 @@ class Interceptor(ModuleHooks):
         self.mha_wants: dict[int, tuple[bool, bool]] = {}
         self.enc_start: dict[int, int] = {}
         self.auto_layout: TokenLayout | None = None
+        self.published: tuple[dict, TokenLayout | None] | None = None  # the last published layout, converted
         self.handles: list = []
         self.suspended = False
 
@@ -183,7 +187,7 @@ class Interceptor(ModuleHooks):
             F.scaled_dot_product_attention = self._sdpa
             self.contexts = ExitStack()
             self.contexts.enter_context(observe.observer(self._event))
-            if self.differentiable or self.head_gates is not None:
+            if self.math_kernel or self.head_gates is not None:
                 self.contexts.enter_context(observe.interceptor(self._intercept_call))
         except BaseException:
             self._remove()
@@ -244,7 +248,9 @@ class Interceptor(ModuleHooks):
         for _, _, module in reversed(self.stack):  # attnkit.vision modules publish `token_layout` before attending
             published = getattr(module, "token_layout", None)
             if isinstance(published, dict) and published:
-                return layout_from_dict(published)
+                if self.published is None or self.published[0] != published:  # one conversion per forward
+                    self.published = (dict(published), layout_from_dict(published))
+                return self.published[1]
         auto = self.auto_layout
         if auto is not None and auto.grid is not None:
             prefix = num_tokens - auto.grid[0] * auto.grid[1]
@@ -266,8 +272,8 @@ class Interceptor(ModuleHooks):
         if wanted:
             q_seen, mask_seen = (query, attn_mask) if unfolded is None else unfolded
             spec = spec_from_sdpa(q_seen, key, value, mask_seen, dropout_p, is_causal, scale)
-        if self.differentiable and wanted:
-            out, probs, _ = math_forward(replace(spec, dropout_p=float(dropout_p)), probs_leaf=True)
+        if self.math_kernel and wanted:
+            out, probs, _ = math_forward(replace(spec, dropout_p=float(dropout_p)), probs_leaf=self.differentiable)
             self._record(name, layer, cross, "sdpa", spec=spec, weights=probs)
         else:
             out = self.prev_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
@@ -282,13 +288,14 @@ class Interceptor(ModuleHooks):
         return out.reshape(*query.shape[:-1], value.shape[-1])
 
     def _intercept_call(self, spec: AttentionSpec, run):
-        """The interceptor of :func:`attnkit.functional.registry.dispatch` in differentiable / head-gate modes."""
+        """The interceptor of :func:`attnkit.functional.registry.dispatch` in math-kernel / head-gate modes."""
         if self.suspended or not self.stack:
             return run(spec)
         name, _ = self._where()
-        gate = self.head_gates(self._layer(name), spec.num_heads) if self.head_gates is not None else None
-        if self.differentiable:
-            out, probs, lse = math_forward(spec, probs_leaf=True)
+        layer = self._layer(name)
+        gate = self.head_gates(layer, spec.num_heads) if self.head_gates is not None else None
+        if self.differentiable or (self.math_kernel and (self.layers is None or layer in self.layers)):
+            out, probs, lse = math_forward(spec, probs_leaf=self.differentiable)
             self.pending[id(spec)] = probs
             weights = probs.to(spec.query.dtype) if spec.return_weights else None
             lse = lse if spec.return_lse else None

@@ -30,6 +30,9 @@ from attnkit.explain.reducers import Reducer
 
 __all__ = ["Recording", "capture", "capture_plan"]
 
+#: What computes the attention of a captured model (see :func:`capture`'s ``kernel``).
+_KERNELS = ("model", "math")
+
 
 class Recording:
     """What a :func:`capture` block recorded.
@@ -165,6 +168,7 @@ def capture(
     layout: TokenLayout | None = None,
     differentiable: bool = False,
     plan: HookPlan | None = None,
+    kernel: str = "model",
 ) -> Iterator[Recording]:
     """Record the attention probabilities of every attention computation inside ``model``.
 
@@ -174,11 +178,12 @@ def capture(
             out = model(**inputs)
         rec.maps[0].weights  # (B, H, L, L)
 
-    The model runs unchanged (its outputs are bit-identical with and without capture; its fused kernels still
-    run); probabilities are recomputed on the side as ``softmax(scale · q kᵀ + mask)`` from each call's own
-    query, key and mask (or from the log-sum-exp when the kernel returned it), in float32 (float64 for float64
-    models), tile by tile over query rows, only for the selected layers, heads and rows. The weights are those
-    before dropout. Only computations that run inside ``model``'s forward are recorded.
+    With ``kernel="model"`` (the default) the model runs unchanged (its outputs are bit-identical with and
+    without capture; its fused kernels still run); probabilities are recomputed on the side as
+    ``softmax(scale · q kᵀ + mask)`` from each call's own query, key and mask (or from the log-sum-exp when the
+    kernel returned it), in float32 (float64 for float64 models), tile by tile over query rows, only for the
+    selected layers, heads and rows. The weights are those before dropout. Only computations that run inside
+    ``model``'s forward are recorded.
 
     Args:
         model: the module whose forward calls are observed.
@@ -198,6 +203,14 @@ def capture(
             then match the fused kernels only up to rounding; ``heads``, ``query_rows`` and ``head_mean`` are
             not allowed.
         plan: ``capture_plan(model)``, built once for a model captured many times; default: walk ``model`` now.
+        kernel: ``"model"`` (default): the model's own kernels compute the attention and the probabilities are
+            recomputed on the side. ``"math"``: the selected layers' :func:`attnkit.attention` and
+            ``F.scaled_dot_product_attention`` calls run on attnkit's math path
+            (:func:`attnkit.backends.math.math_forward`, the ``"math"`` backend), and the probabilities it
+            computes for the output are the ones recorded: one computation instead of two, for short inputs
+            (it materialises the ``(B, H, Lq, Lk)`` scores of a call at once) where the fixed cost per call
+            dominates. Outputs then equal the ``"math"`` backend's, which match the fused kernels up to
+            rounding (float32: about 1e-6). ``nn.MultiheadAttention``'s native path is recomputed either way.
 
     Yields:
         a :class:`Recording`; ``rec.maps`` is filled as the model runs.
@@ -205,9 +218,9 @@ def capture(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; filters that are not ints; reducers of the wrong type; a
             ``plan`` that is not a :func:`capture_plan`.
-        ValueError: a ``plan`` of another model; a negative layer index; ``differentiable`` with filters; a head
-            or row index out of range for a map (raised during the forward); filters that selected nothing (on
-            exit).
+        ValueError: a ``plan`` of another model; an unknown ``kernel``; a negative layer index;
+            ``differentiable`` with filters; a head or row index out of range for a map (raised during the
+            forward); filters that selected nothing (on exit).
         RuntimeError: on exit, when no attention computation ran inside ``model`` (the message says what is
             intercepted and what to change).
     """
@@ -236,6 +249,8 @@ def capture(
             raise TypeError(f"capture: expected plan to come from capture_plan(model), got {type(plan).__name__}")
         if plan.model is not model:
             raise ValueError("capture: plan was made by capture_plan() for another model")
+    if kernel not in _KERNELS:
+        raise ValueError(f"capture: kernel must be one of {', '.join(map(repr, _KERNELS))}, got {kernel!r}")
     rec = Recording()
     icpt = Interceptor(
         model,
@@ -249,6 +264,7 @@ def capture(
         layout=layout,
         differentiable=bool(differentiable),
         plan=plan,
+        math_kernel=kernel == "math",
     )
     with icpt:
         yield rec

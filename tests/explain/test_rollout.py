@@ -96,3 +96,16 @@ def test_errors():
         rollout([_stochastic(1, 1, 2, 2)], discard_ratio=1.0)
     with pytest.raises(TypeError, match="tensors or AttentionRecords"):
         rollout([np.eye(2)])
+
+
+def test_augment_adds_the_identity_at_each_row_s_own_position():
+    from attnkit.explain.rollout import augment
+
+    fused = torch.rand(2, 5, 5, dtype=torch.float64)
+    eye = torch.eye(5, dtype=torch.float64).expand(2, 5, 5)
+    want = (0.5 * fused + 0.5 * eye) / (0.5 * fused + 0.5 * eye).sum(-1, keepdim=True)
+    assert torch.equal(augment(fused), want)  # every row in order: exactly the paper's formula
+    assert torch.equal(augment(fused, torch.arange(5)), want)
+    rows = torch.tensor([3, 1])  # two rows of the map, at positions 3 and 1
+    torch.testing.assert_close(augment(fused[:, [3, 1]], rows), want[:, [3, 1]], atol=1e-15, rtol=0)
+    torch.testing.assert_close(augment(fused, residual=False), fused / fused.sum(-1, keepdim=True))

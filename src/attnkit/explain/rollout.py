@@ -47,20 +47,23 @@ def fuse_heads(probs: Tensor, head_fusion: str = "mean", discard_ratio: float = 
     return fused
 
 
-def augment(fused: Tensor, rows: Tensor, residual: bool = True) -> Tensor:
+def augment(fused: Tensor, rows: Tensor | None = None, residual: bool = True) -> Tensor:
     """``Â`` rows: ``0.5 · A + 0.5 · I`` (if ``residual``) re-normalised so each row sums to 1.
 
     Args:
         fused: ``(B, t, L)`` fused attention rows.
-        rows: long ``(t,)`` positions of these rows (where the identity's 1 sits).
+        rows: long ``(t,)`` positions of these rows (where the identity's 1 sits); ``None``: every row of a
+            square map in order (``t = L``, row ``i`` is token ``i``).
         residual: add the identity (the paper's residual model); ``False`` only re-normalises.
 
     Rows summing to 0 stay 0.
     """
     if residual:
-        eye = torch.zeros_like(fused)
-        eye[:, torch.arange(len(rows)), rows.to(fused.device)] = 1.0
-        fused = 0.5 * fused + 0.5 * eye
+        fused = 0.5 * fused  # a new tensor: the identity's 0.5 is added in place (two kernels, not six)
+        if rows is None:
+            fused.diagonal(dim1=-2, dim2=-1).add_(0.5)
+        else:
+            fused[:, torch.arange(len(rows)), rows.to(fused.device)] += 0.5
     total = fused.sum(-1, keepdim=True)
     return fused / torch.where(total > 0, total, torch.ones_like(total))
 
@@ -94,14 +97,13 @@ def rollout(
     """
     _check_options(head_fusion, discard_ratio, "rollout")
     tensors = maps_of(maps, who="rollout")
-    length = tensors[0].shape[-1]
     if len({t.shape for t in tensors}) == 1:  # one fusion + augmentation for every layer: a few kernels, not per layer
         stacked = maps if isinstance(maps, Tensor) else torch.stack(tensors, 0)
         n, b = stacked.shape[:2]
         fused = fuse_heads(stacked.flatten(0, 1), head_fusion, discard_ratio)
-        hats = list(augment(fused, torch.arange(length), residual).unflatten(0, (n, b)).unbind(0))
+        hats = list(augment(fused, None, residual).unflatten(0, (n, b)).unbind(0))
     else:  # layers with different head counts
-        hats = [augment(fuse_heads(a, head_fusion, discard_ratio), torch.arange(length), residual) for a in tensors]
+        hats = [augment(fuse_heads(a, head_fusion, discard_ratio), None, residual) for a in tensors]
     result = hats[0]
     for a_hat in hats[1:]:
         result = a_hat @ result

@@ -92,6 +92,24 @@ def test_explain_image_matches_the_library(client, endpoints, digit_png, method)
     assert record["input"]["filename"] == "digit.png"
 
 
+def test_health_statistics_are_written_after_the_answer(client, endpoints, digit_png):
+    from attnkit.explain import capture
+    from attnkit.serve.health import request_stats
+    from attnkit.serve.inputs import decode_image
+
+    png, _ = digit_png
+    body = explain(client, model="digits-vit", image=png, method="raw").json()
+    assert "stats" not in body  # not part of the answer: computed by the stats writer
+    client.app.state.service.stats_writer.flush()
+    stats = client.get(f"/v1/explanations/{body['id']}").json()["stats"]
+    model = endpoints["digits-vit"].model
+    x, _ = decode_image(png, size=64, channels=1, invert_light=True)
+    with torch.no_grad(), capture(model) as rec:  # the model's own kernels, probabilities recomputed
+        probs = model(x[None]).softmax(-1)[0]
+    want = request_stats(rec.stack()[:, 0], [0], 0, float(probs.max()))
+    assert stats == pytest.approx(want, abs=2e-6)
+
+
 def test_list_filters_paging_and_search(client):
     ids = [explain(client, model="minilm", text=f"paging probe number {i}").json()["id"] for i in range(3)]
     page = client.get("/v1/explanations", params={"q": "paging probe", "page_size": 2}).json()
@@ -202,6 +220,7 @@ def test_attention_health_page_and_baseline(client):
         assert (
             explain(client, model="minilm", text=f"A calm sentence about the weather, number {i}.").status_code == 200
         )
+    client.app.state.service.stats_writer.flush()  # the statistics are written off the request path
     report = client.get("/v1/models/minilm/health").json()
     assert report["reference"]["num_records"] > 0
     assert [s["statistic"] for s in report["statistics"]] == [

@@ -107,7 +107,7 @@ def _baseline(args) -> int:
     store = _open_store(args.db)
     try:
         filters = Filters(model=args.model, since=since, until=until)
-        rows = list(store.iter_records(filters))
+        rows = [r for r in store.iter_records(filters) if r["stats"]]  # {}: statistics never written
         if not rows:
             raise UserError(f"no records of model {args.model!r} in that window; serve some requests first")
         stats = {name: [float(r["stats"][name]) for r in rows] for name in STATISTICS}

@@ -119,7 +119,6 @@ def create_app(service: Service) -> FastAPI:
             "created_at": iso(record["created_at"]),
             "prediction": record["prediction"],
             "explanation": record["explanation"],
-            "stats": record["stats"],
             "timings": record["timings"],
         }
 

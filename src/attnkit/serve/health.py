@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["STATISTICS", "Drift", "drift", "request_stats"]
+__all__ = ["STATISTICS", "Drift", "HealthInputs", "drift", "request_stats"]
 
 STATISTICS = ("head_entropy", "sink_mass", "rollout_concentration", "confidence")
 
@@ -69,6 +69,29 @@ def request_stats(
         "rollout_concentration": float(min(max(concentration, 0.0), 1.0)),
         "confidence": float(confidence),
     }
+
+
+@dataclass(frozen=True)
+class HealthInputs:
+    """What :func:`request_stats` needs about one request, kept by an endpoint for the statistics writer.
+
+    Attributes:
+        maps: ``(layers, H, L, L)`` attention probabilities of the input's real tokens.
+        sinks: positions of the special/sink tokens.
+        summary_row: the token whose rollout row summarises the input.
+        confidence: the prediction's confidence.
+        rollout_row: ``(L,)`` the summarising token's rollout row when the explanation computed it, else ``None``.
+    """
+
+    maps: Tensor
+    sinks: tuple[int, ...]
+    summary_row: int
+    confidence: float
+    rollout_row: Tensor | None = None
+
+    def stats(self) -> dict[str, float]:
+        """:func:`request_stats` of these inputs."""
+        return request_stats(self.maps, self.sinks, self.summary_row, self.confidence, rollout_row=self.rollout_row)
 
 
 @dataclass(frozen=True)

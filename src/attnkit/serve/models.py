@@ -2,9 +2,10 @@
 
 ``TextEndpoint`` wraps a BERT- or GPT-2-family checkpoint (:func:`attnkit.text.load_text_model`) and predicts the
 sentence embedding's nearest labels; ``ImageEndpoint`` wraps a :class:`attnkit.vision.VisionTransformer` classifier.
-Both run the model once inside :func:`attnkit.explain.capture` and derive the prediction, the explanation, the
-maps for the layer/head browser and the health statistics from that one forward pass (``relevance`` adds one
-differentiable forward and a backward, as it must).
+Both run the model once inside :func:`attnkit.explain.capture` and derive the prediction, the explanation and the
+maps for the layer/head browser from that one forward pass (``relevance`` adds one differentiable forward and a
+backward, as it must); the health statistics are computed from the same maps later, off the request path
+(:mod:`attnkit.serve.stats_writer`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnkit.serve.health import request_stats
+from attnkit.serve.health import HealthInputs
 
 __all__ = [
     "DEFAULT_LABELS",
@@ -75,15 +76,16 @@ class Explained:
         explanation: JSON-ready explanation (``{"tokens", "scores"}`` or ``{"grid", "heatmap", "image_size"}``).
         maps: ``(layers, H, L, L)`` attention probabilities of the real tokens, for the layer/head browser.
         tokens: ``L`` labels of the maps' rows and columns.
-        stats: attention-health statistics (:func:`attnkit.serve.health.request_stats`).
-        timings: milliseconds per phase (``forward_ms``: the captured forward; ``explain_ms``: the method).
+        health: what the attention-health statistics are computed from (off the request path).
+        timings: milliseconds per phase (``forward_ms``: the captured forward; ``explain_ms``: the method and
+            the answer's data).
     """
 
     prediction: dict[str, Any]
     explanation: dict[str, Any]
     maps: Tensor
     tokens: list[str]
-    stats: dict[str, float]
+    health: HealthInputs
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -206,7 +208,6 @@ class TextEndpoint(Endpoint):
         stacked = torch.stack(maps)[:, 0]  # (layers, H, L, L); one input, no padding
         layer, head = _check_layer_head(options, stacked.shape[0], stacked.shape[1])
         scores = token_scores(self.tm, batch, method=method, layer=layer, head=head, maps=maps)[0]
-        t2 = time.perf_counter()
         labels = list(options.get("labels") or self.default_labels)
         prompts = labels if options.get("labels") else [DEFAULT_LABEL_TEMPLATE.format(label) for label in labels]
         cosines = (self._label_embeddings(prompts) @ self._embed(hidden, batch["attention_mask"])[0].float()).tolist()
@@ -215,7 +216,7 @@ class TextEndpoint(Endpoint):
         row = int(summary_index(batch["attention_mask"], self.tm.summary_row)[0])
         sinks = [i for i, tok in enumerate(tokens) if tok in self.special_tokens]
         reuse = scores if method == "rollout" else None  # the rollout row is the explanation itself
-        stats = request_stats(stacked, sinks, row, top[0]["score"], rollout_row=reuse)
+        health = HealthInputs(stacked, tuple(sinks), row, top[0]["score"], reuse)
         t3 = time.perf_counter()
         return Explained(
             prediction={"label": top[0]["label"], "score": top[0]["score"], "top": top, "kind": "nearest_labels"},
@@ -227,8 +228,8 @@ class TextEndpoint(Endpoint):
             },
             maps=stacked,
             tokens=tokens,
-            stats=stats,
-            timings={"forward_ms": (t1 - t0) * 1e3, "explain_ms": (t2 - t1) * 1e3, "stats_ms": (t3 - t2) * 1e3},
+            health=health,
+            timings={"forward_ms": (t1 - t0) * 1e3, "explain_ms": (t3 - t1) * 1e3},
         )
 
 
@@ -282,7 +283,8 @@ class ImageEndpoint(Endpoint):
 
         t0 = time.perf_counter()
         x = self.prepare(data)
-        with torch.inference_mode(), capture(self.model, plan=self.capture_plan) as rec:
+        # kernel="math": the forward's own probabilities are recorded instead of recomputed (one computation)
+        with torch.inference_mode(), capture(self.model, plan=self.capture_plan, kernel="math") as rec:
             logits = self.model(x)
         t1 = time.perf_counter()
         maps = torch.stack([m.weights for m in rec.maps if m.is_self])[:, 0].float()  # (layers, H, L, L)
@@ -301,14 +303,12 @@ class ImageEndpoint(Endpoint):
         else:
             row = attention_flow(maps[:, None], rows=[0], solver="scipy")[0, 0].float()
         grid = row[prefix:].reshape(gh, gw)
-        t2 = time.perf_counter()
         names = self.class_names or [str(i) for i in range(len(probs))]
         top = [
             {"label": names[i], "score": round(probs[i], 6), "class": i} for i in _top(probs, options.get("top_k", 5))
         ]
         tokens = ["[CLS]" if i < prefix else f"({(i - prefix) // gw},{(i - prefix) % gw})" for i in range(len(row))]
-        reuse = row if method == "rollout" else None
-        stats = request_stats(maps, list(range(prefix)), 0, probs[pred], rollout_row=reuse)
+        health = HealthInputs(maps, tuple(range(prefix)), 0, probs[pred], row if method == "rollout" else None)
         t3 = time.perf_counter()
         return Explained(
             prediction={"label": names[pred], "class": pred, "score": top[0]["score"], "top": top, "kind": "class"},
@@ -319,8 +319,8 @@ class ImageEndpoint(Endpoint):
             },
             maps=maps,
             tokens=tokens,
-            stats=stats,
-            timings={"forward_ms": (t1 - t0) * 1e3, "explain_ms": (t2 - t1) * 1e3, "stats_ms": (t3 - t2) * 1e3},
+            health=health,
+            timings={"forward_ms": (t1 - t0) * 1e3, "explain_ms": (t3 - t1) * 1e3},
         )
 
 

@@ -46,7 +46,6 @@ class ExplainResponse(BaseModel):
     explanation: dict[str, Any] = Field(
         ..., description="text: tokens and scores; image: grid (Gh, Gw) heatmap over the patches and image_size"
     )
-    stats: dict[str, float] = Field(..., description="attention-health statistics of this request")
     timings: dict[str, float] = Field(..., description="milliseconds: queue, forward, explain, store, total")
 
 

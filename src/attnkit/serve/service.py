@@ -3,7 +3,8 @@
 Model calls run on one worker thread (torch already uses every core inside one call), off the event loop. At most
 ``queue_size`` requests are accepted at once; the next one is answered 503 with ``Retry-After`` before any work.
 An accepted request always runs to the end and its record is committed before the answer, even if the client
-goes away; shutdown waits for accepted work.
+goes away; shutdown waits for accepted work. The record's attention-health statistics are not part of the answer:
+they are computed and written afterwards by :class:`attnkit.serve.stats_writer.StatsWriter`, off the request path.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from attnkit.serve.inputs import InputError, decode_image
 from attnkit.serve.maps import pack_maps
 from attnkit.serve.models import Endpoint, OptionError
 from attnkit.serve.schemas import ExplainRequest
+from attnkit.serve.stats_writer import StatsWriter
 from attnkit.serve.store import Store
 
 __all__ = ["Busy", "ServeConfig", "Service"]
@@ -71,6 +73,7 @@ class Service:
     def __init__(self, endpoints: dict[str, Endpoint], store: Store, config: ServeConfig = ServeConfig()) -> None:
         self.endpoints, self.store, self.config = endpoints, store, config
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnkit-model")
+        self.stats_writer = StatsWriter(store.set_stats)
         self.pending = 0
         self.completed = 0
         self._lock = threading.Lock()
@@ -160,11 +163,12 @@ class Service:
             "explanation": result.explanation,
             "attention": blob,
             "attention_meta": meta,
-            "stats": result.stats,
+            "stats": {},  # written by the stats writer once computed, off the request path
             "timings": timings,
             "latency_ms": (t_store - accepted) * 1e3,
         }
         self.store.add(record)
+        self.stats_writer.submit(record["id"], result.health)
         done = time.time()
         timings = {
             **timings,
@@ -180,6 +184,7 @@ class Service:
         return self.store.purge(self.config.retention_days * 86400.0)
 
     def shutdown(self) -> None:
-        """Finish every accepted request, then close the store."""
+        """Finish every accepted request, write the statistics still queued, then close the store."""
         self.executor.shutdown(wait=True)
+        self.stats_writer.close()
         self.store.close()

@@ -3,7 +3,8 @@
 Any SQLAlchemy URL works with the same schema (created and upgraded by Alembic migrations on open): SQLite by
 default (one file, write-ahead logging so the dashboard reads while the service writes), PostgreSQL for a team.
 A plain file path is taken as an SQLite file. Writes commit before the service answers, so a 2xx response means
-the record is durable.
+the record is durable; its attention-health statistics follow a moment later (:meth:`Store.set_stats`, from
+:mod:`attnkit.serve.stats_writer`).
 """
 
 from __future__ import annotations
@@ -177,6 +178,13 @@ class Store:
             result = conn.execute(explanations.insert().values(**record))
             return int(result.inserted_primary_key[0])
 
+    def set_stats(self, stats: dict[str, dict[str, float]]) -> None:
+        """Write the attention-health statistics of existing records (``{record_id: stats}``), in one transaction."""
+        t = explanations.c
+        query = explanations.update().where(t.id == sa.bindparam("record_id")).values(stats=sa.bindparam("new_stats"))
+        with self.engine.begin() as conn:
+            conn.execute(query, [{"record_id": k, "new_stats": v} for k, v in stats.items()])
+
     def purge(self, older_than_s: float, *, now: float | None = None) -> int:
         """Delete records created more than ``older_than_s`` seconds ago; returns how many."""
         cutoff = (time.time() if now is None else now) - older_than_s
@@ -243,14 +251,15 @@ class Store:
         self, model: str, *, limit: int | None = None, first: bool = False, after: int = 0
     ) -> list[dict[str, Any]]:
         """``[{seq, created_at, stats}]`` of ``model`` after cursor ``after``, oldest first: all, the first
-        ``limit`` (``first=True``) or the last ``limit``."""
+        ``limit`` (``first=True``) or the last ``limit``; records whose statistics are not written yet are left
+        out."""
         t = explanations.c
         query = sa.select(t.seq, t.created_at, t.stats).where(t.model == model, t.seq > after)
         query = query.order_by(t.seq if first or limit is None else t.seq.desc())
         if limit is not None:
             query = query.limit(limit)
         with self.engine.connect() as conn:
-            rows = [dict(r) for r in conn.execute(query).mappings()]
+            rows = [dict(r) for r in conn.execute(query).mappings() if r["stats"]]  # {}: not yet written
         return rows if first or limit is None else rows[::-1]
 
     def latest_baseline(self, model: str) -> dict[str, Any] | None:

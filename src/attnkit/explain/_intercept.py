@@ -383,7 +383,8 @@ class Interceptor(ModuleHooks):
             return
         with torch.no_grad():
             if full is not None:
-                tiles = [(select_weights(full, heads, rows), rows if rows is not None else torch.arange(lq))]
+                every_row = torch.arange(lq) if rows is None and self.reducers else None  # what reducers index by
+                tiles = [(select_weights(full, heads, rows), rows if rows is not None else every_row)]
             else:
                 tiles = probability_tiles(spec, heads=heads, rows=rows)
             for r in self.reducers:
@@ -400,7 +401,5 @@ class Interceptor(ModuleHooks):
             if not parts:  # an empty call (no query row): an empty map of the recorded shape
                 b, h = shape[0], 1 if self.head_mean else (num_heads if heads is None else len(heads))
                 parts = [torch.zeros(b, h, 0 if rows is None else len(rows), shape[-1])]
-            rec.weights = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
-            if full is not None:
-                rec.weights = rec.weights.float() if rec.weights.dtype != torch.float64 else rec.weights
+            rec.weights = parts[0] if len(parts) == 1 else torch.cat(parts, 2)  # float32 (float64 kept)
         self.rec.maps.append(rec)

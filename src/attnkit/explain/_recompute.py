@@ -128,7 +128,7 @@ def select_index(sel, size: int, what: str, name: str) -> Tensor | None:
 def select_weights(full: Tensor, heads: Tensor | None, rows: Tensor | None) -> Tensor:
     """The selected heads and rows of full ``(B, H, Lq, Lk)`` weights, in float32 (float64 kept)."""
     acc = torch.float64 if full.dtype == torch.float64 else torch.float32
-    out = full.to(acc)
+    out = full if full.dtype == acc else full.to(acc)
     if heads is not None:
         out = out.index_select(1, heads.to(out.device))
     if rows is not None:

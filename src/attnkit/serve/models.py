@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,15 @@ def _check_layer_head(options: dict[str, Any], layers: int, heads: int) -> tuple
 def _top(values: list[float], k: int) -> list[int]:
     """Indices of the ``k`` largest ``values``, largest first (ties: the lower index first, as ``argmax``)."""
     return sorted(range(len(values)), key=lambda i: -values[i])[:k]
+
+
+@lru_cache(maxsize=64)
+def _grid_tokens(num_tokens: int, prefix: int, grid_width: int) -> tuple[str, ...]:
+    """Labels of a ViT's tokens: ``[CLS]`` for the prefix, ``(row,col)`` for the patches (the same every request)."""
+    return tuple(
+        "[CLS]" if i < prefix else f"({(i - prefix) // grid_width},{(i - prefix) % grid_width})"
+        for i in range(num_tokens)
+    )
 
 
 class Endpoint:
@@ -307,7 +317,7 @@ class ImageEndpoint(Endpoint):
         top = [
             {"label": names[i], "score": round(probs[i], 6), "class": i} for i in _top(probs, options.get("top_k", 5))
         ]
-        tokens = ["[CLS]" if i < prefix else f"({(i - prefix) // gw},{(i - prefix) % gw})" for i in range(len(row))]
+        tokens = list(_grid_tokens(len(row), prefix, gw))
         health = HealthInputs(maps, tuple(range(prefix)), 0, probs[pred], row if method == "rollout" else None)
         t3 = time.perf_counter()
         return Explained(

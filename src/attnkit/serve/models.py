@@ -213,7 +213,7 @@ class TextEndpoint(Endpoint):
 
         t0 = time.perf_counter()
         batch = self.encode(data)
-        maps, hidden = capture_maps(self.tm, batch, plan=self.capture_plan)
+        maps, hidden = capture_maps(self.tm, batch, plan=self.capture_plan, kernel="math")  # see ImageEndpoint
         t1 = time.perf_counter()
         stacked = torch.stack(maps)[:, 0]  # (layers, H, L, L); one input, no padding
         layer, head = _check_layer_head(options, stacked.shape[0], stacked.shape[1])

@@ -17,14 +17,17 @@ def summary_index(attention_mask: Tensor, which: str) -> Tensor:
     return attention_mask.long().sum(-1) - 1
 
 
-def capture_maps(tm: TextModel, batch: dict[str, Tensor], *, plan=None) -> tuple[list[Tensor], Tensor]:
+def capture_maps(
+    tm: TextModel, batch: dict[str, Tensor], *, plan=None, kernel: str = "model"
+) -> tuple[list[Tensor], Tensor]:
     """Per-layer self-attention probabilities ``[(B, H, L, L)]`` and the last hidden states.
 
-    ``plan``: :func:`attnkit.explain.capture_plan` of ``tm.model``, for a model captured many times.
+    ``plan``: :func:`attnkit.explain.capture_plan` of ``tm.model``, for a model captured many times; ``kernel``:
+    :func:`attnkit.explain.capture`'s (``"math"``: the forward's own probabilities, no recomputation).
     """
     from attnkit.explain import capture
 
-    with torch.inference_mode(), capture(tm.model, plan=plan) as rec:
+    with torch.inference_mode(), capture(tm.model, plan=plan, kernel=kernel) as rec:
         hidden = tm.forward(batch)
     return [m.weights.float() for m in rec.maps if m.is_self], hidden
 

@@ -14,6 +14,7 @@
 
     flock /tmp/attnkit-heavy.lock python benchmarks/explanations.py            # the table (trains the date models once)
     flock /tmp/attnkit-heavy.lock python benchmarks/explanations.py --quick    # smoke run
+    flock /tmp/attnkit-heavy.lock python benchmarks/explanations.py --task digits --only LRP   # (a), LRP rows only
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from attnkit.explain.lrp import lrp
 
 METRICS = ("deletion", "insertion", "comprehensiveness", "sufficiency", "pointing", "aer", "randomization")
 EVAL_SEED = 20240  # scripts/train_digits.py's held-out evaluation canvases
+PIXEL_BOUNDS = (0.0, 1.0)  # the canvases' pixel range (attnkit.datasets.DigitCanvases)
 
 
 def _vit_methods(prefix: int, grid: tuple[int, int], size: tuple[int, int]):
@@ -74,6 +76,15 @@ def _vit_methods(prefix: int, grid: tuple[int, int], size: tuple[int, int]):
 
         return method
 
+    def pixel_lrp(rule, pixel_rule):
+        def method(model, x):
+            with torch.no_grad():
+                target = model(x).argmax(-1)
+            got = lrp(model, x, target, rule=rule, pixels=True, pixel_rule=pixel_rule, bounds=PIXEL_BOUNDS)
+            return got.relevance.float()
+
+        return method
+
     return {
         "raw attention (last layer)": raw,
         "rollout": lambda m, x: ev.upsample(ev.rollout_maps(m, x), size),
@@ -82,13 +93,18 @@ def _vit_methods(prefix: int, grid: tuple[int, int], size: tuple[int, int]):
         "value-zeroing rollout": lambda m, x: cls_row(value_zeroing(m, x).rollout()),
         "AttnLRP": lrp_method("attnlrp"),
         "CP-LRP": lrp_method("cp-lrp"),
+        "AttnLRP, pixels (z^B)": pixel_lrp("attnlrp", "zb"),
+        "CP-LRP, pixels (z^B)": pixel_lrp("cp-lrp", "zb"),
+        "AttnLRP, pixels (LRP-0)": pixel_lrp("attnlrp", "lrp-0"),
+        "CP-LRP, pixels (LRP-0)": pixel_lrp("cp-lrp", "lrp-0"),
         "ink (baseline)": lambda m, x: ev.ink_maps(x),
         "random (baseline)": lambda m, x: torch.rand(x.shape[0], *size, generator=torch.Generator().manual_seed(0)),
     }
 
 
 def lrp_conservation(num: int) -> dict[str, float]:
-    """Median conservation error of AttnLRP and CP-LRP on the digit ViT (the explained logit: the prediction)."""
+    """Median conservation error of AttnLRP and CP-LRP on the digit ViT (the explained logit: the prediction), at
+    the first layer's tokens and at the pixels (z^B with the canvases' bounds)."""
     from attnkit.datasets import DigitCanvases
     from attnkit.vision.digits import load_model
 
@@ -97,15 +113,18 @@ def lrp_conservation(num: int) -> dict[str, float]:
     with torch.no_grad():
         target = model(images).argmax(-1)
     return {
-        f"{rule} conserve={conserve}": float(
-            lrp(model, images, target, rule=rule, conserve=conserve, pixels=False).conservation.median()
+        f"{rule} {level} conserve={conserve}": float(
+            lrp(
+                model, images, target, rule=rule, conserve=conserve, pixels=level == "pixels", bounds=PIXEL_BOUNDS
+            ).conservation.median()
         )
         for rule in ("attnlrp", "cp-lrp")
+        for level in ("tokens", "pixels")
         for conserve in (True, False)
     }
 
 
-def digits_table(num: int, steps: int) -> dict:
+def digits_table(num: int, steps: int, only: list[str] | None = None) -> dict:
     from attnkit.datasets import DigitCanvases
     from attnkit.vision.digits import load_model
 
@@ -127,6 +146,10 @@ def digits_table(num: int, steps: int) -> dict:
         batch_size=256,
     )
     methods = _vit_methods(layout["num_prefix_tokens"], tuple(layout["grid"]), size)
+    if only:
+        methods = {name: f for name, f in methods.items() if any(o.lower() in name.lower() for o in only)}
+        if not methods:
+            raise SystemExit(f"explanations: --only {only} matches no method")
     return evaluate(task, methods, metrics=METRICS)
 
 
@@ -331,6 +354,9 @@ def main(argv=None) -> None:
     p.add_argument("--removal", choices=("pad", "unk"), default="pad", help="what a removed token becomes (text)")
     p.add_argument("--per-length", type=int, default=40, help="date sources per length group (default 40)")
     p.add_argument("--lengths", type=int, default=4, help="date length groups (default 4)")
+    p.add_argument(
+        "--only", action="append", help="(a) only the methods whose name contains this (repeatable), e.g. LRP"
+    )
     p.add_argument("--cache", type=Path, default=Path("/tmp/attnkit-explanations"), help="trained date models")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -340,7 +366,7 @@ def main(argv=None) -> None:
         (16, 4, 6, 2, 8) if args.quick else (args.canvases, args.pairs, args.per_length, args.lengths, 64)
     )
     if args.task in ("digits", "all"):
-        digits = digits_table(canvases, steps)
+        digits = digits_table(canvases, steps, args.only)
         print(markdown(digits, f"(a) digit ViT, {canvases} held-out canvases"), "\n", flush=True)
         print("LRP conservation error |sum R - logit| / |logit|, median:", lrp_conservation(canvases), flush=True)
     if args.task in ("text", "all"):

@@ -76,12 +76,15 @@ def _vit_methods(prefix: int, grid: tuple[int, int], size: tuple[int, int]):
 
         return method
 
-    def pixel_lrp(rule, pixel_rule):
+    def pixel_lrp(rule, pixel_rule, per_patch=False):
         def method(model, x):
             with torch.no_grad():
                 target = model(x).argmax(-1)
             got = lrp(model, x, target, rule=rule, pixels=True, pixel_rule=pixel_rule, bounds=PIXEL_BOUNDS)
-            return got.relevance.float()
+            maps = got.relevance.float()
+            if per_patch:  # the pixel relevance summed over each patch, upsampled as the token maps are
+                maps = ev.upsample(torch.nn.functional.avg_pool2d(maps[:, None], size[0] // gh)[:, 0], size)
+            return maps
 
         return method
 
@@ -97,6 +100,8 @@ def _vit_methods(prefix: int, grid: tuple[int, int], size: tuple[int, int]):
         "CP-LRP, pixels (z^B)": pixel_lrp("cp-lrp", "zb"),
         "AttnLRP, pixels (LRP-0)": pixel_lrp("attnlrp", "lrp-0"),
         "CP-LRP, pixels (LRP-0)": pixel_lrp("cp-lrp", "lrp-0"),
+        "AttnLRP, pixels (z^B) per patch": pixel_lrp("attnlrp", "zb", per_patch=True),
+        "CP-LRP, pixels (z^B) per patch": pixel_lrp("cp-lrp", "zb", per_patch=True),
         "ink (baseline)": lambda m, x: ev.ink_maps(x),
         "random (baseline)": lambda m, x: torch.rand(x.shape[0], *size, generator=torch.Generator().manual_seed(0)),
     }

@@ -2,9 +2,9 @@
 
 (a) the shipped digit ViT (``attnkit.vision.digits``) on held-out canvases (test scans, the evaluation seed of
     ``scripts/train_digits.py``), the explained score being the probability of the true digit; maps are upsampled
-    to pixels; deletion/insertion over pixels in 64 steps (as the shipped metadata's deletion AUC), baseline 0
-    (black); pointing game against the digit's box; randomisation of the blocks top-down (head, norm, last
-    block ... first block, patch embedding).
+    to pixels (the "pixels" rows of LRP are ``lrp(..., pixels=True)``'s own pixel maps); deletion/insertion over
+    pixels in 64 steps (as the shipped metadata's deletion AUC), baseline 0 (black); pointing game against the
+    digit's box; randomisation of the blocks top-down (head, norm, last block ... first block, patch embedding).
 (c) the date seq2seq models (Bahdanau, Luong, Transformer; trained by ``benchmarks/explanation_tasks.py``), the
     score being the mean probability of the gold ISO characters under teacher forcing; maps are target x source
     (``attnkit.ablation.date_alignment``), summed over the digit rows for the perturbation metrics, whose

@@ -22,7 +22,10 @@ Why z^B is the default: Montavon et al. recommend it for the pixel layer (LRP-0 
 which can give no relevance to a pixel at the lower bound: on the digit canvases the black background, where
 the absence of ink is evidence too), and it needs only the pixel range. ``bounds`` gives that range (the
 image's preprocessing range); by default each image's own per-channel minimum and maximum, the tightest box that
-holds it (no batch statistics: an image's relevance does not depend on the other images in the batch).
+holds it (no batch statistics: an image's relevance does not depend on the other images in the batch). Measured
+on the shipped digit ViT (``benchmarks/RESULTS.md``, CP-LRP above the pixels): z^B beats LRP-0 on deletion AUC
+(0.088 against 0.103), insertion AUC (0.595 against 0.221), AOPC comprehensiveness and sufficiency; LRP-0
+points into the digit's box more often (0.99 against 0.70), its mass staying on the ink.
 
 Where the relevance absorbed on the way goes with ``conserve=True`` (the token-level relevance already sums to
 the score, :func:`attnkit.explain.lrp`): each absorbed amount is given to the pixels of the place it was

@@ -179,10 +179,13 @@ def test_the_pixel_rule_and_the_bounds_matter():
     assert float(lrp(model, image, 0, bounds=per_channel).conservation.max()) < 1e-10
 
 
-def test_hf_vit_gives_pixels():
+def test_hf_vit_gives_pixels(tmp_path):
+    """A tiny random transformers ViT on attnkit attention, and attnkit's VisionTransformer loaded from its
+    checkpoint: the same pixel relevance through two implementations of the same model."""
     from transformers import ViTConfig, ViTForImageClassification
 
     from attnkit.integrations.transformers import register
+    from attnkit.vision import VisionTransformer
 
     register()
     torch.manual_seed(3)
@@ -191,8 +194,8 @@ def test_hf_vit_gives_pixels():
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=48,
-        image_size=(16, 24),
-        patch_size=8,
+        image_size=16,
+        patch_size=4,
         num_labels=4,
     )
     model = ViTForImageClassification(cfg).double().eval()
@@ -201,14 +204,21 @@ def test_hf_vit_gives_pixels():
             if name.endswith("bias") or "cls_token" in name or "position" in name:
                 p.normal_(0.0, 0.5)
     model.set_attn_implementation("attnkit")
-    pixels = torch.rand(2, 3, 16, 24, dtype=torch.float64) * 2 - 1
+    pixels = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
     for rule in ("attnlrp", "cp-lrp"):
         got = lrp(model, {"pixel_values": pixels}, 1, rule=rule, bounds=(-1.0, 1.0))
-        assert got.relevance.shape == (2, 16, 24) and got.token_relevance.shape == (2, 7)
+        assert got.relevance.shape == (2, 16, 16) and got.token_relevance.shape == (2, 17)
         assert float(got.conservation.max()) < 1e-10
         assert float(lrp(model, pixels, 1, rule=rule, conserve=False).conservation.min()) > 1e-3
     tokens = lrp(model, {"pixel_values": pixels}, 1, pixels=False)
-    assert tokens.relevance.shape == (2, 7) and float(tokens.conservation.max()) < 1e-10
+    assert tokens.relevance.shape == (2, 17) and float(tokens.conservation.max()) < 1e-10
+    model.save_pretrained(tmp_path)
+    ours = VisionTransformer.from_pretrained(tmp_path, dtype=torch.float64)
+    for conserve in (True, False):
+        a = lrp(model, {"pixel_values": pixels}, 1, rule="cp-lrp", conserve=conserve)
+        b = lrp(ours, pixels, 1, rule="cp-lrp", conserve=conserve)
+        torch.testing.assert_close(a.logit, b.logit, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a.relevance, b.relevance, rtol=1e-6, atol=1e-9)
 
 
 def test_bad_inputs():

@@ -2,7 +2,8 @@
 
 ``capture`` records attention maps from attnkit modules, ``torch.nn.functional.scaled_dot_product_attention``
 and ``nn.MultiheadAttention`` without changing the model's outputs; ``rollout``, ``attention_flow``,
-``relevance`` and ``lrp`` (AttnLRP, CP-LRP) turn them into token attributions; ``context_mixing`` weighs
+``relevance`` and ``lrp`` (AttnLRP, CP-LRP; also down to the pixels of a ViT's convolutional stem) turn them
+into token attributions; ``context_mixing`` weighs
 attention by the values; ``generate_attribution`` explains each token a decoder generates, with the KV cache;
 ``heads`` and ``metrics`` diagnose heads and check faithfulness; ``evaluate`` scores methods on a task; ``plots``
 and ``report`` draw them (matplotlib: ``pip install attnkit[explain]``).

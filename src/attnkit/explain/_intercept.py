@@ -56,10 +56,10 @@ _TORCH_ATTENTION_MODULES = (
 
 
 def _never_attends(module: nn.Module) -> bool:
-    """True for a module of ``torch.nn`` itself that neither computes attention nor runs arbitrary children."""
-    if isinstance(module, _TORCH_ATTENTION_MODULES) or not type(module).__module__.startswith("torch.nn.modules"):
-        return False
-    return not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    """True for a module of ``torch.nn`` itself that never calls attention directly: its leaf modules, and its
+    containers (``Sequential`` only calls its children, which get hooks of their own when they may attend;
+    ``ModuleList``/``ModuleDict`` are never called), so the innermost module of an attention call is never one."""
+    return not isinstance(module, _TORCH_ATTENTION_MODULES) and type(module).__module__.startswith("torch.nn.modules")
 
 
 def _hook_kind(module: nn.Module) -> str | None:

@@ -184,64 +184,6 @@ def test_unmasked_calls_take_the_plain_softmax_and_equal_the_math_backend(terms)
     torch.testing.assert_close(rec.maps[0].weights, want, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 2e-6)])
-def test_math_kernel_records_the_forward_s_own_probabilities(hf_pair, monkeypatch, dtype, tol):
-    from attnkit.explain import _intercept
-    from attnkit.vision.vit import VisionTransformer
-
-    vit = VisionTransformer(image_size=16, patch_size=4, num_classes=3, embed_dim=16, depth=2, num_heads=2)
-    bert = _bert(hf_pair)[0]  # transformers' sdpa: calls F.scaled_dot_product_attention
-    for model, inputs in [(vit.eval(), {"x": torch.randn(2, 3, 16, 16)}), (bert, _bert_inputs())]:
-        model.to(dtype)
-        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-        with torch.no_grad(), capture(model) as ref:  # the model's kernels, probabilities recomputed on the side
-            want = model(**inputs)
-        calls = []
-        monkeypatch.setattr(_intercept, "probability_tiles", lambda *a, calls=calls, **k: calls.append(1))
-        with torch.no_grad(), capture(model, kernel="math") as rec:
-            got = model(**inputs)
-        monkeypatch.undo()
-        assert not calls  # nothing recomputed: the probabilities are those the forward computed
-        assert [(m.name, m.layer, m.kind, m.shape, m.layout) for m in rec.maps] == [
-            (m.name, m.layer, m.kind, m.shape, m.layout) for m in ref.maps
-        ]
-        for a, b in zip(rec.maps, ref.maps):
-            assert a.weights.dtype == b.weights.dtype
-            torch.testing.assert_close(a.weights, b.weights, atol=tol, rtol=0)
-        out, exp = (got, want) if model is vit else (got.last_hidden_state, want.last_hidden_state)
-        torch.testing.assert_close(out, exp, atol=50 * tol, rtol=0)  # the math path: equal up to rounding
-
-
-def test_math_kernel_with_filters_computes_the_other_layers_with_the_model_s_kernel(monkeypatch):
-    from attnkit.vision.vit import VisionTransformer
-
-    vit = VisionTransformer(image_size=16, patch_size=8, num_classes=3, embed_dim=16, depth=3, num_heads=2).eval()
-    x = torch.randn(1, 3, 16, 16)
-    with torch.no_grad(), capture(vit) as ref:
-        vit(x)
-    ran = []
-    monkeypatch.setattr("attnkit.explain._intercept.math_forward", _wrap(ran))
-    with torch.no_grad(), capture(vit, kernel="math", layers=[1], heads=[1], query_rows=[0]) as rec:
-        vit(x)
-    assert len(ran) == 1 and [m.layer for m in rec.maps] == [1]
-    torch.testing.assert_close(rec.maps[0].weights, ref.maps[1].weights[:, 1:, :1], atol=2e-6, rtol=0)
-    with (
-        pytest.raises(ValueError, match="kernel must be one of 'model', 'math', got 'sdpa'"),
-        capture(vit, kernel="sdpa"),
-    ):
-        pass
-
-
-def _wrap(ran):
-    from attnkit.backends.math import math_forward
-
-    def counted(*args, **kwargs):
-        ran.append(1)
-        return math_forward(*args, **kwargs)
-
-    return counted
-
-
 @torch.no_grad()
 def test_a_plan_made_once_serves_many_captures():
     from attnkit.vision.vit import VisionTransformer

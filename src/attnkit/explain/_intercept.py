@@ -78,12 +78,18 @@ class HookPlan:
 
     Built by every :class:`Interceptor` unless given one; a caller that captures the same model many times
     (a served model) builds it once. Valid while the model's submodules stay the same.
+
+    With ``attending`` (the modules seen computing attention in an example run) only those modules, ``model``
+    itself and ``publishers`` (modules whose ``token_layout`` the example's records used) get stack hooks; a
+    capture then raises when attention is computed inside any other module.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, attending=None, publishers=()) -> None:
         self.model = model
         self.names = {m: n for n, m in reversed(list(model.named_modules()))}
-        hooks = ((m, not _never_attends(m), _hook_kind(m)) for m in self.names)
+        self.attending = None if attending is None else frozenset(attending)
+        keep = None if attending is None else self.attending | set(publishers) | {model}
+        hooks = ((m, not _never_attends(m) if keep is None else m in keep, _hook_kind(m)) for m in self.names)
         self.modules = tuple(h for h in hooks if h[1] or h[2] is not None)  # (module, stack hooks, producer kind)
 
 
@@ -155,6 +161,8 @@ class Interceptor(ModuleHooks):
         self.mha_wants: dict[int, tuple[bool, bool]] = {}
         self.enc_start: dict[int, int] = {}
         self.auto_layout: TokenLayout | None = None
+        self.attending: set[nn.Module] = set()  # innermost modules of the calls seen (what a learned plan keeps)
+        self.publishers: set[nn.Module] = set()  # modules whose published token layout a record used
         self.published: tuple[dict, TokenLayout | None] | None = None  # the last published layout, converted
         self.handles: list = []
         self.suspended = False
@@ -224,7 +232,16 @@ class Interceptor(ModuleHooks):
         cache), else from a module path naming cross-attention; only a module that says nothing about itself
         and attends ``Lq != Lk`` keys is taken as cross-attention (a hand-written decoder block).
         """
-        name, cross, _ = self.stack[-1]
+        name, cross, module = self.stack[-1]
+        if module not in self.attending:
+            if self.plan.attending is not None and module not in self.plan.attending:
+                raise RuntimeError(
+                    "capture: attention was computed outside the modules that computed it in the example the plan "
+                    f"was learned from (capture_plan(model, example=...); innermost hooked module: "
+                    f"{name or type(module).__name__!r}); build the plan without example= for a model whose "
+                    "attention calls vary with the input"
+                )
+            self.attending.add(module)
         if cross is None:
             low = name.lower()
             cross = any(f in low for f in _CROSS_NAMES) or (q_len is not None and q_len != kv_len)
@@ -248,6 +265,7 @@ class Interceptor(ModuleHooks):
         for _, _, module in reversed(self.stack):  # attnkit.vision modules publish `token_layout` before attending
             published = getattr(module, "token_layout", None)
             if isinstance(published, dict) and published:
+                self.publishers.add(module)
                 if self.published is None or self.published[0] != published:  # one conversion per forward
                     self.published = (dict(published), layout_from_dict(published))
                 return self.published[1]

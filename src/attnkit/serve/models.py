@@ -133,12 +133,17 @@ class Endpoint:
     description: str = ""
 
     def __init__(self, name: str, model: nn.Module) -> None:
-        from attnkit.explain import capture_plan
-
         self.name = name
         self.model = model.eval()
         self.weights_sha256 = weights_sha256(model)
-        self.capture_plan = capture_plan(self.model)  # the module walk of capture, once per served model
+
+    def _learn_plan(self, example: Callable[[], object]) -> None:
+        """capture's hooks for this model, worked out once from one ``example`` forward: only the modules that
+        compute attention (and the model) get stack hooks (:func:`attnkit.explain.capture_plan`)."""
+        from attnkit.explain import capture_plan
+
+        with torch.inference_mode():
+            self.capture_plan = capture_plan(self.model, example=example)
 
     def explain(self, data: Any, method: str, options: dict[str, Any]) -> Explained:
         raise NotImplementedError
@@ -183,6 +188,7 @@ class TextEndpoint(Endpoint):
         self._label_cache: dict[str, Tensor] = {}
         special = getattr(self.tm.tokenizer, "all_special_tokens", [])
         self.special_tokens = frozenset(special)
+        self._learn_plan(lambda: self.tm.forward(self.encode("An example sentence.")))
 
     def encode(self, text: str) -> dict[str, Tensor]:
         return self.tm.encode([text], max_length=self.max_tokens)
@@ -275,6 +281,7 @@ class ImageEndpoint(Endpoint):
         self.normalize = normalize
         self.class_names = list(class_names) if class_names is not None else None
         self.description = description
+        self._learn_plan(lambda: self.model(torch.zeros(1, channels, image_size, image_size)))
 
     def prepare(self, pixels: Tensor) -> Tensor:
         """``(1, C, S, S)`` model input from ``(C, S, S)`` pixels in ``[0, 1]``."""

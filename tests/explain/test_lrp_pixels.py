@@ -245,3 +245,28 @@ def test_bad_inputs():
         lrp(model, image, 0, pixels=True)
     assert lrp(model, image, 0).relevance.shape == (1, 1 + GRID * GRID)  # auto: the token relevance
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_hf_clip_vision_with_its_pre_norm_gives_pixels():
+    """CLIP's vision tower: a bias-free patch convolution, position ids through an nn.Embedding and a LayerNorm
+    over the tokens before the first layer."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from attnkit.integrations.transformers import register
+
+    register()
+    torch.manual_seed(4)
+    cfg = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4
+    )
+    model = CLIPVisionModel(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "embedding" in name:
+                p.normal_(0.0, 0.5)
+    model.set_attn_implementation("attnkit")
+    pixels = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    got = lrp(model, {"pixel_values": pixels}, lambda out: out.pooler_output[:, 0], pixels=True)
+    assert got.relevance.shape == (2, 16, 16) and float(got.conservation.max()) < 1e-10
+    published = lrp(model, {"pixel_values": pixels}, lambda out: out.pooler_output[:, 0], conserve=False)
+    assert float(published.conservation.min()) > 1e-3

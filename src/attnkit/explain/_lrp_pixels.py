@@ -3,8 +3,12 @@
 The stem is everything that runs between the first ``nn.Conv2d`` reading the image and the first transformer
 layer: attnkit's :class:`~attnkit.vision.patch_embed.PatchEmbed` (one convolution, kernel = stride),
 :class:`~attnkit.vision.conv_patch_embed.ConvPatchEmbed` (convolution, BatchNorm, ReLU stack and a ``1x1``
-projection), Hugging Face's ``ViTPatchEmbeddings``. Its rules, in the gradient form of
-:func:`attnkit.explain.lrp` (relevance = tensor ⊙ modified gradient):
+projection), Hugging Face's ``ViTPatchEmbeddings`` and CLIP's vision embeddings (with CLIP's LayerNorm over the
+tokens before the first layer). It may hold convolutions, BatchNorm2d in eval mode, activations, dropout,
+position tables and LayerNorm over the tokens; any other module makes ``lrp`` fall back to tokens (or raise,
+with ``pixels=True``). The patch tokens must be the last ``Gh·Gw`` tokens of the first layer's input, in the
+row-major order of the stem's output grid (attnkit's ViT, Hugging Face's ViT, DeiT, CLIP). Its rules, in the
+gradient form of :func:`attnkit.explain.lrp` (relevance = tensor ⊙ modified gradient):
 
 * every convolution after the first, and BatchNorm2d in eval mode (the affine map ``a x + c``): LRP-0, the plain
   gradient; the bias of a convolution and the shift ``c = β - γ μ / √(σ² + ε)`` of a BatchNorm absorb
@@ -54,8 +58,10 @@ from attnkit.explain import _lrp_rules as rules
 __all__ = ["PIXEL_RULES", "PixelStem", "find_image"]
 
 PIXEL_RULES = ("zb", "w2", "lrp-0")
-#: Modules that may run inside a stem (anything else makes the stem unsupported).
-_STEM_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.Dropout, nn.Identity)
+#: Modules that may run inside a stem (anything else makes the stem unsupported): besides activations, and
+#: LayerNorm over the tokens (after the last convolution, e.g. CLIP's pre-norm; the LN-rule of lrp). Position
+#: tables (``nn.Embedding`` of position ids) do not depend on the pixels.
+_STEM_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.Dropout, nn.Identity, nn.Embedding)
 
 
 def find_image(inputs: Any) -> Tensor | None:
@@ -134,7 +140,8 @@ class PixelStem:
     def _stem_module(self, m, args, out):
         if not self.open or not isinstance(out, Tensor):
             return None
-        if not isinstance(m, _STEM_MODULES) and not rules.is_activation(m):
+        token_norm = isinstance(m, nn.LayerNorm) and out.dim() == 3  # on the tokens, after the stem (CLIP's pre-norm)
+        if not isinstance(m, _STEM_MODULES) and not rules.is_activation(m) and not token_norm:
             self.unsupported.append(type(m).__name__)
             return None
         if isinstance(m, nn.BatchNorm2d) and (m.training or not m.track_running_stats):

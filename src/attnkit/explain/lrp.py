@@ -46,8 +46,8 @@ read at the input of the first transformer layer: ``(B, L)``; in an encoder-deco
 reported, so such models need ``conserve=False`` and their conservation error counts it as missing).
 
 Pixels: when the input is an image ``(B, C, Hi, Wi)`` read by a convolutional patch stem (attnkit's
-``PatchEmbed`` and ``ConvPatchEmbed``, Hugging Face's ``ViTPatchEmbeddings``: convolutions, BatchNorm2d in eval
-mode, ReLU), relevance continues through the stem to the pixels, ``(B, Hi, Wi)`` summed over channels: LRP-0
+``PatchEmbed`` and ``ConvPatchEmbed``, Hugging Face's ViT and CLIP vision embeddings: convolutions, BatchNorm2d
+in eval mode, ReLU), relevance continues through the stem to the pixels, ``(B, Hi, Wi)`` summed over channels: LRP-0
 through the later convolutions and the BatchNorms, the z^B rule for bounded pixels at the first convolution
 (Montavon et al. 2019, Sec. 10.3.2; ``pixel_rule`` and ``bounds``), and with ``conserve`` the relevance absorbed
 by the stem's biases and BatchNorm shifts, the position embeddings and the class token laid on the pixels of the

@@ -151,3 +151,28 @@ def test_block_mask_for_other_lengths_is_rejected():
         attnkit.attention(q, q, q, block_mask=sparse.causal(16))
     with pytest.raises(TypeError, match=r"expected block_mask to be an attnkit.sparse.BlockMask"):
         attnkit.attention(q, q, q, block_mask=torch.ones(20, 20, dtype=torch.bool))
+
+
+def test_a_reused_mask_keeps_its_schedule_but_not_the_call(small_tiles):
+    """A block mask reused over calls (layers, training steps) builds its schedule once, in ``mask.derived``; the
+    schedule holds no reference to a call's tensors, and another head count or dtype gets its own schedule."""
+    import gc
+    import weakref
+
+    from op_count import count_ops
+
+    mask = sparse.bigbird(40, block_size=4, num_window_blocks=3, num_global_blocks=1, num_random_blocks=1, seed=0)
+    q = torch.randn(1, 2, 40, 8, dtype=torch.float64)
+    first = count_ops(lambda: attnkit.attention(q, q, q, block_mask=mask, backend="blocksparse"))
+    again = count_ops(lambda: attnkit.attention(q, q, q, block_mask=mask, backend="blocksparse"))
+    assert again < first, (first, again)
+    ref = weakref.ref(q)
+    del q
+    gc.collect()
+    assert ref() is None
+    for heads, dtype in ((3, torch.float64), (2, torch.float32)):
+        q = torch.randn(1, heads, 40, 8, dtype=dtype)
+        got = attnkit.attention(q, q, q, block_mask=mask, backend="blocksparse")
+        want = attnkit.attention(q, q, q, attn_mask=mask.to_dense(), backend="math")
+        torch.testing.assert_close(got, want, **(FLOAT64 if dtype == torch.float64 else {}))
+    assert sum(1 for key in mask.derived if key[0] == "schedule") == 3

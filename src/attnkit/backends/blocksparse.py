@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnkit.backends import flash_core
 from attnkit.backends.flash_core import (
     Step,
     blocks_per_step,
@@ -33,7 +34,7 @@ from attnkit.backends.flash_core import (
     make_chunk,
 )
 from attnkit.backends.flash_fused import run
-from attnkit.backends.tiled import tiled_attention
+from attnkit.backends.tiled import Geometry, tiled_attention
 from attnkit.functional.block_mask import BlockMask
 from attnkit.functional.registry import ALL_OPTIONS, Backend, register
 from attnkit.functional.spec import AttentionSpec
@@ -89,22 +90,36 @@ class BlockSparseSchedule:
     walked in chunks of at most ``MAX_TILE_COLS`` columns, on the fused path all at once."""
 
     def __init__(self, spec: AttentionSpec, mask: BlockMask, *, fused: bool = False):
-        self.spec, self.mask, self.fused = spec, mask, fused
+        geo = Geometry.of(spec)  # no reference to the call's tensors: schedules are cached with their mask
+        self.kv_len, self.row_bytes = geo.kv_len, geo.head_dim * geo.itemsize
+        self.mask, self.fused = mask, fused
         self.block_q = mask.block_size
         self.num_q_blocks = mask.visited.shape[0]
-        self.heads = max(1, spec.query[..., 0, 0].numel())
+        self.heads = geo.heads
         self._steps: list[Step] | None = None
+
+    @classmethod
+    def cached(cls, spec: AttentionSpec, mask: BlockMask, *, fused: bool) -> BlockSparseSchedule:
+        """The schedule of ``mask`` for ``spec``'s heads and dtype, kept in ``mask.derived`` (a mask reused over
+        layers and steps builds its schedule once)."""
+        geo = Geometry.of(spec)
+        budgets = (flash_core.STEP_SCORES, flash_core.FUSED_STEP_BYTES, MAX_TILE_COLS)
+        key = ("schedule", geo.heads, geo.head_dim, geo.itemsize, geo.device, fused, budgets)
+        sched = mask.derived.get(key)
+        if sched is None:
+            sched = mask.derived[key] = cls(spec, mask, fused=fused)
+        return sched
 
     def steps(self) -> list[Step]:
         if self._steps is not None:
             return self._steps
-        bs, spec, steps = self.block_q, self.spec, []
+        bs, steps = self.block_q, []
         offs = torch.arange(bs, device=self.mask.device)
         for lg in self.mask.groups():
             n_total = lg.kv_blocks.shape[1]
             if self.fused:
                 per_chunk = n_total
-                cost = 2 * self.heads * n_total * bs * spec.query.shape[-1] * spec.query.element_size()
+                cost = 2 * self.heads * n_total * bs * self.row_bytes
                 n_sub = blocks_per_step(len(lg.q_blocks), cost, fused=True)
             else:
                 per_chunk = max(1, min(n_total, MAX_TILE_COLS // bs))
@@ -118,7 +133,7 @@ class BlockSparseSchedule:
                     kb = lg.kv_blocks[i0 : i0 + n_sub, c0 : c0 + per_chunk]
                     kv_idx = (kb[:, :, None] * bs + offs).flatten(1)
                     keep = None if lg.keep is None else lg.keep[i0 : i0 + n_sub, :, c0 * bs : c0 * bs + kv_idx.shape[1]]
-                    step.chunks.append(make_chunk(q_idx, kv_idx, spec.kv_len, keep))
+                    step.chunks.append(make_chunk(q_idx, kv_idx, self.kv_len, keep))
                 steps.append(step)
         self._steps = steps
         return steps
@@ -134,7 +149,7 @@ def blocksparse_attention(spec: AttentionSpec) -> tuple[Tensor, None, Tensor | N
         return tiled_attention(spec)  # per row and shares one mask across blocks (measured faster, RESULTS.md)
     mask = effective_block_mask(spec)
     setup = TileSetup(spec, positional=False, block_mask_elements=False)
-    out, lse = run(setup, lambda fused: BlockSparseSchedule(spec, mask, fused=fused))
+    out, lse = run(setup, lambda fused: BlockSparseSchedule.cached(spec, mask, fused=fused))
     return out, None, (lse if spec.return_lse else None)
 
 

@@ -127,12 +127,15 @@ def test_fully_masked_tiles_give_zero_output_minus_inf_lse_and_zero_grads(small_
     ],
     ids=["window", "gqa", "causal", "blhd-batch2", "blhd-batch1"],
 )
-def test_strided_key_views_match_math(small_tiles, case, monkeypatch):
+@pytest.mark.parametrize("step_bytes", [None, 1 << 20], ids=["block-steps", "long-steps"])
+def test_strided_key_views_match_math(small_tiles, case, step_bytes, monkeypatch):
     """Steps whose blocks read consecutive keys at a constant stride run on overlapping strided views of the
     inputs (no gather); output, lse and gradients equal math's in float64, and the views are really used unless
     the layout cannot be viewed that way (then the gathered copy serves)."""
     if not flash_fused.enabled:
         pytest.skip("strided views are a property of the fused step")
+    if step_bytes is not None:  # many blocks per step: strides > 0, gradients added in c / stride slices
+        monkeypatch.setattr(flash_core, "FUSED_STEP_BYTES", step_bytes)
     used = []
     real = flash_fused._slide_step
     monkeypatch.setattr(flash_fused, "_slide_step", lambda *a: used.append(real(*a)) or used[-1])

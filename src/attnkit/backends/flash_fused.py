@@ -130,6 +130,21 @@ def _q_rows(x: Tensor, step: Step, block_q: int, slide: bool) -> Tensor:
     return _slide(x, step.q_start * block_q, block_q, len(step.q_blocks), block_q)
 
 
+def _add_slid(dst: Tensor, g: Tensor, chunk) -> None:
+    """Add ``g (N, B·Hkv, c, X)``, the gradient of :func:`_slide`'s overlapping view of ``dst (B, Hkv, Lk, X)``'s
+    rows, into ``dst``: ``c / stride`` strided in-place adds when the span is a whole number of strides (each add
+    touches every row once), one sum for a shared prefix (stride 0), else one ``index_add_``."""
+    (start, stride), (n, c) = chunk.slide, chunk.index.kv_idx.shape
+    if stride == 0:
+        _slide(dst, start, 0, 1, c)[0].add_(g.sum(0))
+    elif c % stride == 0:
+        for j in range(c // stride):
+            _slide(dst, start + j * stride, stride, n, stride).add_(g[:, :, j * stride : (j + 1) * stride])
+    else:
+        flat = dst.view(-1, dst.shape[-2], dst.shape[-1])
+        flat.index_add_(1, chunk.gather, g.transpose(0, 1).reshape(flat.shape[0], -1, g.shape[-1]).to(dst.dtype))
+
+
 def _slide_step(step: Step, tensors: tuple[Tensor, ...], groups: int) -> bool:
     """Whether ``step`` runs on strided views (see the module docstring) for these ``(B, H, L, X)`` tensors."""
     (ch,) = step.chunks
@@ -256,8 +271,7 @@ class _FusedFunction(torch.autograd.Function):
             if slide:  # (N, B·Hkv, c, X): the kernel already summed each KV head's group
                 _q_rows(dq, st, r, slide).copy_(gq)
                 for dst, g in ((dk, gk), (dv, gv)):
-                    flat = dst.view(B * Hkv, -1, g.shape[-1])
-                    flat.index_add_(1, ch.gather, g.transpose(0, 1).reshape(B * Hkv, -1, g.shape[-1]).to(acc))
+                    _add_slid(dst, g, ch)
                 continue
             _store(dq, st, r, gq)
             for dst, g in ((dk, gk), (dv, gv)):  # (B·N, H, c, X) -> summed over each KV head's group

@@ -21,6 +21,24 @@ def test_explain_text_prints_top_tokens(capsys):
     assert "deposited" in out and "cash" in out
 
 
+def test_explain_image_lrp_pixels_writes_overlays(capsys, tmp_path):
+    from PIL import Image
+
+    image = Image.new("L", (64, 64), 255)
+    for y in range(16, 48):
+        image.putpixel((30, y), 0)
+    image.save(tmp_path / "one.png")
+    report = tmp_path / "r.html"
+    code, out, err = run(
+        capsys, "explain-image", str(tmp_path / "one.png"), "--method", "cp-lrp-pixels", "--out", str(report)
+    )
+    assert code == 0, err
+    assert "cp-lrp-pixels peak at" in out and report.exists()
+    assert (tmp_path / "r_files" / "1_one_cp-lrp-pixels.png").exists()
+    code, _, err = run(capsys, "explain-image", str(tmp_path / "one.png"), "--method", "lrp")
+    assert code == 2 and "--method for digits-vit must be one of" in err and "cp-lrp-pixels" in err
+
+
 def test_summarize_prints_the_kept_sentences(capsys, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("The river rose. Farmers moved cattle. A bank closed. Water fell by Friday.")

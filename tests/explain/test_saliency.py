@@ -112,6 +112,23 @@ def test_saliency_maps_of_the_vit(canvases):
     torch.testing.assert_close(up, ev.upsample(roll, (64, 64)))
 
 
+def test_lrp_saliency_tokens_and_pixels(canvases):
+    """The LRP methods are lrp's relevance for the prediction: the patch tokens upsampled, or the pixels of the
+    convolutional stem as they are (the default digit ViT's stem is convolutional; the linear one has pixels too)."""
+    from attnkit.explain.lrp import lrp
+
+    torch.manual_seed(0)
+    vit = build_model("vit").eval()
+    images = canvases.images
+    pred = ev.predict(vit, images)
+    tokens = lrp(vit, images, pred, rule="cp-lrp", pixels=False).relevance[:, 1:].reshape(-1, 8, 8).float()
+    torch.testing.assert_close(ev.saliency("cp-lrp", vit, images, batch_size=4), ev.upsample(tokens, (64, 64)))
+    pixels = lrp(vit, images, pred, rule="attnlrp").relevance.float()
+    torch.testing.assert_close(ev.saliency("attnlrp-pixels", vit, images, batch_size=4), pixels)
+    linear = build_model("vit", {**DEFAULT_CONFIGS["vit"], "patch_embed": "linear"}).eval()
+    assert ev.saliency("cp-lrp-pixels", linear, images).shape == (6, 64, 64)
+
+
 def test_saliency_maps_of_the_cnn(canvases):
     torch.manual_seed(0)
     cnn = build_model("cnn").eval()

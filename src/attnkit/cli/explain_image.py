@@ -14,7 +14,7 @@ from attnkit.cli.checks import add_strict, check_out_file, nonfinite_policy
 from attnkit.cli.registry import UserError, subcommand
 
 SHIPPED = {"digits-vit": "vit", "digits-cnn": "cnn"}
-METHODS = {"vit": ("rollout", "relevance"), "cnn": ("cbam",)}
+METHODS = {"vit": ("rollout", "relevance", "attnlrp", "cp-lrp", "attnlrp-pixels", "cp-lrp-pixels"), "cnn": ("cbam",)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="digits-vit | digits-cnn (shipped, trained on handwritten digits) or a Hugging Face ViT checkpoint "
         "directory (config.json + model.safetensors); default digits-vit",
     )
-    parser.add_argument("--method", default=None, help="rollout | relevance (ViT) or cbam (CNN); default the first")
+    parser.add_argument(
+        "--method",
+        default=None,
+        help="rollout | relevance | attnlrp | cp-lrp | attnlrp-pixels | cp-lrp-pixels (ViT) or cbam (CNN); default "
+        "the first",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write an HTML report here; overlays go next to it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report and overlays")
     add_strict(parser)

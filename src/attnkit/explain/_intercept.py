@@ -369,7 +369,7 @@ class Interceptor(ModuleHooks):
 
     def _record(self, name, layer, cross, source, *, spec=None, weights=None, layout=None):
         self.rec.num_calls += 1
-        full = weights.reshape((-1, *tuple(weights.shape[-3:]))) if weights is not None else None
+        full = weights if weights is None or weights.dim() == 4 else weights.reshape((-1, *weights.shape[-3:]))
         if spec is not None:
             b = 1
             for s in spec.batch_shape:

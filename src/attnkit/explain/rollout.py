@@ -106,5 +106,5 @@ def rollout(
         hats = [augment(fuse_heads(a, head_fusion, discard_ratio), None, residual) for a in tensors]
     result = hats[0]
     for a_hat in hats[1:]:
-        result = a_hat @ result
+        result = torch.bmm(a_hat, result)  # (B, L, L) each: one kernel (``@`` adds broadcasting views)
     return result

@@ -304,11 +304,11 @@ class ImageEndpoint(Endpoint):
         with torch.inference_mode(), capture(self.model, plan=self.capture_plan, kernel="math") as rec:
             logits = self.model(x)
         t1 = time.perf_counter()
-        maps = torch.stack([m.weights for m in rec.maps if m.is_self])[:, 0].float()  # (layers, H, L, L)
+        maps = torch.cat([m.weights for m in rec.maps if m.is_self]).float()  # (layers, H, L, L): one image
         layout = self.model.token_layout
         prefix, (gh, gw) = layout["num_prefix_tokens"], layout["grid"]
         layer, head = _check_layer_head(options, maps.shape[0], maps.shape[1])
-        probs = logits.float().softmax(-1)[0].tolist()
+        probs = logits[0].softmax(-1, dtype=torch.float32).tolist()
         pred = _top(probs, 1)[0]
         if method == "raw":
             m = maps[-1 if layer is None else layer]

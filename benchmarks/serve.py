@@ -11,7 +11,7 @@
    every 2xx response's record must be in the store, and no 5xx other than 503 may have been answered.
 
 Run under the shared lock: ``flock /tmp/attnkit-heavy.lock python benchmarks/serve.py`` (``--quick``: 20 s;
-``--latency-only`` / ``--load-only``: one part).
+``--latency-only`` / ``--load-only``: one part; ``--breakdown``: the digit ViT's explanation step by step).
 """
 
 from __future__ import annotations
@@ -123,6 +123,46 @@ def latency_part(rounds: int) -> list[dict]:
             )
         service.shutdown()
     return rows
+
+
+def breakdown_part(rounds: int) -> dict[str, float]:
+    """Where the digit ViT's explanation time goes: each step added in turn, called back to back (no store work
+    in between, unlike the latency rows), medians in ms."""
+    from attnkit.explain import capture, rollout
+    from attnkit.serve.inputs import decode_image
+    from attnkit.serve.models import load_endpoint
+
+    ep = load_endpoint("digits-vit")
+    image, _ = decode_image(digit_pngs(1)[0], size=64, channels=1, invert_light=True)
+    x, model = ep.prepare(image), ep.model
+
+    def captured(**kwargs):
+        def run():
+            with torch.inference_mode(), capture(model, plan=ep.capture_plan, **kwargs):
+                model(x)
+
+        return run
+
+    with torch.inference_mode(), capture(model, plan=ep.capture_plan, kernel="math") as rec:
+        model(x)
+    maps = rec.stack()[:, 0]
+    steps = {
+        "forward": lambda: ep.forward(image),
+        "capture, no probabilities": captured(store=False),
+        "capture, fused kernel + recomputation": captured(),
+        "capture, kernel='math' (served)": captured(kernel="math"),
+        "rollout alone": lambda: rollout(maps[:, None]),
+        "explanation raw": lambda: ep.explain(image, "raw", {}),
+        "explanation rollout": lambda: ep.explain(image, "rollout", {}),
+    }
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            times[name].append(median_ms(fn, 1))
+    out = {name: statistics.median(v) for name, v in times.items()}
+    for name, ms in out.items():
+        print(f"  {name:40s} {ms:6.3f} ms  ({ms / out['forward']:.2f}x the forward)", flush=True)
+    return out
 
 
 # -- load ---------------------------------------------------------------------------------------------------------
@@ -242,11 +282,21 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--latency-only", action="store_true", help="skip the load part")
     parser.add_argument("--load-only", action="store_true", help="skip the latency part")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="only: the digit ViT's explanation step by step, back to back"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     duration, rounds = (20.0, 5) if args.quick else (args.duration, args.rounds)
     print(f"load average at start: {os.getloadavg()}", flush=True)
+    if args.breakdown:
+        print(f"digit ViT step by step (medians of {20 * rounds} back-to-back rounds):", flush=True)
+        breakdown = breakdown_part(20 * rounds)
+        print(f"load average at end: {os.getloadavg()}", flush=True)
+        if args.json is not None:
+            args.json.write_text(json.dumps({"breakdown": breakdown}, indent=1))
+        return 0
     latency = []
     if not args.load_only:
         print("latency (in process, medians of interleaved rounds):", flush=True)

@@ -152,7 +152,7 @@ def capture_plan(model: nn.Module, *, example: Callable[[], object] | None = Non
         example: a function that runs ``model`` once (``lambda: model(x)``). When given, it runs inside a capture
             (recording no probabilities) and the plan hooks only the modules that computed attention in it, plus
             ``model`` itself and the modules whose published token layout was used: fewer hooks on every later
-            capture (an attnkit ViT: 6 of 11 modules; hooks cost a few microseconds per module call). For
+            capture (the shipped digit ViT: 6 of 10 modules; hooks cost a few microseconds per module call). For
             models whose attention is computed by the same modules for every input (a served classifier or
             encoder): attention computed inside any other module during a later capture raises RuntimeError.
 

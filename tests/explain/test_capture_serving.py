@@ -147,3 +147,17 @@ def test_a_learned_plan_refuses_attention_from_modules_it_did_not_see():
         capture_plan(model, example=lambda: None)
     with pytest.raises(TypeError, match="callable"):
         capture_plan(model, example=3)
+
+
+def test_a_plan_learned_on_torch_s_fast_path_serves_both_paths():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True).eval()
+    x = torch.randn(1, 5, 8)
+    with torch.no_grad():  # eligible for torch's native fast path
+        plan = capture_plan(layer, example=lambda: layer(x))
+    for grad in (False, True):  # with autograd on, nn.MultiheadAttention.forward runs
+        with torch.set_grad_enabled(grad), capture(layer) as ref:
+            layer(x)
+        with torch.set_grad_enabled(grad), capture(layer, plan=plan) as rec:
+            layer(x)
+        assert [m.name for m in rec.maps] == [m.name for m in ref.maps] == ["self_attn"]
+        torch.testing.assert_close(rec.maps[0].weights, ref.maps[0].weights, atol=0, rtol=0)

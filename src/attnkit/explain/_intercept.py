@@ -89,7 +89,11 @@ class HookPlan:
         self.names = {m: n for n, m in reversed(list(model.named_modules()))}
         self.attending = None if attending is None else frozenset(attending)
         keep = None if attending is None else self.attending | set(publishers) | {model}
-        hooks = ((m, not _never_attends(m) if keep is None else m in keep, _hook_kind(m)) for m in self.names)
+        hooks = ((m, _hook_kind(m)) for m in self.names)
+        hooks = (  # torch's attention modules keep their stack hooks: their producer hooks name the innermost call
+            (m, not _never_attends(m) if keep is None else (m in keep or kind in ("mha", "enc")), kind)
+            for m, kind in hooks
+        )
         self.modules = tuple(h for h in hooks if h[1] or h[2] is not None)  # (module, stack hooks, producer kind)
 
 

@@ -18,17 +18,21 @@ from attnkit.functional.tiles import TileSetup, reshape_qkv, whole
 __all__ = ["math_attention", "math_forward"]
 
 
-def math_forward(spec: AttentionSpec, *, probs_leaf: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def math_forward(
+    spec: AttentionSpec, *, probs_leaf: bool = False, need_lse: bool = True
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Reference attention for ``spec``, including its sinks.
 
     Args:
         spec: the call.
         probs_leaf: make the probabilities an autograd leaf when nothing upstream requires grad, so that the
             gradient of a loss with respect to them exists (what relevance methods need).
+        need_lse: compute the log-sum-exp (``False``: ``None`` is returned in its place, and an unmasked call's
+            softmax is one kernel, :meth:`~attnkit.functional.tiles.TileSetup.tile_probs`).
 
     Returns:
         ``(output (*batch, H, Lq, Dv) in the value dtype, probs (*batch, H, Lq, Lk) float32/float64, lse
-        (*batch, H, Lq))``; ``probs`` is on the autograd path of ``output`` (before dropout).
+        (*batch, H, Lq) or None)``; ``probs`` is on the autograd path of ``output`` (before dropout).
     """
     setup = TileSetup(spec)
     q5, k4, v4 = reshape_qkv(spec)
@@ -36,7 +40,7 @@ def math_forward(spec: AttentionSpec, *, probs_leaf: bool = False) -> tuple[Tens
     qt = setup.prepare_query(q5).reshape(B, Hkv, 1, G * Lq, D)
     kt = setup.prepare_kv(k4).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
     s = setup.masked_logits(setup.logits(qt, kt, 1, Lq), whole(spec))  # (B, Hkv, 1, G, Lq, Lk)
-    probs, lse = setup.tile_probs(s)
+    probs, lse = setup.tile_probs(s, lse=need_lse)
     probs = probs.reshape(spec.scores_shape)  # the tensor returned is the one the output is computed from
     if probs_leaf and torch.is_grad_enabled() and not probs.requires_grad:
         probs.requires_grad_()
@@ -45,12 +49,12 @@ def math_forward(spec: AttentionSpec, *, probs_leaf: bool = False) -> tuple[Tens
         used = torch.nn.functional.dropout(probs, p=spec.dropout_p, training=True)
     out = torch.matmul(used.reshape(B, Hkv, 1, G * Lq, -1), setup.prepare_kv(v4).unsqueeze(2))
     out = out.reshape((*spec.query.shape[:-1], spec.value.shape[-1])).to(spec.value.dtype)
-    return out, probs, lse.reshape(spec.query.shape[:-1])
+    return out, probs, (lse.reshape(spec.query.shape[:-1]) if lse is not None else None)
 
 
 def math_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The ``"math"`` backend's forward: ``(output, weights or None, lse or None)`` (see :class:`AttentionOutput`)."""
-    out, probs, lse = math_forward(spec)
+    out, probs, lse = math_forward(spec, need_lse=spec.return_lse)
     weights = probs.to(spec.query.dtype) if spec.return_weights else None
     return out, weights, (lse if spec.return_lse else None)
 

@@ -295,7 +295,9 @@ class Interceptor(ModuleHooks):
             q_seen, mask_seen = (query, attn_mask) if unfolded is None else unfolded
             spec = spec_from_sdpa(q_seen, key, value, mask_seen, dropout_p, is_causal, scale)
         if self.math_kernel and wanted:
-            out, probs, _ = math_forward(replace(spec, dropout_p=float(dropout_p)), probs_leaf=self.differentiable)
+            out, probs, _ = math_forward(
+                replace(spec, dropout_p=float(dropout_p)), probs_leaf=self.differentiable, need_lse=False
+            )
             self._record(name, layer, cross, "sdpa", spec=spec, weights=probs)
         else:
             out = self.prev_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
@@ -317,7 +319,7 @@ class Interceptor(ModuleHooks):
         layer = self._layer(name)
         gate = self.head_gates(layer, spec.num_heads) if self.head_gates is not None else None
         if self.differentiable or (self.math_kernel and (self.layers is None or layer in self.layers)):
-            out, probs, lse = math_forward(spec, probs_leaf=self.differentiable)
+            out, probs, lse = math_forward(spec, probs_leaf=self.differentiable, need_lse=spec.return_lse)
             self.pending[id(spec)] = probs
             weights = probs.to(spec.query.dtype) if spec.return_weights else None
             lse = lse if spec.return_lse else None

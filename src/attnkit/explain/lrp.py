@@ -246,7 +246,7 @@ def _attention_rule(rule: str, biases: _BiasRelevance | None, seen: list[int]):
     def intercept(spec, run):
         seen.append(1)
         q, k, v = rules.scale_grad(spec.query, fq), rules.scale_grad(spec.key, fk), rules.scale_grad(spec.value, fv)
-        out, probs, lse = math_forward(replace(spec, query=q, key=k, value=v, dropout_p=0.0))
+        out, probs, lse = math_forward(replace(spec, query=q, key=k, value=v, dropout_p=0.0), need_lse=spec.return_lse)
         if biases is not None and rule == "attnlrp":
             rules.softmax_bias(probs, biases.add_rows)
         weights = probs.to(spec.query.dtype) if spec.return_weights else None

@@ -257,3 +257,25 @@ def test_schedules_are_cached_per_geometry_without_holding_the_call(monkeypatch)
         got = attnkit.attention(q, q, q, window_size=(40, 40), attn_mask=keep, backend="tiled")
         want = attnkit.attention(q, q, q, window_size=(40, 40), attn_mask=keep, backend="math")
         torch.testing.assert_close(got, want, **FLOAT64)
+
+
+def _alibi_like(score, b, h, q_idx, kv_idx):
+    return score - 0.1 * (h + 1) * (q_idx - kv_idx).abs().to(score.dtype)
+
+
+@pytest.mark.parametrize("kwargs", [{"softcap": 5.0}, {"score_mod": _alibi_like}, {}], ids=["softcap", "mod", "plain"])
+def test_causal_blocks_sharing_their_keys_match_math(small_tiles, monkeypatch, kwargs):
+    """Causal steps of many blocks read one key prefix: the explicit path multiplies all their rows by it at once
+    (no gathered copies; key/value gradients summed by the same matmul). Output, lse and gradients equal math's."""
+    monkeypatch.setattr(flash_core, "STEP_SCORES", 1 << 16)  # many query blocks per step
+    monkeypatch.setattr(flash_core, "FUSED_STEP_BYTES", 1 << 20)
+    seen = []
+    real = flash_core.shared_keys
+    monkeypatch.setattr(flash_core, "shared_keys", lambda ch: seen.append(real(ch)) or seen[-1])
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 37, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 37, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    if flash_fused.enabled and not kwargs:  # the fused step reads shared keys as views instead (tested above)
+        pytest.skip("the explicit path is what shares keys by matmul")
+    _compare(q, k, v, is_causal=True, **kwargs)
+    assert any(seen)

@@ -37,6 +37,8 @@ __all__ = [
     "Schedule",
     "Step",
     "add_kv",
+    "block_matmul",
+    "block_matmul_tn",
     "blocks_per_step",
     "check_alibi_grad",
     "flash_attention",
@@ -44,6 +46,7 @@ __all__ = [
     "load_q",
     "make_chunk",
     "pad_rows",
+    "shared_keys",
     "store_q",
 ]
 
@@ -133,14 +136,46 @@ def store_q(dst5: Tensor, step: Step, block_q: int, val: Tensor) -> None:
         dst.index_copy_(3, step.q_blocks, src)
 
 
+def shared_keys(chunk: Chunk) -> bool:
+    """Whether every query block of the chunk reads the same keys (a causal prefix: ``slide`` stride 0)."""
+    return chunk.slide is not None and chunk.slide[1] == 0 and chunk.index.kv_idx.shape[0] > 1
+
+
 def load_kv(x4: Tensor, chunk: Chunk) -> Tensor:
-    """The chunk's key/value rows of ``x4 (B, Hkv, Lk, X)`` as ``(B, Hkv, N, c, X)``: one gather."""
+    """The chunk's key/value rows of ``x4 (B, Hkv, Lk, X)`` as ``(B, Hkv, N, c, X)`` (one gather), or as a
+    ``(B, Hkv, 1, c, X)`` slice when the blocks share their keys (:func:`shared_keys`; no copy)."""
     n, c = chunk.index.kv_idx.shape
+    if shared_keys(chunk):
+        start = chunk.slide[0]
+        return x4[:, :, start : start + c].unsqueeze(2)
     return x4.index_select(2, chunk.gather).view(x4.shape[0], x4.shape[1], n, c, x4.shape[-1])
 
 
+def block_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a (B, Hkv, N, m, k) @ b (B, Hkv, N | 1, k, n)`` per block: ``(B, Hkv, N, m, n)``. Keys shared by the
+    blocks (``b`` with one block) are one matmul over all ``N·m`` rows, not ``N`` matmuls of an expanded copy."""
+    B, H, N, m, k = a.shape
+    if b.shape[2] == 1 and N > 1:
+        return torch.matmul(a.reshape(B, H, 1, N * m, k), b).view(B, H, N, m, b.shape[-1])
+    return torch.matmul(a, b)
+
+
+def block_matmul_tn(a: Tensor, b: Tensor, shared: bool) -> Tensor:
+    """``aᵀ b`` per block for ``a (B, Hkv, N, m, c)``, ``b (B, Hkv, N, m, X)``: ``(B, Hkv, N, c, X)``, or summed
+    over the blocks as ``(B, Hkv, 1, c, X)`` when they share their keys (one matmul over ``N·m`` rows)."""
+    if shared:
+        B, H, N, m, c = a.shape
+        return torch.matmul(a.reshape(B, H, 1, N * m, c).transpose(-1, -2), b.reshape(B, H, 1, N * m, b.shape[-1]))
+    return torch.matmul(a.transpose(-1, -2), b)
+
+
 def add_kv(dst4: Tensor, chunk: Chunk, val: Tensor) -> None:
-    """Scatter-add ``val (B, Hkv, N, c, X)`` into the chunk's rows of ``dst4 (B, Hkv, Lk, X)``: one op."""
+    """Add ``val (B, Hkv, N | 1, c, X)`` into the chunk's rows of ``dst4 (B, Hkv, Lk, X)``: one op (a slice
+    ``add_`` for shared keys, else one scatter-add)."""
+    if val.shape[2] == 1 and shared_keys(chunk):
+        start, c = chunk.slide[0], val.shape[3]
+        dst4[:, :, start : start + c].add_(val.squeeze(2))
+        return
     dst4.index_add_(2, chunk.gather, val.reshape(dst4.shape[0], dst4.shape[1], -1, dst4.shape[-1]))
 
 
@@ -216,7 +251,7 @@ def _forward(setup: TileSetup, sched: Schedule, q5: Tensor, k4: Tensor, v4: Tens
             p = s.sub_(m_safe).exp_()  # (B, Hkv, N, G, r, c); masked entries are exp(-inf) = 0
             row = p.sum(-1, keepdim=True)
             pd = p * _dropout_keep(setup, p.shape, seed, tile, p.device) * inv_keep if setup.dropout_p > 0 else p
-            pv = torch.matmul(pd.view(B, Hkv, n, G * r, -1), load_kv(vp, ch))
+            pv = block_matmul(pd.view(B, Hkv, n, G * r, -1), load_kv(vp, ch))
             if m is None:
                 acc, l_sum = pv, row
             else:
@@ -280,13 +315,14 @@ def _backward(setup, sched, q5, k4, v4, out5, lse5, dout5, dlse5, seed):
             elif bias is None and s_mod is not s_raw:
                 s = s.clone()  # s_mod (and what score_mod saved) is still needed below
             p = s.sub_(lse_t).exp_()  # (B, Hkv, N, G, r, c); a fresh tensor or the unused raw scores
-            dp = torch.matmul(dot, vt.transpose(-1, -2)).view(p.shape)
+            dp = block_matmul(dot, vt.transpose(-1, -2)).view(p.shape)
             if setup.dropout_p > 0:
                 z = _dropout_keep(setup, p.shape, seed, tile, p.device) * inv_keep
                 pd, dp = p * z, dp * z
             else:
                 pd = p
-            add_kv(dv, ch, torch.matmul(pd.view(B, Hkv, n, G * r, -1).transpose(-1, -2), dot))
+            shared = shared_keys(ch)
+            add_kv(dv, ch, block_matmul_tn(pd.view(B, Hkv, n, G * r, -1), dot, shared))
             ds = p.mul_(dp.sub_(delta_t))
             setup.accumulate_bias_grad(bias_bufs, ds, ch.index)
             if setup.score_mod is not None:
@@ -295,9 +331,9 @@ def _backward(setup, sched, q5, k4, v4, out5, lse5, dout5, dlse5, seed):
                 ds = setup.transform_grad(s_raw, s_mod, ds)
             # q is pre-scaled: dk = ds^T (scale q) directly, and dq = scale · (ds k), scaled once at the end.
             ds = ds.view(B, Hkv, n, G * r, -1)
-            part = torch.matmul(ds, kt)
+            part = block_matmul(ds, kt)
             dq_t = part if dq_t is None else dq_t.add_(part)
-            add_kv(dk, ch, torch.matmul(ds.transpose(-1, -2), qt))
+            add_kv(dk, ch, block_matmul_tn(ds, qt, shared))
             tile += 1
         if dq_t is not None:
             store_q(dq, st, r, dq_t)

@@ -208,9 +208,14 @@ class TileSetup:
         return t if t.dtype == self.acc else t.to(self.acc)
 
     def logits(self, qt: Tensor, kt: Tensor, n: int, r: int) -> Tensor:
-        """Scaled scores ``(B, Hkv, N, G, r, c)`` of prepared ``qt (B, Hkv, N, G·r, D)``, ``kt (B, Hkv, N, c, D)``."""
-        s = torch.matmul(qt, kt.transpose(-1, -2))
-        return s.view(s.shape[0], s.shape[1], n, self.G, r, s.shape[-1])
+        """Scaled scores ``(B, Hkv, N, G, r, c)`` of prepared ``qt (B, Hkv, N, G·r, D)``, ``kt (B, Hkv, N, c, D)``
+        or ``(B, Hkv, 1, c, D)`` keys shared by the ``N`` blocks (then one matmul over all ``N·G·r`` rows)."""
+        B, H, N, m, D = qt.shape
+        if kt.shape[2] == 1 and N > 1:
+            s = torch.matmul(qt.reshape(B, H, 1, N * m, D), kt.transpose(-1, -2))
+        else:
+            s = torch.matmul(qt, kt.transpose(-1, -2))
+        return s.view(B, H, n, self.G, r, s.shape[-1])
 
     def _mod_indices(self, ti: TileIndex) -> tuple[Tensor, Tensor]:
         n, r = ti.q_idx.shape

@@ -156,28 +156,59 @@ def _alibi_mod():
     return score_mod
 
 
+def _softcap_mod(cap: float):
+    def score_mod(s, b, h, qi, ki):
+        return torch.tanh(s / cap) * cap
+
+    return score_mod
+
+
+def _flex_causal(q, k, v, score_mod, repeats: int) -> str:
+    """Steady-state ms of compiled FlexAttention, causal block mask plus ``score_mod`` (or the error)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        L = q.shape[-2]
+        torch._dynamo.reset()  # a second score_mod in one process otherwise fails to lower (torch 2.13, CPU)
+        fbm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, L, L, device="cpu")
+        compiled = torch.compile(flex_attention)
+        return f"{timed(lambda: compiled(q, k, v, score_mod=score_mod, block_mask=fbm), repeats)[1]:.0f}"
+    except Exception as exc:  # report, do not hide: FlexAttention on CPU depends on the torch build
+        return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+
+
 def mods_rows(args) -> None:
-    """Causal calls SDPA cannot serve (score_mod, softcap) against SDPA causal without them."""
+    """Causal calls SDPA cannot serve (score_mod, softcap) against SDPA causal without them (the speed bar) and
+    compiled FlexAttention with the same mod (the peer that can serve them)."""
     L = args.short_len
-    print(f"\n| call, L={L}, causal | dtype | attnkit ms | SDPA causal (no mod) ms | attnkit speed / SDPA |")
-    print("|---|---|---|---|---|")
+    print(
+        f"\n| call, L={L}, causal | dtype | attnkit ms | SDPA causal (no mod) ms | attnkit speed / SDPA | "
+        "Flex (same mod) ms | Flex/attnkit |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name in args.dtypes:
         q, k, v = _inputs(L, getattr(torch, name))
-        calls = (("score_mod (ALiBi-like)", {"score_mod": _alibi_mod()}), ("softcap=30", {"softcap": 30.0}))
+        calls = (
+            ("score_mod (ALiBi-like)", {"score_mod": _alibi_mod()}, _alibi_mod()),
+            ("softcap=30", {"softcap": 30.0}, _softcap_mod(30.0)),
+        )
 
         def sdpa_call(q=q, k=k, v=v):
             F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
         with torch.no_grad():
             sdpa = timed(sdpa_call, args.repeats)[1]
-            for label, extra in calls:
+            for label, extra, flex_mod in calls:
                 backend = attnkit.backends.select(q, k, v, is_causal=True, **extra).backend
 
                 def ours_call(q=q, k=k, v=v, extra=extra):
                     attnkit.attention(q, k, v, is_causal=True, **extra)
 
                 ours = timed(ours_call, args.repeats)[1]
-                print(f"| {label} ({backend}) | {name} | {ours:.0f} | {sdpa:.0f} | {sdpa / ours:.2f}x |", flush=True)
+                flex = _flex_causal(q, k, v, flex_mod, args.repeats) if args.flex else "-"
+                ratio = f"{float(flex) / ours:.2f}x" if flex.replace(".", "").isdigit() else "-"
+                cells = f"{ours:.0f} | {sdpa:.0f} | {sdpa / ours:.2f}x | {flex} | {ratio}"
+                print(f"| {label} ({backend}) | {name} | {cells} |", flush=True)
 
 
 def _rss(field: str) -> int:

@@ -10,8 +10,8 @@ blocks read consecutive keys at a constant stride (:attr:`~attnkit.backends.flas
 of a sliding window, a causal prefix), nothing is gathered: queries, keys and values are passed as overlapping
 strided views ``(N, B·H, ·, D)`` of the inputs (the kernel reads any batch/head/row strides; grouped-query heads
 are the kernel's own), and the output is written through the same view: one kernel call and one copy per step.
-Measured at L = 16384, window ±256, 2 threads: the kernel call on views 256 ms float32 / 144 ms bfloat16 against
-312 / 196 ms with the gathered copies (``benchmarks/RESULTS.md``). That kernel keeps
+With the schedule cache, a window ±256 call at L = 16384 went from 1.10x to 1.71x compiled FlexAttention's speed in
+float32 and from 0.72x to 0.84-1.02x in bfloat16 (``benchmarks/RESULTS.md``, "Long context"). That kernel keeps
 its softmax in float32 and runs bfloat16/float16 matmuls in the low-precision dtype (oneDNN); its backward is
 the fused ``_scaled_dot_product_flash_attention_for_cpu_backward``, reached through autograd (the gathers'
 backward scatter-adds the key/value gradients). A step holds every key column its query blocks need (one

@@ -167,19 +167,7 @@ def capture_plan(model: nn.Module, *, example: Callable[[], object] | None = Non
         return plan
     if not callable(example):
         raise TypeError(f"capture_plan: expected example to be a callable running the model, got {example!r}")
-    icpt = Interceptor(
-        model,
-        Recording(),
-        layers=None,
-        heads=None,
-        query_rows=None,
-        head_mean=False,
-        reducers=(),
-        store=False,
-        layout=None,
-        differentiable=False,
-        plan=plan,
-    )
+    icpt = Interceptor(model, Recording(), plan=plan)  # counts where attention happens, records nothing
     with icpt:
         example()
     if not icpt.attending:

@@ -150,19 +150,7 @@ def head_importance(
 
     def forward() -> Tensor:
         rec = Recording()
-        icpt = Interceptor(
-            model,
-            rec,
-            layers=None,
-            heads=None,
-            query_rows=None,
-            head_mean=False,
-            reducers=(),
-            store=False,
-            layout=None,
-            differentiable=False,
-            head_gates=gate_for,
-        )
+        icpt = Interceptor(model, rec, head_gates=gate_for)  # gates heads, stores no maps
         with torch.enable_grad(), icpt:  # grad on: keeps nn.TransformerEncoderLayer off its native fast path
             value = _scalar(score, call_model(model, inputs))
         if rec.num_calls == 0:

@@ -104,6 +104,8 @@ def _kernel_mask(spec: AttentionSpec) -> tuple[Tensor | None, bool, Tensor | Non
     plain = spec.attn_mask is None and spec.attn_bias is None and spec.alibi_slopes is None
     if only_causal and plain and spec.q_len == spec.kv_len:
         return None, True, None
+    if plain and not spec.is_causal and spec.window_size is None:  # nothing to mask: no tile to build
+        return None, False, None
     setup = TileSetup(spec)
     bias, keep = setup.terms(whole(spec))
     if bias is None and keep is None:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from attnkit.functional import observe
 from attnkit.functional.merge import add_sinks
-from attnkit.functional.spec import AttentionSpec, lse_dtype
+from attnkit.functional.spec import AttentionSpec, lse_dtype, make_spec
 
 __all__ = ["Backend", "BackendInfo", "Selection", "available", "dispatch", "get", "register", "select_for_spec"]
 
@@ -128,7 +128,23 @@ def register(backend: Backend) -> Backend:
     _REGISTRY[backend.name] = backend
     _ORDER.append(backend)
     _ORDER.sort(key=lambda b: b.priority)
+    _PLAIN_CHOICE.clear()
     return backend
+
+
+#: ``auto``'s choice for a plain call (no option but ``is_causal``), per (dtype, device type, is_causal, backends).
+_PLAIN_CHOICE: dict[tuple, str] = {}
+
+
+def plain_choice(dtype: torch.dtype, device: torch.device, is_causal: bool) -> str:
+    """The backend ``auto`` selects for a plain ``(B, H, L, D)`` call of ``dtype`` on ``device`` (no mask, bias,
+    mod, window, sinks, dropout or extra outputs; ``Lq == Lk``), cached until the next :func:`register`."""
+    key = (dtype, device.type, is_causal, len(_ORDER))
+    found = _PLAIN_CHOICE.get(key)
+    if found is None:
+        probe = torch.zeros(1, 1, 2, 8, dtype=dtype, device=device)
+        found = _PLAIN_CHOICE[key] = select_for_spec(make_spec(probe, probe, probe, is_causal=is_causal)).backend
+    return found
 
 
 def get(name: str) -> Backend:

@@ -145,6 +145,27 @@ def _add_slid(dst: Tensor, g: Tensor, chunk) -> None:
         flat.index_add_(1, chunk.gather, g.transpose(0, 1).reshape(flat.shape[0], -1, g.shape[-1]).to(dst.dtype))
 
 
+def _step_inputs(setup: TileSetup, step: Step, qp: Tensor, k4: Tensor, v4: Tensor):
+    """``(slide, mask, empty rows, keys, values)`` of one step, forward and backward alike: the keys and values as
+    strided views when :func:`_slide_step`, else gathered (and the mask laid out to match)."""
+    (ch,) = step.chunks
+    n = len(step.q_blocks)
+    slide = _slide_step(step, (qp, k4, v4), setup.G)
+    mask, empty = _mask(setup, step, 1 if slide else qp.shape[0], qp.dtype)
+    if slide:
+        (start, stride), c = ch.slide, ch.index.kv_idx.shape[1]
+        return slide, mask, empty, _slide(k4, start, stride, n, c), _slide(v4, start, stride, n, c)
+    return slide, mask, empty, _cols(k4, ch.gather, n, setup.G), _cols(v4, ch.gather, n, setup.G)
+
+
+def _write(dst: Tensor, step: Step, block_q: int, slide: bool, val: Tensor) -> None:
+    """Write a step's kernel result into its query blocks of ``dst (B, H, nq·r, X)`` (the layout of ``slide``)."""
+    if slide:
+        _q_rows(dst, step, block_q, True).copy_(val)
+    else:
+        _store(dst, step, block_q, val)
+
+
 def _slide_step(step: Step, tensors: tuple[Tensor, ...], groups: int) -> bool:
     """Whether ``step`` runs on strided views (see the module docstring) for these ``(B, H, L, X)`` tensors."""
     (ch,) = step.chunks
@@ -198,32 +219,20 @@ class _FusedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, setup, sched, q, k4, v4):
-        B, r = q.shape[0], sched.block_q
+        r = sched.block_q
         qp = pad_rows(q, sched.num_q_blocks * r)
         out = torch.zeros((*qp.shape[:-1], v4.shape[-1]), dtype=v4.dtype, device=q.device)
         lse = None
         for st in sched.steps():
-            (ch,) = st.chunks
-            n = len(st.q_blocks)
-            slide = _slide_step(st, (qp, k4, v4), setup.G)
-            mask, empty = _mask(setup, st, 1 if slide else B, q.dtype)
-            if slide:
-                (start, stride), c = ch.slide, ch.index.kv_idx.shape[1]
-                args = (_q_rows(qp, st, r, True), _slide(k4, start, stride, n, c), _slide(v4, start, stride, n, c))
-            else:
-                args = (_rows(qp, st, r), _cols(k4, ch.gather, n, setup.G), _cols(v4, ch.gather, n, setup.G))
-            o, lse_t = CPU_FLASH(*args, 0.0, False, attn_mask=mask, scale=setup.scale)
+            slide, mask, empty, k_, v_ = _step_inputs(setup, st, qp, k4, v4)
+            o, lse_t = CPU_FLASH(_q_rows(qp, st, r, slide), k_, v_, 0.0, False, attn_mask=mask, scale=setup.scale)
             if lse is None:
                 lse = torch.full((*qp.shape[:-1], 1), float("-inf"), dtype=lse_t.dtype, device=q.device)
             lse_t = lse_t.unsqueeze(-1)
             if empty is not None:  # rows that keep nothing: output 0, lse -inf
                 o, lse_t = o.masked_fill(empty, 0.0), lse_t.masked_fill(empty, float("-inf"))
-            if slide:
-                _q_rows(out, st, r, True).copy_(o)
-                _q_rows(lse, st, r, True).copy_(lse_t)
-            else:
-                _store(out, st, r, o)
-                _store(lse, st, r, lse_t)
+            _write(out, st, r, slide, o)
+            _write(lse, st, r, slide, lse_t)
         if lse is None:
             lse = torch.full((*qp.shape[:-1], 1), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         ctx.setup, ctx.sched = setup, sched
@@ -249,13 +258,7 @@ class _FusedFunction(torch.autograd.Function):
         for st in sched.steps():
             (ch,) = st.chunks
             n = len(st.q_blocks)
-            slide = _slide_step(st, (qp, k4, v4), setup.G)
-            mask, _ = _mask(setup, st, 1 if slide else B, q.dtype)
-            if slide:
-                (start, stride), c = ch.slide, ch.index.kv_idx.shape[1]
-                k_, v_ = _slide(k4, start, stride, n, c), _slide(v4, start, stride, n, c)
-            else:
-                k_, v_ = _cols(k4, ch.gather, n, setup.G), _cols(v4, ch.gather, n, setup.G)
+            slide, mask, _, k_, v_ = _step_inputs(setup, st, qp, k4, v4)
             gq, gk, gv = CPU_FLASH_BACKWARD(
                 _q_rows(dop, st, r, slide),
                 _q_rows(qp, st, r, slide),
@@ -268,12 +271,11 @@ class _FusedFunction(torch.autograd.Function):
                 attn_mask=mask,
                 scale=setup.scale,
             )
+            _write(dq, st, r, slide, gq)
             if slide:  # (N, B·Hkv, c, X): the kernel already summed each KV head's group
-                _q_rows(dq, st, r, slide).copy_(gq)
                 for dst, g in ((dk, gk), (dv, gv)):
                     _add_slid(dst, g, ch)
                 continue
-            _store(dq, st, r, gq)
             for dst, g in ((dk, gk), (dv, gv)):  # (B·N, H, c, X) -> summed over each KV head's group
                 g = g.view(B, n, Hkv, setup.G, g.shape[-2], g.shape[-1])
                 g = g.sum(3) if setup.G > 1 else g.squeeze(3)  # (B, N, Hkv, c, X)

@@ -39,7 +39,9 @@ def math_forward(
     B, Hkv, G, Lq, D = q5.shape
     qt = setup.prepare_query(q5).reshape(B, Hkv, 1, G * Lq, D)
     kt = setup.prepare_kv(k4).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
-    s = setup.masked_logits(setup.logits(qt, kt, 1, Lq), whole(spec))  # (B, Hkv, 1, G, Lq, Lk)
+    s = setup.logits(qt, kt, 1, Lq)  # (B, Hkv, 1, G, Lq, Lk)
+    if not setup.plain:  # a plain call's scores are final: no tile of terms to build
+        s = setup.masked_logits(s, whole(spec))
     probs, lse = setup.tile_probs(s, lse=need_lse)
     probs = probs.reshape(spec.scores_shape)  # the tensor returned is the one the output is computed from
     if probs_leaf and torch.is_grad_enabled() and not probs.requires_grad:

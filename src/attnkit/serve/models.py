@@ -238,7 +238,7 @@ class TextEndpoint(Endpoint):
             prediction={"label": top[0]["label"], "score": top[0]["score"], "top": top, "kind": "nearest_labels"},
             explanation={
                 "tokens": tokens,
-                "scores": [round(s, 6) for s in scores.tolist()],
+                "scores": torch.round(scores.double(), decimals=6).tolist(),
                 "summary_token": row,
                 "truncated": bool(len(tokens) >= self.max_tokens),
             },
@@ -331,7 +331,7 @@ class ImageEndpoint(Endpoint):
             prediction={"label": names[pred], "class": pred, "score": top[0]["score"], "top": top, "kind": "class"},
             explanation={
                 "grid": [gh, gw],
-                "heatmap": [[round(v, 6) for v in r] for r in grid.tolist()],
+                "heatmap": torch.round(grid.double(), decimals=6).tolist(),
                 "image_size": [self.image_size, self.image_size],
             },
             maps=maps,

@@ -72,10 +72,18 @@ def test_bad_input_gets_the_full_paths_errors(spy):
         attnkit.attention(q, q, q, scale=float("nan"))
 
 
-def test_observed_calls_take_the_full_path(spy):
-    """Capture and LRP install observers/interceptors: their calls must be dispatched (and seen)."""
+def test_observed_calls_are_dispatched_with_make_specs_spec(spy):
+    """Capture and LRP install observers/interceptors: their plain calls are dispatched (and seen) with a spec
+    built directly, field for field what make_spec builds."""
+    import dataclasses
+
     q = torch.randn(1, 2, 6, 8)
     events = []
     with observe.observer(events.append):
-        attnkit.attention(q, q, q)
-    assert len(spy) == 1 and len(events) == 1
+        out = attnkit.attention(q, q, q, is_causal=True)
+    assert spy == [] and len(events) == 1
+    got, want = events[0].spec, attention_module.make_spec(q, q, q, is_causal=True)
+    for field in dataclasses.fields(want):
+        a, b = getattr(got, field.name), getattr(want, field.name)
+        assert a is b or a == b, field.name
+    torch.testing.assert_close(out, attnkit.attention(q, q, q, is_causal=True, backend="sdpa"))

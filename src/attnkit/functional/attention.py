@@ -11,7 +11,7 @@ from attnkit.functional import observe
 from attnkit.functional.block_mask import BlockMask
 from attnkit.functional.mods import MaskMod, ScoreMod
 from attnkit.functional.registry import dispatch, plain_choice
-from attnkit.functional.spec import AttentionOutput, make_spec
+from attnkit.functional.spec import AttentionOutput, AttentionSpec, make_spec
 
 __all__ = ["attention"]
 
@@ -19,40 +19,46 @@ _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SDPA = torch._C._nn.scaled_dot_product_attention  # the kernel itself, not a module attribute a capture may patch
 
 
-def _plain_call(query, key, value, is_causal, scale) -> Tensor | None:
-    """The most common call, answered without building a spec: what ``auto`` does for it, in ~10 us of Python
-    instead of ~60 (``benchmarks/RESULTS.md``: at L = 512 in bfloat16 that was 5-9% of the call).
-
-    Served only when it is exactly what the ``"sdpa"`` backend would run: plain ``torch.Tensor`` inputs of shape
-    ``(B, H, L, D)``, one floating dtype (float32/bfloat16/float16) and device, no grouped heads, ``Lq == Lk`` (so
-    torch's top-left ``is_causal`` equals attnkit's bottom-right one), nothing empty, unit-stride head dims, a
-    finite float ``scale`` or None, and no observer or interceptor installed (capture, LRP). Anything else returns
-    ``None`` and takes the full path, with its validation and error messages; so does every call while a backend
-    registered ahead of ``"sdpa"`` would serve it (:func:`~attnkit.functional.registry.plain_choice`).
-    """
-    if observe._OBSERVERS or observe._INTERCEPTORS:
-        return None
+def _is_plain(query, key, value, is_causal, scale) -> bool:
+    """Whether ``attention(query, key, value, is_causal=..., scale=...)`` is the plain call: plain ``torch.Tensor``
+    inputs of shape ``(B, H, L, D)``, one floating dtype (float32/bfloat16/float16) and device, no grouped heads,
+    ``Lq == Lk`` (so torch's top-left ``is_causal`` equals attnkit's bottom-right one), nothing empty, unit-stride
+    head dims, a bool ``is_causal`` and a finite float ``scale`` or None: everything :func:`make_spec` would check
+    holds, so its spec can be built directly."""
     if not (type(query) is Tensor and type(key) is Tensor and type(value) is Tensor):
-        return None
+        return False
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        return None
+        return False
     dtype, device = query.dtype, query.device
     if dtype not in _FAST_DTYPES or key.dtype != dtype or value.dtype != dtype:
-        return None
+        return False
     if key.device != device or value.device != device:
-        return None
+        return False
     qs, ks, vs = query.shape, key.shape, value.shape
     if qs != ks or ks[:3] != vs[:3] or 0 in qs or vs[3] == 0:
-        return None
+        return False
     if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
-        return None
+        return False
     if not (is_causal is False or is_causal is True):
+        return False
+    return scale is None or (type(scale) is float and math.isfinite(scale))
+
+
+def _plain_call(query, key, value, is_causal, scale) -> Tensor | AttentionSpec | None:
+    """The most common call without :func:`make_spec`'s validation (:func:`_is_plain` has checked all of it): the
+    SDPA kernel's output when that is what ``auto`` runs and nobody observes the call, in ~10 us of Python instead
+    of ~60 (``benchmarks/RESULTS.md``: at L = 512 in bfloat16 that was 5-9% of the call); its spec when an observer
+    or interceptor is installed (capture, LRP: they need the spec) or a backend registered ahead of ``"sdpa"``
+    would serve it (:func:`~attnkit.functional.registry.plain_choice`); ``None`` for any other call, which takes
+    the full path with its validation and error messages.
+    """
+    if not _is_plain(query, key, value, is_causal, scale):
         return None
-    if scale is not None and not (type(scale) is float and math.isfinite(scale)):
-        return None
-    if plain_choice(dtype, device, is_causal) != "sdpa":  # e.g. a user's backend registered ahead of it
-        return None
-    return _SDPA(query, key, value, None, 0.0, is_causal, scale=scale)
+    unobserved = not (observe._OBSERVERS or observe._INTERCEPTORS)
+    if unobserved and plain_choice(query.dtype, query.device, is_causal) == "sdpa":
+        return _SDPA(query, key, value, None, 0.0, is_causal, scale=scale)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    return AttentionSpec(query=query, key=key, value=value, is_causal=is_causal, scale=scale)
 
 
 def attention(
@@ -168,6 +174,7 @@ def attention(
         >>> attnkit.attention(q, k, v, is_causal=True).shape
         torch.Size([2, 4, 8, 16])
     """
+    plain = None
     if (
         backend == "auto"
         and attn_mask is None
@@ -182,28 +189,30 @@ def attention(
         and block_mask is None
         and sinks is None
     ):
-        out = _plain_call(query, key, value, is_causal, scale)
-        if out is not None:
-            return out
-    spec = make_spec(
-        query,
-        key,
-        value,
-        attn_mask=attn_mask,
-        is_causal=is_causal,
-        window_size=window_size,
-        attn_bias=attn_bias,
-        alibi_slopes=alibi_slopes,
-        softcap=softcap,
-        scale=scale,
-        dropout_p=dropout_p,
-        return_weights=return_weights,
-        return_lse=return_lse,
-        mask_mod=mask_mod,
-        score_mod=score_mod,
-        block_mask=block_mask,
-        sinks=sinks,
-    )
+        plain = _plain_call(query, key, value, is_causal, scale)
+        if isinstance(plain, Tensor):
+            return plain
+    spec = plain
+    if spec is None:
+        spec = make_spec(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            window_size=window_size,
+            attn_bias=attn_bias,
+            alibi_slopes=alibi_slopes,
+            softcap=softcap,
+            scale=scale,
+            dropout_p=dropout_p,
+            return_weights=return_weights,
+            return_lse=return_lse,
+            mask_mod=mask_mod,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            sinks=sinks,
+        )
     out, weights, lse = dispatch(spec, backend)
     if observe._OBSERVERS:
         observe.emit(observe.AttentionEvent("scaled_dot_product", spec, out, weights, lse))

@@ -142,8 +142,9 @@ class TiledSchedule:
 
     def nbytes(self) -> int:
         """Bytes held by the steps' index tensors and masks (builds the steps)."""
-        tensors = [st.q_blocks for st in self.steps()]
+        tensors = []
         for st in self.steps():
+            tensors.append(st.q_blocks)
             for ch in st.chunks:
                 tensors += [ch.index.q_idx, ch.index.kv_idx, ch.gather] + ([ch.keep] if ch.keep is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -173,9 +174,9 @@ class TiledSchedule:
                 continue  # rows with no key: output 0, lse -inf
             q_blocks = torch.arange(s0, s1, device=dev)
             q_idx = q_blocks[:, None] * r + offs  # (N, r)
-            lo = torch.tensor([bounds[i][0] for i in range(s0, s1)], device=dev)[:, None]
-            step = Step(q_blocks, s0)
             starts = [bounds[i][0] for i in range(s0, s1)]
+            lo = torch.tensor(starts, device=dev)[:, None]
+            step = Step(q_blocks, s0)
             stride = starts[1] - starts[0] if len(starts) > 1 else 0
             evenly = all(b - a == stride for a, b in itertools.pairwise(starts))
             for c0 in range(0, width, cols or 1):

@@ -11,7 +11,7 @@ from attnkit.functional import observe
 from attnkit.functional.block_mask import BlockMask
 from attnkit.functional.mods import MaskMod, ScoreMod
 from attnkit.functional.registry import dispatch, plain_choice
-from attnkit.functional.spec import AttentionOutput, AttentionSpec, make_spec
+from attnkit.functional.spec import AttentionOutput, AttentionSpec, default_scale, make_spec
 
 __all__ = ["attention"]
 
@@ -57,7 +57,7 @@ def _plain_call(query, key, value, is_causal, scale) -> Tensor | AttentionSpec |
     unobserved = not (observe._OBSERVERS or observe._INTERCEPTORS)
     if unobserved and plain_choice(query.dtype, query.device, is_causal) == "sdpa":
         return _SDPA(query, key, value, None, 0.0, is_causal, scale=scale)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scale = default_scale(query.shape[-1]) if scale is None else scale
     return AttentionSpec(query=query, key=key, value=value, is_causal=is_causal, scale=scale)
 
 

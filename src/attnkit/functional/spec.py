@@ -314,6 +314,11 @@ def _effective_window(window, q_len: int, kv_len: int, is_causal: bool):
     return None if left_free and right_free else window
 
 
+def default_scale(head_dim: int) -> float:
+    """The softmax scale when none is given: ``1 / sqrt(head_dim)`` (Vaswani et al. 2017, Eq. 1)."""
+    return 1.0 / math.sqrt(head_dim)
+
+
 def make_spec(
     query: Tensor,
     key: Tensor,
@@ -352,7 +357,7 @@ def make_spec(
     if softcap is not None:
         softcap = check_number("softcap", softcap, lambda x: x > 0, "be a positive number (finite) or None")
     if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
+        scale = default_scale(query.shape[-1])
     scale = check_number("scale", scale, lambda x: True, "be a finite number or None")
     dropout_p = check_number("dropout_p", dropout_p, lambda x: 0.0 <= x < 1.0, "lie in [0, 1)")
     check_mod(mask_mod, "mask_mod", MASK_MOD_PARAMS)

@@ -221,6 +221,7 @@ def main(argv=None) -> int:
         if args.out is not None:
             write_outputs(args.out, model, log)
     if world > 1:
+        dist.barrier()  # no rank tears its process group down while another still uses it (writing outputs)
         dist.destroy_process_group()
     return 0
 

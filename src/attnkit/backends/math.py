@@ -35,23 +35,37 @@ def math_forward(
         (*batch, H, Lq) or None)``; ``probs`` is on the autograd path of ``output`` (before dropout).
     """
     setup = TileSetup(spec)
-    q5, k4, v4 = reshape_qkv(spec)
-    B, Hkv, G, Lq, D = q5.shape
-    qt = setup.prepare_query(q5).reshape(B, Hkv, 1, G * Lq, D)
-    kt = setup.prepare_kv(k4).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
-    s = setup.logits(qt, kt, 1, Lq)  # (B, Hkv, 1, G, Lq, Lk)
-    if not setup.plain:  # a plain call's scores are final: no tile of terms to build
-        s = setup.masked_logits(s, whole(spec))
-    probs, lse = setup.tile_probs(s, lse=need_lse)
-    probs = probs.reshape(spec.scores_shape)  # the tensor returned is the one the output is computed from
+    if setup.plain and setup.G == 1:  # the scores alone, in the call's own layout: no tile reshapes (short calls)
+        s = torch.matmul(setup.prepare_query(spec.query), setup.prepare_kv(spec.key).transpose(-1, -2))
+        probs, lse = setup.tile_probs(s, lse=need_lse)
+        out = torch.matmul(_used(spec, probs, probs_leaf), setup.prepare_kv(spec.value))
+    else:
+        q5, k4, v4 = reshape_qkv(spec)
+        B, Hkv, G, Lq, D = q5.shape
+        qt = setup.prepare_query(q5).reshape(B, Hkv, 1, G * Lq, D)
+        kt = setup.prepare_kv(k4).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
+        s = setup.logits(qt, kt, 1, Lq)  # (B, Hkv, 1, G, Lq, Lk)
+        if not setup.plain:  # a plain call's scores are final: no tile of terms to build
+            s = setup.masked_logits(s, whole(spec))
+        probs, lse = setup.tile_probs(s, lse=need_lse)
+        probs = probs.reshape(spec.scores_shape)  # the tensor returned is the one the output is computed from
+        used = _used(spec, probs, probs_leaf).reshape(B, Hkv, 1, G * Lq, -1)
+        out = torch.matmul(used, setup.prepare_kv(v4).unsqueeze(2))
+        out = out.reshape((*spec.query.shape[:-1], spec.value.shape[-1]))
+        lse = lse.reshape(spec.query.shape[:-1]) if lse is not None else None
+    if out.dtype != spec.value.dtype:
+        out = out.to(spec.value.dtype)
+    return out, probs, lse
+
+
+def _used(spec: AttentionSpec, probs: Tensor, probs_leaf: bool) -> Tensor:
+    """The probabilities the output is computed from: ``probs`` made an autograd leaf if asked (in place, so the
+    caller's tensor is the leaf), then dropped out with ``spec.dropout_p``."""
     if probs_leaf and torch.is_grad_enabled() and not probs.requires_grad:
         probs.requires_grad_()
-    used = probs
     if spec.dropout_p > 0:
-        used = torch.nn.functional.dropout(probs, p=spec.dropout_p, training=True)
-    out = torch.matmul(used.reshape(B, Hkv, 1, G * Lq, -1), setup.prepare_kv(v4).unsqueeze(2))
-    out = out.reshape((*spec.query.shape[:-1], spec.value.shape[-1])).to(spec.value.dtype)
-    return out, probs, (lse.reshape(spec.query.shape[:-1]) if lse is not None else None)
+        return torch.nn.functional.dropout(probs, p=spec.dropout_p, training=True)
+    return probs
 
 
 def math_attention(spec: AttentionSpec) -> tuple[Tensor, Tensor | None, Tensor | None]:

@@ -109,6 +109,15 @@ def _takes_query_key(module: nn.Module) -> bool:
     return known
 
 
+def _published_layout(module: nn.Module) -> dict | None:
+    """The ``token_layout`` a module published (attnkit.vision modules set it on the instance before attending),
+    read without ``nn.Module.__getattr__``'s slow search for an attribute most modules lack."""
+    published = module.__dict__.get("token_layout")
+    if published is None and hasattr(type(module), "token_layout"):  # a property or class attribute
+        published = getattr(module, "token_layout", None)
+    return published
+
+
 def _call_hint(module: nn.Module, args: tuple, kwargs: dict) -> bool | None:
     """Whether a module call is cross-attention, from what the call is; ``None`` when it does not say.
 
@@ -267,7 +276,7 @@ class Interceptor(ModuleHooks):
         if got is not None:
             return got
         for _, _, module in reversed(self.stack):  # attnkit.vision modules publish `token_layout` before attending
-            published = getattr(module, "token_layout", None)
+            published = _published_layout(module)
             if isinstance(published, dict) and published:
                 self.publishers.add(module)
                 if self.published is None or self.published[0] != published:  # one conversion per forward
@@ -404,6 +413,11 @@ class Interceptor(ModuleHooks):
             return
         if not self.store and not self.reducers:
             self.rec.maps.append(rec)  # metadata only: nothing asks for the probabilities
+            return
+        whole = heads is None and rows is None and not (self.head_mean or self.reducers)
+        if whole and full is not None and full.dtype in (torch.float32, torch.float64):
+            rec.weights = full  # the whole map as computed, kept as it is
+            self.rec.maps.append(rec)
             return
         with torch.no_grad():
             if full is not None:

@@ -65,7 +65,7 @@ def augment(fused: Tensor, rows: Tensor | None = None, residual: bool = True) ->
         else:
             fused[:, torch.arange(len(rows)), rows.to(fused.device)] += 0.5
     total = fused.sum(-1, keepdim=True)
-    return fused / torch.where(total > 0, total, torch.ones_like(total))
+    return fused / torch.where(total > 0, total, 1.0)
 
 
 def rollout(
@@ -96,14 +96,24 @@ def rollout(
         Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers", ACL, Sec. 3 (attention rollout).
     """
     _check_options(head_fusion, discard_ratio, "rollout")
-    tensors = maps_of(maps, who="rollout")
-    if len({t.shape for t in tensors}) == 1:  # one fusion + augmentation for every layer: a few kernels, not per layer
-        stacked = maps if isinstance(maps, Tensor) else torch.stack(tensors, 0)
-        n, b = stacked.shape[:2]
-        fused = fuse_heads(stacked.flatten(0, 1), head_fusion, discard_ratio)
-        hats = list(augment(fused, None, residual).unflatten(0, (n, b)).unbind(0))
-    else:  # layers with different head counts
-        hats = [augment(fuse_heads(a, head_fusion, discard_ratio), None, residual) for a in tensors]
+    if isinstance(maps, Tensor) and maps.ndim == 5 and maps.shape[-1] == maps.shape[-2]:
+        stacked = maps  # already one tensor of equal maps: nothing to gather or compare
+    else:
+        tensors = maps_of(maps, who="rollout")
+        if len({t.shape for t in tensors}) > 1:  # layers with different head counts
+            hats = [augment(fuse_heads(a, head_fusion, discard_ratio), None, residual) for a in tensors]
+            return _chain(hats)
+        stacked = torch.stack(tensors, 0)
+    n, b, h, length = stacked.shape[:4]
+    if n == 0:
+        raise ValueError("rollout: got no attention maps; did the capture record anything?")
+    # one fusion + augmentation for every layer at once: a few kernels, not a few per layer
+    fused = fuse_heads(stacked.reshape(n * b, h, length, length), head_fusion, discard_ratio)
+    return _chain(augment(fused, None, residual).view(n, b, length, length).unbind(0))
+
+
+def _chain(hats) -> Tensor:
+    """``Â_L ··· Â_1`` of the per-layer ``(B, L, L)`` matrices ``hats`` (first layer first)."""
     result = hats[0]
     for a_hat in hats[1:]:
         result = torch.bmm(a_hat, result)  # (B, L, L) each: one kernel (``@`` adds broadcasting views)

@@ -169,7 +169,7 @@ class Interceptor(ModuleHooks):
         self.stack: list[tuple[str, bool | None, nn.Module]] = []
         self.layer_ids: dict[str, int] = {}
         self.mha_entries: dict[int, int] = {}
-        self.pending: dict[int, Tensor] = {}
+        self.handled: AttentionSpec | None = None  # a call recorded by _intercept_call: its event is not recorded again
         self.mha_start: dict[int, int] = {}
         self.mha_wants: dict[int, tuple[bool, bool]] = {}
         self.enc_start: dict[int, int] = {}
@@ -324,12 +324,15 @@ class Interceptor(ModuleHooks):
         """The interceptor of :func:`attnkit.functional.registry.dispatch` in math-kernel / head-gate modes."""
         if self.suspended or not self.stack:
             return run(spec)
-        name, _ = self._where()
+        name, cross = self._where()
         layer = self._layer(name)
         gate = self.head_gates(layer, spec.num_heads) if self.head_gates is not None else None
-        if self.differentiable or (self.math_kernel and (self.layers is None or layer in self.layers)):
+        wanted = self.layers is None or layer in self.layers
+        if self.differentiable or (self.math_kernel and wanted):
             out, probs, lse = math_forward(spec, probs_leaf=self.differentiable, need_lse=spec.return_lse)
-            self.pending[id(spec)] = probs
+            if wanted:  # recorded now, with the probabilities the output is computed from
+                self._record(name, layer, cross, "attnkit", spec=spec, weights=probs)
+                self.handled = spec
             weights = probs.to(spec.query.dtype) if spec.return_weights else None
             lse = lse if spec.return_lse else None
         else:
@@ -341,25 +344,16 @@ class Interceptor(ModuleHooks):
     def _event(self, event: observe.AttentionEvent) -> None:
         if self.suspended or not self.stack:
             return
+        if event.spec is not None and event.spec is self.handled:
+            self.handled = None
+            return
         name, cross = self._where()
         layer = self._layer(name)
         if self.layers is not None and layer not in self.layers:
             self._count()
             return
         if event.kind == "scaled_dot_product" and event.spec is not None:
-            probs = self.pending.pop(id(event.spec), None)
-            if probs is not None:
-                self._record(name, layer, cross, "attnkit", spec=event.spec, weights=probs, layout=event.layout)
-            else:
-                self._record(
-                    name,
-                    layer,
-                    cross,
-                    "attnkit",
-                    spec=event.spec,
-                    weights=event.weights,
-                    layout=event.layout,
-                )
+            self._record(name, layer, cross, "attnkit", spec=event.spec, weights=event.weights, layout=event.layout)
         elif event.kind == "token" and event.weights is not None:
             self._record(name, layer, cross, "attnkit", weights=event.weights, layout=event.layout)
         elif event.weights is not None:

@@ -58,14 +58,24 @@ def augment(fused: Tensor, rows: Tensor | None = None, residual: bool = True) ->
 
     Rows summing to 0 stay 0.
     """
-    if residual:
-        fused = 0.5 * fused  # a new tensor: the identity's 0.5 is added in place (two kernels, not six)
-        if rows is None:
-            fused.diagonal(dim1=-2, dim2=-1).add_(0.5)
-        else:
-            fused[:, torch.arange(len(rows)), rows.to(fused.device)] += 0.5
-    total = fused.sum(-1, keepdim=True)
-    return fused / torch.where(total > 0, total, 1.0)
+    return _augment(0.5 * fused, rows, 0.5) if residual else _normalise(fused)
+
+
+def _augment(weighted: Tensor, rows: Tensor | None, identity: float) -> Tensor:
+    """``weighted + identity · I`` re-normalised; ``weighted`` is a fresh tensor (the identity is added in place).
+    ``0.5 · A`` with ``0.5`` is :func:`augment`; the sum of ``H`` heads with ``H`` is the same ``Â`` (rows are
+    re-normalised) in one kernel fewer."""
+    if rows is None:
+        weighted.diagonal(dim1=-2, dim2=-1).add_(identity)
+    else:
+        weighted[:, torch.arange(len(rows)), rows.to(weighted.device)] += identity
+    return _normalise(weighted)
+
+
+def _normalise(x: Tensor) -> Tensor:
+    """Rows of ``x`` divided by their sums; rows summing to 0 (or less) are left as they are."""
+    total = x.sum(-1, keepdim=True)
+    return x / torch.where(total > 0, total, 1.0)
 
 
 def rollout(
@@ -108,8 +118,12 @@ def rollout(
     if n == 0:
         raise ValueError("rollout: got no attention maps; did the capture record anything?")
     # one fusion + augmentation for every layer at once: a few kernels, not a few per layer
-    fused = fuse_heads(stacked.reshape(n * b, h, length, length), head_fusion, discard_ratio)
-    return _chain(augment(fused, None, residual).view(n, b, length, length).unbind(0))
+    flat = stacked.reshape(n * b, h, length, length)
+    if head_fusion == "mean" and discard_ratio == 0 and residual:
+        hats = _augment(flat.sum(1), None, float(h))  # (Σ_h A + H·I) / rows = (mean_h A / 2 + I / 2) / rows
+    else:
+        hats = augment(fuse_heads(flat, head_fusion, discard_ratio), None, residual)
+    return _chain(hats.view(n, b, length, length).unbind(0))
 
 
 def _chain(hats) -> Tensor:

@@ -44,11 +44,10 @@ def pack_maps(maps: Tensor, tokens: list[str]) -> tuple[bytes, dict[str, Any]]:
         raise ValueError(
             f"pack_maps: expected (layers, H, L, L) maps for {len(tokens)} tokens, got {tuple(maps.shape)}"
         )
-    maps = maps.detach().float().cpu().clamp_min(0)
     layers, heads, length, _ = maps.shape
-    flat = maps.reshape(layers * heads, -1)
-    peak = flat.amax(-1).clamp_min(1e-30)
-    quant = torch.round(flat / peak[:, None] * 255).to(torch.uint8)
+    flat = maps.detach().float().cpu().reshape(layers * heads, -1).clamp_min(0)  # a new tensor: scaled in place
+    peak = flat.amax(-1).clamp_min_(1e-30)
+    quant = flat.mul_((255.0 / peak)[:, None]).round_().to(torch.uint8)
     blob = _zstd().compress(quant.numpy().tobytes(), asbytes=True)
     meta = {"shape": [layers, heads, length, length], "peak": peak.tolist(), "tokens": list(tokens), "codec": CODEC}
     return blob, meta

@@ -104,6 +104,10 @@ class Filters:
         return out
 
 
+#: The insert of one record (the record's values as parameters: SQLAlchemy compiles it once per engine dialect).
+_INSERT_EXPLANATION = explanations.insert()
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor the writer the readers
@@ -174,8 +178,8 @@ class Store:
         Returns:
             the record's ``seq`` (feed cursor).
         """
-        with self.engine.begin() as conn:
-            result = conn.execute(explanations.insert().values(**record))
+        with self.engine.begin() as conn:  # one statement, the record as its parameters: compiled once, then cached
+            result = conn.execute(_INSERT_EXPLANATION, record)
             return int(result.inserted_primary_key[0])
 
     def set_stats(self, stats: dict[str, dict[str, float]]) -> None:

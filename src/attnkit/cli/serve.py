@@ -49,8 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     parser.add_argument("--queue-size", type=int, default=32, help="requests accepted at once; more get 503")
+    parser.add_argument(
+        "--retry-after", type=int, default=1, metavar="SECONDS", help="Retry-After of a 503 (full queue), default 1"
+    )
     parser.add_argument("--max-text-chars", type=int, default=5000, help="longest text accepted (default 5000)")
     parser.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MB (default 8)")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=4096 * 4096,
+        metavar="N",
+        help="largest decoded image, width x height (default 4096*4096 = 16777216); larger ones get 413",
+    )
     parser.add_argument("--max-tokens", type=int, default=128, help="text inputs truncated to this (default 128)")
     parser.add_argument("--no-store-inputs", action="store_true", help="keep only the SHA-256 of each input")
     parser.add_argument("--retention-days", type=float, default=None, help="delete records older than this")
@@ -79,14 +89,14 @@ def _time(value, flag: str):
 
 
 def _export(args) -> int:
+    from attnkit.cli.checks import check_out_file
     from attnkit.serve.export import export
     from attnkit.serve.store import Filters
 
     fmt = args.format or args.out.suffix.lower().lstrip(".")
     if fmt not in ("jsonl", "parquet"):
         raise UserError(f"{args.out}: cannot tell the format from the suffix; use .jsonl/.parquet or --format")
-    if args.out.exists() and not args.overwrite:
-        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    check_out_file(args.out, overwrite=args.overwrite, option="output")  # exists, missing folder, read-only
     filters = Filters(model=args.model, since=_time(args.since, "--since"), until=_time(args.until, "--until"))
     store = _open_store(args.db)
     try:
@@ -101,13 +111,16 @@ def _baseline(args) -> int:
     import time
 
     from attnkit.serve.health import STATISTICS
-    from attnkit.serve.store import Filters
 
     since, until = _time(args.since, "--since"), _time(args.until, "--until")
     store = _open_store(args.db)
     try:
-        filters = Filters(model=args.model, since=since, until=until)
-        rows = [r for r in store.iter_records(filters) if r["stats"]]  # {}: statistics never written
+        # statistics only (no inputs or maps); records whose statistics were never written are left out
+        rows = [
+            r
+            for r in store.stats_series(args.model)
+            if (since is None or r["created_at"] >= since) and (until is None or r["created_at"] < until)
+        ]
         if not rows:
             raise UserError(f"no records of model {args.model!r} in that window; serve some requests first")
         stats = {name: [float(r["stats"][name]) for r in rows] for name in STATISTICS}
@@ -120,12 +133,26 @@ def _baseline(args) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.serve_command == "export":
-        return _export(args)
-    if args.serve_command == "baseline":
-        return _baseline(args)
-    for flag in ("queue_size", "max_text_chars", "max_tokens", "reference_size", "recent_size"):
+#: Integer flags that must be at least 1.
+_POSITIVE_INTS = (
+    "queue_size",
+    "retry_after",
+    "max_text_chars",
+    "max_image_pixels",
+    "max_tokens",
+    "reference_size",
+    "recent_size",
+)
+
+
+def serve_config(args: argparse.Namespace):
+    """The :class:`~attnkit.serve.service.ServeConfig` of parsed ``attnkit serve`` flags, checked before any work.
+
+    Raises:
+        UserError: a count or limit below 1, a port outside ``[0, 65535]``, a non-positive ``--max-body-mb`` or
+            ``--retention-days``, or the serve extra missing.
+    """
+    for flag in _POSITIVE_INTS:
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if not 0 <= args.port < 65536:
@@ -134,6 +161,30 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     if args.retention_days is not None and args.retention_days <= 0:
         raise UserError(f"--retention-days must be positive, got {args.retention_days}")
+    try:
+        from attnkit.serve.service import ServeConfig
+    except ImportError as exc:
+        raise UserError(f"attnkit serve needs the serve extra: pip install 'attnkit[serve]' ({exc})") from None
+    return ServeConfig(
+        queue_size=args.queue_size,
+        retry_after_s=args.retry_after,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_text_chars=args.max_text_chars,
+        max_image_pixels=args.max_image_pixels,
+        store_inputs=not args.no_store_inputs,
+        retention_days=args.retention_days,
+        reference_size=args.reference_size,
+        recent_size=args.recent_size,
+        max_tokens=args.max_tokens,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.serve_command == "export":
+        return _export(args)
+    if args.serve_command == "baseline":
+        return _baseline(args)
+    config = serve_config(args)
     models = dict(args.models or [(m, m) for m in DEFAULT_MODELS])
     if len(models) != len(args.models or DEFAULT_MODELS):
         raise UserError("--model: each NAME may be given once")
@@ -142,23 +193,13 @@ def run(args: argparse.Namespace) -> int:
 
         from attnkit.serve.app import create_app
         from attnkit.serve.models import ModelLoadError, load_endpoint
-        from attnkit.serve.service import ServeConfig, Service
+        from attnkit.serve.service import Service
     except ImportError as exc:
         raise UserError(f"attnkit serve needs the serve extra: pip install 'attnkit[serve]' ({exc})") from None
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    config = ServeConfig(
-        queue_size=args.queue_size,
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-        max_text_chars=args.max_text_chars,
-        store_inputs=not args.no_store_inputs,
-        retention_days=args.retention_days,
-        reference_size=args.reference_size,
-        recent_size=args.recent_size,
-        max_tokens=args.max_tokens,
-    )
     store = _open_store(args.db)
     try:
         endpoints = {name: load_endpoint(name, src, max_tokens=args.max_tokens) for name, src in models.items()}

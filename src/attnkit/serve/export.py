@@ -50,13 +50,15 @@ def export(
 
     Args:
         store: the open store.
-        path: the output file.
+        path: the output file; its directory must exist.
         fmt: ``"jsonl"`` or ``"parquet"``; default from the suffix (``.jsonl``, ``.parquet``).
-        filters: which records.
+        filters: which records (default: all).
         overwrite: replace an existing file.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
+        FileNotFoundError: the directory of ``path`` does not exist (it is not created, as
+            :meth:`attnkit.explain.Recording.save`).
         ValueError: an unknown format.
         ImportError: pyarrow missing for Parquet (``pip install 'attnkit[serve]'``).
     """
@@ -67,7 +69,6 @@ def export(
         raise ValueError(f"export: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"export: {path} exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, overwrite=overwrite, who="export") as tmp:
         count = _write_jsonl(store, str(tmp), filters) if fmt == "jsonl" else _write_parquet(store, str(tmp), filters)
     return count

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
@@ -18,7 +18,16 @@ from attnkit.serve.service import Service
 from attnkit.serve.store import Filters
 from attnkit.serve.views import full_record, parse_time, summary
 
-__all__ = ["add_dashboard", "health_figure", "health_report"]
+__all__ = [
+    "CONFIDENCE_LABELS",
+    "HealthWindows",
+    "add_dashboard",
+    "health_figure",
+    "health_report",
+    "health_windows",
+    "model_kind",
+    "statistic_labels",
+]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 METHODS = ("raw", "rollout", "relevance", "flow")
@@ -35,8 +44,39 @@ def _values(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     return {name: [float(r["stats"].get(name, math.nan)) for r in rows] for name in STATISTICS}
 
 
-def health_windows(service: Service, model: str):
-    """``(reference values, reference description, recent rows, all rows for plotting)`` of ``model``."""
+#: What ``confidence`` (the stored ``prediction.score``) is, per model kind: a text model's prediction is the label
+#: nearest to the sentence embedding, so its score is a cosine similarity in ``[-1, 1]``, not a probability.
+CONFIDENCE_LABELS = {
+    "text": "confidence (cosine similarity to the nearest label)",
+    "image": "confidence (top-class probability)",
+}
+
+
+class HealthWindows(NamedTuple):
+    """The two windows a model's attention health compares (see :func:`health_windows`).
+
+    Attributes:
+        reference: ``{statistic: values}`` of the reference window (a recorded baseline, else the first requests).
+        source: a description of the reference window, for the page.
+        recent: ``[{seq, created_at, stats}]`` of the recent window, oldest first.
+        reference_seqs: the feed cursors (``seq``) of the reference records still in the store; empty for a
+            baseline (its values are kept with it, not as records).
+    """
+
+    reference: dict[str, list[float]]
+    source: str
+    recent: list[dict[str, Any]]
+    reference_seqs: set[int]
+
+
+def health_windows(service: Service, model: str) -> HealthWindows:
+    """The reference and recent windows of ``model``'s attention-health statistics.
+
+    With a baseline recorded by ``attnkit serve baseline`` (the newest one) the reference is its values and the
+    recent window the model's last ``config.recent_size`` records; without one the reference is the model's first
+    ``config.reference_size`` records and the recent window the last ``config.recent_size`` records after them
+    (none overlap). Records whose statistics are not written yet are left out of both.
+    """
     store, cfg = service.store, service.config
     baseline = store.latest_baseline(model)
     if baseline is not None:
@@ -51,34 +91,72 @@ def health_windows(service: Service, model: str):
         after = first[-1]["seq"] if first else 0
         recent = store.stats_series(model, limit=cfg.recent_size, after=after)
         ref_seqs = {r["seq"] for r in first}
-    return reference, source, recent, ref_seqs
+    return HealthWindows(reference, source, recent, ref_seqs)
+
+
+def model_kind(service: Service, model: str) -> str | None:
+    """``"text"`` or ``"image"``: the served endpoint's kind, else that of the model's newest record (``None``
+    when there is neither)."""
+    endpoint = service.endpoints.get(model)
+    if endpoint is not None:
+        return endpoint.kind
+    rows = service.store.list(Filters(model=model), page=1, page_size=1)
+    return rows[0]["model_kind"] if rows else None
+
+
+def statistic_labels(kind: str | None) -> dict[str, str]:
+    """``{statistic: label}`` for the page and the plot; ``confidence`` says what it measures for this model kind
+    (a cosine similarity for text models, a probability for image models)."""
+    labels = {name: name.replace("_", " ") for name in STATISTICS}
+    labels["confidence"] = CONFIDENCE_LABELS.get(kind, "confidence (top score)")
+    return labels
 
 
 def health_report(service: Service, model: str) -> dict[str, Any]:
-    """JSON attention-health summary of ``model``; 404 when it is neither served nor in the store."""
+    """The JSON attention-health summary of ``model`` (``GET /v1/models/{name}/health`` and the health page).
+
+    Returns:
+        ``{"model", "model_kind", "reference": {"source", "num_records"}, "recent": {"num_records"},
+        "statistics": [...], "drift"}``: one entry per statistic of :data:`~attnkit.serve.health.STATISTICS` with
+        the fields of :class:`~attnkit.serve.health.Drift` (``nan`` as ``None``; ``shift`` is the standardised mean
+        difference) and its display ``label``; ``drift`` is True when any statistic is flagged.
+
+    Raises:
+        HTTPException: 404 when ``model`` is neither served nor in the store.
+    """
     if model not in service.endpoints and model not in service.store.models():
         raise HTTPException(404, detail=f"unknown model {model!r}")
-    reference, source, recent, _ = health_windows(service, model)
-    results = drift(reference, _values(recent))
+    windows = health_windows(service, model)
+    results = drift(windows.reference, _values(windows.recent))
+    kind = model_kind(service, model)
+    labels = statistic_labels(kind)
     return {
         "model": model,
-        "reference": {"source": source, "num_records": len(next(iter(reference.values()), []))},
-        "recent": {"num_records": len(recent)},
+        "model_kind": kind,
+        "reference": {"source": windows.source, "num_records": len(next(iter(windows.reference.values()), []))},
+        "recent": {"num_records": len(windows.recent)},
         "statistics": [
-            {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.__dict__.items()} for d in results
+            {
+                **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.__dict__.items()},
+                "label": labels[d.statistic],
+            }
+            for d in results
         ],
         "drift": any(d.flagged for d in results),
     }
 
 
 def health_figure(service: Service, model: str, *, max_points: int = 2000) -> bytes:
-    """PNG: each statistic over the model's requests; reference window grey with its mean ± 2 sd, recent orange."""
+    """PNG of each statistic over the model's last ``max_points`` requests (feed order): the reference window's
+    records grey with its mean and mean ± 2 sd band, the recent window orange, the rest blue; a flagged statistic's
+    title says DRIFT with the KS p-value."""
     from attnkit.explain import plots
 
     reference, _, recent, ref_seqs = health_windows(service, model)
     rows = service.store.stats_series(model, limit=max_points)
     recent_seqs = {r["seq"] for r in recent}
     results = {d.statistic: d for d in drift(reference, _values(recent))}
+    labels = statistic_labels(model_kind(service, model))
     fig = _figure(len(STATISTICS))
     axes = fig.subplots(len(STATISTICS), 1, sharex=True, squeeze=False)[:, 0]
     xs = [r["seq"] for r in rows]
@@ -95,7 +173,7 @@ def health_figure(service: Service, model: str, *, max_points: int = 2000) -> by
         d = results[name]
         flag = f"  DRIFT (KS p={d.p_value:.2g})" if d.flagged else ""
         ax.set_ylabel(name.replace("_", " "), fontsize=8)
-        ax.set_title(f"{name}{flag}", fontsize=9, color="#c0392b" if d.flagged else "#222222", loc="left")
+        ax.set_title(f"{labels[name]}{flag}", fontsize=9, color="#c0392b" if d.flagged else "#222222", loc="left")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("request (feed order)")
     return plots.figure_png(fig)

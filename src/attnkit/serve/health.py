@@ -9,7 +9,9 @@ Per request (all in ``[0, 1]``, comparable across input lengths):
   Xiao et al. 2024 ("Efficient Streaming Language Models with Attention Sinks");
 * ``rollout_concentration``: ``1 - H(p) / log n`` of the summarising token's rollout row ``p`` (Abnar & Zuidema
   2020) over the ``n`` content tokens; 0 = spread evenly, 1 = all on one token;
-* ``confidence``: the top class probability, or the top cosine similarity to a label for sentence embeddings.
+* ``confidence``: the prediction's ``score`` as stored: the top class's softmax probability for image classifiers,
+  but for text models (sentence embedding -> nearest label) the cosine similarity to the nearest label, in
+  ``[-1, 1]`` and not a probability. The name is kept for stored data and the API; pages label it per model kind.
 
 Drift: the two-sample Kolmogorov-Smirnov test (:func:`scipy.stats.ks_2samp`) between the recent window and the
 reference window (a recorded baseline, else the model's first requests) flags a statistic when ``p < alpha``.
@@ -38,11 +40,12 @@ def request_stats(
         maps: ``(layers, H, L, L)`` attention probabilities of one input (real tokens only).
         sinks: positions of the special/sink tokens.
         summary_row: the token whose rollout row summarises the input (BERT's [CLS]: 0).
-        confidence: the prediction's confidence.
+        confidence: the prediction's score (top-class probability, or a text model's cosine similarity to the
+            nearest label), stored as it is.
         rollout_row: ``(L,)`` the summarising token's rollout row when already computed (else computed here).
 
     Returns:
-        ``{name: value}`` for every name in :data:`STATISTICS`.
+        ``{name: value}`` (Python floats) for every name in :data:`STATISTICS`.
     """
     from attnkit.explain import head_entropy, rollout
 
@@ -101,9 +104,12 @@ class Drift:
     Attributes:
         statistic: the name (one of :data:`STATISTICS`).
         reference_mean, recent_mean: window means (``nan`` for an empty window).
-        shift: ``(recent_mean - reference_mean) / reference_std`` (0 when the reference has no spread).
-        ks: the Kolmogorov-Smirnov statistic; p_value: its two-sided p-value (``nan`` when a window is too small).
-        flagged: ``p_value < alpha`` with enough records in both windows.
+        shift: the standardised mean difference ``(recent_mean - reference_mean) / reference_sd``, with the
+            reference's sample standard deviation (``n - 1``); 0 when the reference has no spread or a window is
+            empty. The field keeps its name for API compatibility; pages call it "standardised mean difference".
+        ks: the two-sample Kolmogorov-Smirnov statistic (largest gap between the empirical CDFs, in ``[0, 1]``).
+        p_value: its two-sided p-value (``nan`` when a window has fewer than ``min_records`` values).
+        flagged: ``p_value < alpha`` with at least ``min_records`` values in both windows.
     """
 
     statistic: str
@@ -122,7 +128,26 @@ def drift(
     alpha: float = 0.01,
     min_records: int = 10,
 ) -> list[Drift]:
-    """Compare every statistic of ``recent`` against ``reference`` (``{statistic: values}`` each)."""
+    """Compare every statistic of ``recent`` against ``reference`` with a two-sample Kolmogorov-Smirnov test.
+
+    Each statistic is tested on its own at level ``alpha``, as the univariate KS tests per feature of Rabanser et
+    al. 2019 ("Failing Loudly: An Empirical Study of Methods for Detecting Dataset Shift"), but without their
+    Bonferroni correction: a recent window drawn from the reference distribution gets some flag with probability
+    at most ``len(STATISTICS) * alpha`` (union bound). The test (Kolmogorov 1933, Smirnov 1948) is
+    :func:`scipy.stats.ks_2samp`: two-sided, ``method="auto"`` (exact p-values for small windows, the asymptotic
+    Kolmogorov distribution for large ones).
+
+    Args:
+        reference: ``{statistic: values}`` of the reference window (a recorded baseline or the first requests);
+            a missing statistic counts as an empty window.
+        recent: ``{statistic: values}`` of the recent window.
+        alpha: significance level of each test, in ``(0, 1)`` (default 0.01).
+        min_records: fewest values each window needs before it is tested (default 10); smaller windows get
+            ``ks = p_value = nan`` and are never flagged.
+
+    Returns:
+        one :class:`Drift` per name in :data:`STATISTICS`, in that order.
+    """
     from scipy.stats import ks_2samp
 
     out = []

@@ -146,6 +146,34 @@ class Endpoint:
             self.capture_plan = capture_plan(self.model, example=example)
 
     def explain(self, data: Any, method: str, options: dict[str, Any]) -> Explained:
+        """Explain one input: its prediction, ``method``'s scores and the attention maps, from one captured forward.
+
+        Args:
+            data: one input as the subclass takes it: a ``str`` (:class:`TextEndpoint`) or a ``(C, S, S)``
+                float32 tensor of pixels in ``[0, 1]`` at the model's ``image_size`` S (:class:`ImageEndpoint`).
+            method: one of :attr:`methods` (the service checks it first):
+
+                * ``"raw"``: the summarising token's attention row in ``options["layer"]`` (default the last),
+                  ``options["head"]`` (default the mean over heads);
+                * ``"rollout"``: attention rollout over all layers with the residual identity (Abnar & Zuidema
+                  2020, "Quantifying Attention Flow in Transformers", Sec. 3; :func:`attnkit.explain.rollout`);
+                * ``"relevance"``: gradient-weighted relevance (Chefer, Gur & Wolf 2021, Eq. 5-11;
+                  :func:`attnkit.explain.relevance`): one more differentiable forward and a backward;
+                * ``"flow"``: maximum attention flow (Abnar & Zuidema 2020, Sec. 3;
+                  :func:`attnkit.explain.attention_flow`).
+
+            options: the request's options: ``layer`` (int, negative counts from the last layer; ``raw`` only),
+                ``head`` (int; ``raw`` only), ``top_k`` (int, predictions returned, default 5), ``labels`` (text
+                only).
+
+        Returns:
+            an :class:`Explained`.
+
+        Raises:
+            OptionError: ``options.layer`` outside ``[-layers, layers)`` or ``options.head`` outside
+                ``[0, H)`` for this model (``field`` names the option).
+            NotImplementedError: on the base class.
+        """
         raise NotImplementedError
 
     def forward(self, data: Any) -> Any:
@@ -153,6 +181,7 @@ class Endpoint:
         raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
+        """``{"name", "kind", "methods", "weights_sha256", "description"}`` of this endpoint (``GET /v1/health``)."""
         return {
             "name": self.name,
             "kind": self.kind,
@@ -191,9 +220,12 @@ class TextEndpoint(Endpoint):
         self._learn_plan(lambda: self.tm.forward(self.encode("An example sentence.")))
 
     def encode(self, text: str) -> dict[str, Tensor]:
+        """The tokenizer's batch of one text, truncated to ``max_tokens``: ``input_ids`` and ``attention_mask``
+        ``(1, L)`` int64, plus ``token_type_ids`` for the BERT family."""
         return self.tm.encode([text], max_length=self.max_tokens)
 
     def forward(self, data: str) -> Tensor:
+        """The plain forward pass of ``data`` (no capture): the ``(1, L, E)`` last hidden states."""
         with torch.inference_mode():
             return self.tm.forward(self.encode(data))
 
@@ -215,6 +247,28 @@ class TextEndpoint(Endpoint):
         return torch.stack([self._label_cache[label] for label in labels])
 
     def explain(self, data: str, method: str, options: dict[str, Any]) -> Explained:
+        """Explain one text: token importances for the summarising token and the nearest labels.
+
+        Args:
+            data: the text (truncated to ``max_tokens`` tokens; ``explanation["truncated"]`` says when).
+            method: ``"raw"``, ``"rollout"``, ``"relevance"`` or ``"flow"`` (see :meth:`Endpoint.explain`;
+                :func:`attnkit.text.token_scores` computes them; ``relevance`` explains the norm of the mean-pooled
+                sentence representation).
+            options: ``layer``, ``head`` (``raw`` only), ``top_k`` (default 5), ``labels`` (default
+                :data:`DEFAULT_LABELS`, each embedded as ``DEFAULT_LABEL_TEMPLATE.format(label)``; labels a request
+                gives are embedded as they are).
+
+        Returns:
+            an :class:`Explained`: ``prediction`` ``{"label", "score", "top", "kind": "nearest_labels"}`` where
+            ``score`` is the cosine similarity (``[-1, 1]``, not a probability) of the normalised mean-pooled
+            sentence embedding to the label's embedding, ``top`` the ``top_k`` nearest labels; ``explanation``
+            ``{"tokens", "scores", "summary_token", "truncated"}`` with one score per token (``raw``, ``rollout``
+            and ``flow`` scores sum to about 1);
+            ``maps`` ``(layers, H, L, L)`` float32.
+
+        Raises:
+            OptionError: ``options.layer`` outside ``[-layers, layers)`` or ``options.head`` outside ``[0, H)``.
+        """
         from attnkit.text import capture_maps, summary_index, token_scores
 
         t0 = time.perf_counter()
@@ -292,10 +346,29 @@ class ImageEndpoint(Endpoint):
         return x
 
     def forward(self, data: Tensor) -> Tensor:
+        """The plain forward pass of ``(C, S, S)`` pixels in ``[0, 1]`` (no capture): ``(1, classes)`` logits."""
         with torch.inference_mode():
             return self.model(self.prepare(data))
 
     def explain(self, data: Tensor, method: str, options: dict[str, Any]) -> Explained:
+        """Explain one image: the class-token row of ``method`` over the patch grid, and the top classes.
+
+        Args:
+            data: ``(C, S, S)`` float32 pixels in ``[0, 1]``, ``C`` = :attr:`channels`, ``S`` = :attr:`image_size`
+                (normalised here with ``normalize``).
+            method: ``"raw"``, ``"rollout"``, ``"relevance"`` (for the predicted class's logit) or ``"flow"``
+                (see :meth:`Endpoint.explain`); the service admits only these.
+            options: ``layer``, ``head`` (``raw`` only), ``top_k`` (default 5).
+
+        Returns:
+            an :class:`Explained`: ``prediction`` ``{"label", "class", "score", "top", "kind": "class"}`` where
+            ``score`` is the top class's softmax probability; ``explanation`` ``{"grid": [Gh, Gw], "heatmap"
+            (Gh x Gw nested lists), "image_size": [S, S]}`` (the class-token row without prefix tokens);
+            ``maps`` ``(layers, H, L, L)`` float32 with ``L`` = prefix tokens + ``Gh * Gw``.
+
+        Raises:
+            OptionError: ``options.layer`` outside ``[-layers, layers)`` or ``options.head`` outside ``[0, H)``.
+        """
         from attnkit.explain import attention_flow, capture, relevance, rollout
 
         t0 = time.perf_counter()
@@ -397,6 +470,17 @@ def _hf_vit(name: str, path: Path, config: dict[str, Any]) -> Endpoint:
 
 def load_endpoint(name: str, source: str | None = None, *, max_tokens: int = 128) -> Endpoint:
     """Load ``source`` (a :data:`SHIPPED` name or a checkpoint directory; default ``name`` itself) as ``name``.
+
+    A directory whose ``config.json`` has ``model_type: "vit"`` becomes an :class:`ImageEndpoint`, any other a
+    :class:`TextEndpoint` (BERT or GPT-2 family).
+
+    Args:
+        name: the served name.
+        source: a :data:`SHIPPED` name or a checkpoint directory.
+        max_tokens: text inputs are truncated to this many tokens.
+
+    Returns:
+        the endpoint, ready to explain.
 
     Raises:
         ModelLoadError: an unknown source, a directory without a usable checkpoint.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
+import logging
 import threading
 import time
 
@@ -16,13 +18,14 @@ from serve_helpers import Gate, record
 fastapi_testclient = pytest.importorskip("fastapi.testclient")
 
 
-def make_client(endpoints, tmp_path, **config):
+def make_client(endpoints, tmp_path, *, db=None, retention_period_s=3600.0, **config):
     from attnkit.serve.app import create_app
     from attnkit.serve.service import ServeConfig, Service
     from attnkit.serve.store import Store
 
-    service = Service(endpoints, Store(str(tmp_path / "api.db")), ServeConfig(**config))
-    return fastapi_testclient.TestClient(create_app(service)), service
+    service = Service(endpoints, Store(db or str(tmp_path / "api.db")), ServeConfig(**config))
+    app = create_app(service, retention_period_s=retention_period_s)
+    return fastapi_testclient.TestClient(app), service
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,12 @@ def client(endpoints, tmp_path_factory):
 
 def explain(client, **body):
     return client.post("/v1/explain", json=body)
+
+
+def post_raw(client, body, **headers):
+    """POST ``body`` (bytes, or an object serialised with ASCII escapes, so lone surrogates survive) as JSON."""
+    content = body if isinstance(body, bytes) or callable(getattr(body, "__next__", None)) else json.dumps(body)
+    return client.post("/v1/explain", content=content, headers={"content-type": "application/json", **headers})
 
 
 def error(response, status, field):
@@ -135,9 +144,11 @@ def test_health_openapi_and_missing_records(client):
     assert {m["name"]: m["kind"] for m in health["models"]} == {"minilm": "text", "digits-vit": "image"}
     schema = client.get("/openapi.json").json()
     assert {"/v1/explain", "/v1/explanations", "/v1/explanations/{record_id}", "/v1/health"} <= set(schema["paths"])
-    assert client.get("/v1/explanations/0123").status_code == 404
-    assert client.get("/explanations/0123").status_code == 404
-    assert client.get("/v1/models/nope/health").status_code == 404
+    missing = client.get("/v1/explanations/0123")
+    assert missing.status_code == 404 and missing.json() == {"detail": "no explanation with id '0123'"}
+    assert client.get("/v1/models/nope/health").json() == {"detail": "unknown model 'nope'"}
+    assert client.get("/v1/no-such-route").json() == {"detail": "Not Found"}
+    assert client.get("/v1/explanations/bad%00id").status_code == 404  # no id holds a NUL (PostgreSQL refuses it)
 
 
 def test_bad_input_is_a_4xx_naming_the_field(client, digit_png):
@@ -261,7 +272,7 @@ def test_full_queue_answers_503_and_keeps_accepted_work(endpoints, tmp_path):
 
 
 def test_no_store_inputs_keeps_only_the_hash(endpoints, tmp_path, digit_png):
-    c, _ = make_client(endpoints, tmp_path, store_inputs=False)
+    c, service = make_client(endpoints, tmp_path, store_inputs=False)
     with c:
         rid = explain(c, model="minilm", text="a private sentence").json()["id"]
         record = c.get(f"/v1/explanations/{rid}").json()
@@ -272,6 +283,32 @@ def test_no_store_inputs_keeps_only_the_hash(endpoints, tmp_path, digit_png):
         assert rec["input"]["image"] is None and rec["input"]["filename"] is None
         assert "a private sentence" not in c.get("/").text
         assert c.get(f"/explanations/{iid}").status_code == 200
+        answer = explain(c, model="minilm", text="my secret diagnosis", method="raw").json()
+        assert answer["explanation"]["tokens"] == ["[CLS]", "my", "secret", "diagnosis", "[SEP]"]  # the requester's
+        stored = c.get(f"/v1/explanations/{answer['id']}").json()
+        assert stored["explanation"]["tokens"] == ["#0", "#1", "#2", "#3", "#4"]
+        assert stored["explanation"]["scores"] == answer["explanation"]["scores"]
+        page = c.get(f"/explanations/{answer['id']}")
+        assert page.status_code == 200 and "#3" in page.text
+        row = service.store.get(answer["id"])
+        assert row["attention_meta"]["tokens"] == stored["explanation"]["tokens"]
+    from attnkit.serve.export import export
+    from attnkit.serve.store import Store
+
+    store = Store(str(tmp_path / "api.db"))
+    try:
+        export(store, tmp_path / "audit.jsonl")
+        export(store, tmp_path / "audit.parquet")
+    finally:
+        store.close()
+    import pyarrow.parquet as pq
+
+    exported = (tmp_path / "audit.jsonl").read_text() + json.dumps(
+        pq.read_table(tmp_path / "audit.parquet").to_pylist(), default=str
+    )
+    assert "#2" in exported
+    for word in ("private", "secret", "diagnosis", "secret.png"):
+        assert word not in exported and word not in json.dumps(stored) and word not in page.text
 
 
 def test_retention_applies_at_start(endpoints, tmp_path):
@@ -298,3 +335,105 @@ def test_default_labels_classify_news_sentences(client):
     }
     for text, label in cases.items():
         assert explain(client, model="minilm", text=text).json()["prediction"]["label"] == label
+
+
+def test_strings_no_store_can_keep_are_a_422_naming_the_field(client, digit_png):
+    lone = "\ud800"
+    for bad in (lone, "a\x00b"):
+        error(post_raw(client, {"model": "minilm", "text": f"fine {bad} text"}), 422, "text")
+        labels = {"labels": ["sports", f"tax{bad}law"]}
+        assert "options.labels[1]" in error(
+            post_raw(client, {"model": "minilm", "text": "hi", "options": labels}), 422, "options.labels"
+        )
+        body = {"model": "digits-vit", "image": digit_png[0], "filename": f"d{bad}.png"}
+        error(post_raw(client, body), 422, "filename")
+    assert "surrogate U+D800 at character 5" in error(
+        post_raw(client, {"model": "minilm", "text": "fine \ud800"}), 422, "text"
+    )
+    for param in ("q", "model", "method"):
+        error(client.get("/v1/explanations", params={param: "a\x00b"}), 422, param)
+    error(client.get("/v1/explanations", params={"after": 2**63}), 422, "after")
+    error(client.get("/v1/explanations", params={"page": 10**18}), 422, "page")
+    assert client.get("/v1/explanations", params={"after": 2**62, "page": 2**40}).json()["items"] == []
+
+
+def test_unreadable_bodies_are_a_4xx_naming_the_body(client):
+    def chunks():  # no Content-Length: the limit applies while the body streams in
+        for _ in range(3):
+            yield b" " * 1_000_000
+
+    r = client.post("/v1/explain", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert "over 2000000 bytes" in error(r, 413, "body")
+    assert "not UTF-8" in error(post_raw(client, b'{"model": "minilm", "text": "caf\xe9"}'), 400, "body")
+    assert "nested too deeply" in error(post_raw(client, b'{"model": "minilm", "text": ' + b"[" * 100_000), 400, "body")
+    assert "options must be a JSON object" in error(
+        post_raw(client, {"model": "minilm", "text": "hi", "options": None}), 422, "options"
+    )
+    assert error(post_raw(client, b"null"), 422, "body") == "the body must be a JSON object"
+
+
+def test_dashboard_errors_are_html_pages(client):
+    for url, status, message in [
+        ("/attention-health?model=%3Cb%3Enope", 404, "unknown model &#x27;&lt;b&gt;nope&#x27;"),
+        ("/?since=%3Cb%3Ebad", 422, "since must be ISO 8601"),
+        ("/explanations/nope", 404, "no explanation with id &#x27;nope&#x27;"),
+        ("/no-such-page", 404, "Not Found"),
+        ("/?q=a%00b", 422, "q contains a NUL character"),
+    ]:
+        r = client.get(url)
+        assert r.status_code == status and r.headers["content-type"].startswith("text/html"), (url, r.text)
+        assert message in r.text and "<b>" not in r.text, r.text
+    assert client.get("/v1/explanations", params={"since": "bad"}).headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity", "1e400"])
+def test_times_must_be_finite(client, value):
+    assert "finite" in error(client.get("/v1/explanations", params={"until": value}), 422, "until")
+    assert client.get("/", params={"since": value}).status_code == 422
+
+
+def test_retention_survives_a_failing_purge(endpoints, tmp_path, caplog):
+    c, service = make_client(endpoints, tmp_path, retention_days=7, retention_period_s=0.01)
+    calls = []
+    real = service.store.purge
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("database went away")
+        return real(*args, **kwargs)
+
+    service.store.purge = flaky
+    with caplog.at_level(logging.ERROR, logger="attnkit.serve"), c:
+        deadline = time.time() + 30
+        while len(calls) < 3 and time.time() < deadline:
+            time.sleep(0.01)
+    assert len(calls) >= 3  # the loop went on after the failure
+    failed = [r for r in caplog.records if r.name == "attnkit.serve" and "purging expired records failed" in r.message]
+    assert len(failed) == 1 and "database went away" in failed[0].exc_text
+
+
+def test_the_server_binds_loopback_by_default():
+    import argparse
+
+    from attnkit.cli.serve import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).host == "127.0.0.1"
+
+
+def test_api_round_trip_on_each_store(endpoints, tmp_path, db_url):
+    c, service = make_client(endpoints, tmp_path, db=db_url)
+    with c:
+        body = explain(c, model="minilm", text="The match ended in a draw.", method="raw").json()
+        record = c.get(f"/v1/explanations/{body['id']}").json()
+        assert record["input"]["text"] == "The match ended in a draw." and record["explanation"] == body["explanation"]
+        assert c.get("/v1/health").json()["store"]["backend"] == service.store.backend
+        assert c.get("/v1/explanations", params={"q": "draw"}).json()["total"] == 1
+        error(explain(c, model="minilm", text="nul \x00 inside"), 422, "text")
+        error(explain(c, model="minilm", text="fine", options={"labels": ["a\x00"]}), 422, "options.labels")
+        error(c.get("/v1/explanations", params={"q": "\x00"}), 422, "q")
+        assert c.get("/v1/explanations/nul%00id").status_code == 404
+        assert service.store.count() == 1

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
+import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from attnkit.serve.inputs import InputError
 from attnkit.serve.schemas import ExplainRequest, ExplainResponse, Page
@@ -22,8 +27,16 @@ from attnkit.serve.views import full_record, iso, parse_time, summary
 __all__ = ["build", "create_app"]
 
 
+log = logging.getLogger("attnkit.serve")
+
+#: Largest ``after`` cursor and ``page`` of ``GET /v1/explanations``: beyond them the databases' 64-bit integers
+#: overflow (``page * page_size`` rows are skipped); larger values are answered 422 naming the parameter.
+MAX_CURSOR = 2**62
+MAX_PAGE = 2**40
+
+
 class BodyTooLarge(Exception):
-    pass
+    """A streamed request body went over the limit (answered 413, field ``body``)."""
 
 
 class BodyLimit:
@@ -56,18 +69,79 @@ def _error(status: int, field: str | None, message: str, headers: dict[str, str]
     return JSONResponse({"detail": message, "field": field}, status_code=status, headers=headers)
 
 
+def _error_page(status: int, message: str, headers: dict[str, str] | None = None) -> HTMLResponse:
+    """A dashboard error page: the status and the (escaped) message, with a link back to the feed."""
+    title = f"{status} {HTTPStatus(status).phrase}"
+    body = (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title} - attnkit serve</title></head>'
+        f"<body><h1>{title}</h1><p>{html.escape(message)}</p>"
+        '<p><a href="/">the feed</a> &middot; <a href="/attention-health">attention health</a></p></body></html>\n'
+    )
+    return HTMLResponse(body, status_code=status, headers=headers)
+
+
+def _serves_html(request: Request) -> bool:
+    """Whether ``request`` is for a dashboard route (HTML errors) rather than the JSON API and its schema."""
+    path = request.url.path
+    return not (path == "/v1" or path.startswith(("/v1/", "/openapi.json", "/docs", "/redoc")))
+
+
+def _respond(
+    request: Request, status: int, field: str | None, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    """An error answer: ``{"detail", "field"}`` JSON for the API, an HTML page for the dashboard's routes."""
+    if _serves_html(request):
+        return _error_page(status, message, headers)
+    return _error(status, field, message, headers)
+
+
 def _field(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     return ".".join(parts) or "body"
 
 
-def create_app(service: Service) -> FastAPI:
-    """The FastAPI application around ``service`` (its endpoints, store and queue)."""
+def _body_error(cause: BaseException, max_bytes: int) -> tuple[int, str]:
+    """Status and message for a body FastAPI could not read (``cause``: what its parser raised)."""
+    if isinstance(cause, BodyTooLarge):
+        return 413, f"request body is over {max_bytes} bytes"
+    if isinstance(cause, UnicodeDecodeError):
+        return 400, f"malformed JSON: the body is not UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return 400, "malformed JSON: the body's arrays/objects are nested too deeply"
+    return 400, f"malformed JSON: the body cannot be read ({type(cause).__name__}: {cause})"
+
+
+def create_app(service: Service, *, retention_period_s: float = 3600.0) -> FastAPI:
+    """The FastAPI application around ``service``: the JSON API under ``/v1`` and the dashboard.
+
+    Args:
+        service: the endpoints, store and queue to serve; the app's lifespan starts its retention loop and, on
+            shutdown, waits for accepted work and closes the store (:meth:`Service.shutdown`).
+        retention_period_s: seconds between two retention purges (when ``service.config.retention_days`` is set;
+            the first runs at start). A purge that fails is logged on the ``attnkit.serve`` logger and retried at
+            the next period.
+
+    Returns:
+        the application (serve it with uvicorn, or drive it with ``fastapi.testclient.TestClient``).
+
+    Errors are answered, never raised: the API answers ``{"detail", "field"}`` JSON, ``field`` naming the request
+    field (``body`` for the body itself); the dashboard's pages answer an HTML page with the same status.
+
+    * 400 ``body``: malformed JSON (a syntax error, not UTF-8, nested too deeply).
+    * 413 ``body``: a body over ``max_body_bytes`` (declared or streamed); ``text``: over ``max_text_chars``;
+      ``image``: over ``max_image_pixels`` or a decompression bomb.
+    * 422: any other bad field (unknown model or method, wrong type, not an image, a lone surrogate or a NUL
+      character in a string, an option out of range, a bad query parameter such as ``since=nan``).
+    * 404: an unknown record or model (``{"detail"}`` naming it).
+    * 503: the queue is full, with ``Retry-After``.
+    """
     from attnkit import __version__
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = asyncio.create_task(_retention_loop(service)) if service.config.retention_days is not None else None
+        task = None
+        if service.config.retention_days is not None:
+            task = asyncio.create_task(_retention_loop(service, retention_period_s))
         try:
             yield
         finally:
@@ -89,19 +163,29 @@ def create_app(service: Service) -> FastAPI:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
         if first.get("type") == "json_invalid":
-            return _error(400, "body", f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+            message = f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+            return _respond(request, 400, "body", message)
         field = _field(tuple(first.get("loc", ())))
         if first.get("type") == "model_attributes_type":
-            return _error(422, "body", "the body must be a JSON object")
-        return _error(422, field, f"{field}: {first['msg']}")
+            return _respond(request, 422, field, f"{'the body' if field == 'body' else field} must be a JSON object")
+        return _respond(request, 422, field, f"{field}: {first['msg']}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not read the body
+            status, message = _body_error(exc.__cause__, service.config.max_body_bytes)
+            return _respond(request, status, "body", message)
+        if _serves_html(request):
+            return _error_page(exc.status_code, str(exc.detail), exc.headers)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(InputError)
     async def _input(request: Request, exc: InputError):
-        return _error(exc.status, exc.field, str(exc))
+        return _respond(request, exc.status, exc.field, str(exc))
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request: Request, exc: BodyTooLarge):
-        return _error(413, "body", f"request body is over {service.config.max_body_bytes} bytes")
+        return _respond(request, 413, "body", f"request body is over {service.config.max_body_bytes} bytes")
 
     @app.exception_handler(Busy)
     async def _busy(request: Request, exc: Busy):
@@ -137,8 +221,8 @@ def create_app(service: Service) -> FastAPI:
         since: str | None = Query(None, description="ISO 8601 or epoch seconds, inclusive"),
         until: str | None = Query(None, description="ISO 8601 or epoch seconds, exclusive"),
         q: str | None = Query(None, max_length=200, description="search the input text, file name or id prefix"),
-        after: int | None = Query(None, ge=0, description="only records after this feed cursor (seq)"),
-        page: int = Query(1, ge=1),
+        after: int | None = Query(None, ge=0, le=MAX_CURSOR, description="only records after this feed cursor (seq)"),
+        page: int = Query(1, ge=1, le=MAX_PAGE),
         page_size: int = Query(50, ge=1, le=500),
     ) -> dict[str, Any]:
         """Record summaries, newest first, paged."""
@@ -180,17 +264,21 @@ def create_app(service: Service) -> FastAPI:
 
 
 _ERRORS = {
-    400: {"description": "malformed JSON"},
+    400: {"description": "malformed JSON (syntax, not UTF-8, nested too deeply)"},
     413: {"description": "body, text or image too large"},
     422: {"description": "invalid field (named in `field`)"},
     503: {"description": "queue full; see Retry-After"},
 }
 
 
-async def _retention_loop(service: Service, period_s: float = 3600.0) -> None:
+async def _retention_loop(service: Service, period_s: float) -> None:
+    """Purge expired records now and every ``period_s`` seconds; a failed purge is logged and retried later."""
     loop = asyncio.get_running_loop()
     while True:
-        await loop.run_in_executor(None, service.purge_expired)
+        try:
+            await loop.run_in_executor(None, service.purge_expired)
+        except Exception:  # a database hiccup must not end retention for the life of the server
+            log.exception("retention: purging expired records failed; retrying in %g s", period_s)
         await asyncio.sleep(period_s)
 
 

@@ -1,4 +1,5 @@
-"""Decoding and checking what a request carries: base64 PNG/JPEG images with decompression-bomb limits."""
+"""Decoding and checking what a request carries: strings every store can keep, base64 PNG/JPEG images with
+decompression-bomb limits."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import io
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_IMAGE_PIXELS", "InputError", "decode_image"]
+__all__ = ["MAX_IMAGE_PIXELS", "InputError", "check_text", "decode_image"]
 
 #: Largest image accepted, in pixels (width x height): 4096 x 4096. Anything larger is refused before decoding.
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -22,6 +23,37 @@ class InputError(ValueError):
     def __init__(self, field: str, message: str, status: int = 422) -> None:
         super().__init__(message)
         self.field, self.status = field, status
+
+
+def check_text(field: str, value: str, *, what: str | None = None) -> str:
+    """``value`` unchanged if it is Unicode text every store back end can keep.
+
+    JSON may carry lone UTF-16 surrogates (``"\\ud800"``), which are not Unicode text (they cannot be encoded as
+    UTF-8 for the tokenizer or the database), and NUL characters, which PostgreSQL refuses in text and JSON
+    columns; both are refused before any work, on every back end alike.
+
+    Args:
+        field: the request field (the error's ``field``: ``text``, ``filename``, ``options.labels``, ``q``).
+        value: the string to check.
+        what: how the message names it (default ``field``; e.g. ``options.labels[2]``).
+
+    Returns:
+        ``value``.
+
+    Raises:
+        InputError: (status 422, ``field``) a lone surrogate or a NUL character, with its position.
+    """
+    what = field if what is None else what
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(value[exc.start])
+        message = f"{what} is not valid Unicode: a lone surrogate U+{code:04X} at character {exc.start}"
+        raise InputError(field, message) from None
+    nul = value.find("\x00")
+    if nul >= 0:
+        raise InputError(field, f"{what} contains a NUL character (U+0000) at character {nul}; it cannot be stored")
+    return value
 
 
 def decode_image(

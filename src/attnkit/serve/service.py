@@ -5,6 +5,11 @@ Model calls run on one worker thread (torch already uses every core inside one c
 An accepted request always runs to the end and its record is committed before the answer, even if the client
 goes away; shutdown waits for accepted work. The record's attention-health statistics are not part of the answer:
 they are computed and written afterwards by :class:`attnkit.serve.stats_writer.StatsWriter`, off the request path.
+
+Under ``store_inputs=False`` nothing the request carried is stored except its SHA-256: the input text, image and
+file name are left out, and the token labels of the stored explanation and attention maps are positions (``"#0"``,
+``"#1"``, ...) instead of the text's word pieces. The answer to the requester keeps the real tokens (they sent the
+text); the stored record, ``GET /v1/explanations/{id}``, the dashboard and the exports never see them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from attnkit.serve.inputs import InputError, decode_image
+from attnkit.serve.inputs import InputError, check_text, decode_image
 from attnkit.serve.maps import pack_maps
 from attnkit.serve.models import Endpoint, OptionError
 from attnkit.serve.schemas import ExplainRequest
@@ -36,9 +41,10 @@ class ServeConfig:
         queue_size: requests accepted at once (running + waiting); more are answered 503.
         retry_after_s: the ``Retry-After`` of a 503, seconds.
         max_body_bytes: largest request body; larger ones get 413.
-        max_text_chars: longest ``text``; longer ones get 422.
+        max_text_chars: longest ``text``, in characters; longer ones get 413 (field ``text``).
         max_image_pixels: largest decoded image (width x height); larger ones get 413 before decompression.
-        store_inputs: keep inputs in the store (else their SHA-256 only).
+        store_inputs: keep inputs in the store; ``False`` keeps their SHA-256 only, and the stored token labels are
+            positions (``"#0"``, ``"#1"``, ...) instead of the text's tokens (the answer keeps the real tokens).
         retention_days: delete records older than this (checked at start and hourly); ``None`` keeps all.
         reference_size: the first N requests form a model's reference window when no baseline is recorded.
         recent_size: the recent window compared against the reference.
@@ -81,7 +87,15 @@ class Service:
 
     # -- validation (event loop side, cheap) ---------------------------------------------------------------------
     def validate(self, req: ExplainRequest) -> Endpoint:
-        """The endpoint for ``req``; raises InputError naming the bad field."""
+        """The endpoint serving ``req``, after every check that needs no model call.
+
+        Raises:
+            InputError: naming the bad field: ``model`` (not served), ``method`` (not offered by the model),
+                ``text`` / ``image`` (missing, both, the wrong kind for the model, empty text), ``text`` with status
+                413 (over ``max_text_chars``), ``text`` / ``filename`` / ``options.labels`` (a lone surrogate, which
+                is not Unicode text, or a NUL character, which PostgreSQL cannot store), ``options.labels`` (given
+                to an image model).
+        """
         endpoint = self.endpoints.get(req.model)
         if endpoint is None:
             raise InputError("model", f"unknown model {req.model!r}; served: {', '.join(sorted(self.endpoints))}")
@@ -102,6 +116,12 @@ class Service:
             raise InputError("text", f"model {req.model!r} takes an image (base64 PNG or JPEG), not text")
         if req.options.labels is not None and endpoint.kind != "text":
             raise InputError("options.labels", "labels apply to text models only")
+        if req.text is not None:
+            check_text("text", req.text)
+        if req.filename is not None:
+            check_text("filename", req.filename)
+        for i, label in enumerate(req.options.labels or ()):
+            check_text("options.labels", label, what=f"options.labels[{i}]")
         return endpoint
 
     # -- the queue -----------------------------------------------------------------------------------------------
@@ -142,7 +162,12 @@ class Service:
         except OptionError as exc:
             raise InputError(exc.field, str(exc)) from None
         t_store = time.time()
-        blob, meta = pack_maps(result.maps, result.tokens)
+        explanation, tokens = result.explanation, result.tokens
+        if not self.config.store_inputs:  # the stored record names token positions, never the input's words
+            tokens = [f"#{i}" for i in range(len(tokens))]
+            if "tokens" in explanation:
+                explanation = {**explanation, "tokens": tokens}
+        blob, meta = pack_maps(result.maps, tokens)
         timings = {k: round(v, 3) for k, v in {"queue_ms": (start - accepted) * 1e3, **result.timings}.items()}
         record = {
             "id": uuid.uuid4().hex,
@@ -160,7 +185,7 @@ class Service:
             "input_filename": req.filename if self.config.store_inputs else None,
             "input_sha256": hashlib.sha256(raw).hexdigest(),
             "prediction": result.prediction,
-            "explanation": result.explanation,
+            "explanation": explanation,
             "attention": blob,
             "attention_meta": meta,
             "stats": {},  # written by the stats writer once computed, off the request path
@@ -175,7 +200,7 @@ class Service:
             "store_ms": round((done - t_store) * 1e3, 3),
             "total_ms": round((done - accepted) * 1e3, 3),
         }
-        return {**record, "timings": timings}
+        return {**record, "explanation": result.explanation, "timings": timings}  # the requester's own tokens
 
     def purge_expired(self) -> int:
         """Apply the retention setting; returns the number of records deleted."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from attnkit.serve.inputs import check_text
 from attnkit.serve.schema import SCHEMA_REVISION, baselines, explanations
 
 __all__ = ["DEFAULT_DB", "Filters", "Store", "StoreError", "database_url", "redact_url"]
@@ -70,6 +71,10 @@ class Filters:
         until: UTC epoch seconds, exclusive upper bound on ``created_at``.
         q: case-insensitive substring of the input text, the input file name, or a prefix of the record id.
         after: only records inserted after this feed cursor (``seq``).
+
+    Raises:
+        InputError: (:class:`attnkit.serve.inputs.InputError`, field ``model``, ``method`` or ``q``) a string with a
+            lone surrogate or a NUL character, which no stored record contains and PostgreSQL cannot compare.
     """
 
     model: str | None = None
@@ -79,7 +84,19 @@ class Filters:
     q: str | None = None
     after: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("model", "method", "q"):
+            value = getattr(self, name)
+            if value is not None:
+                check_text(name, value)
+
     def clauses(self) -> list[Any]:
+        """The SQLAlchemy ``WHERE`` conditions of these filters on the ``explanations`` table.
+
+        Returns:
+            a list of boolean clauses to combine with AND (``select(...).where(*filters.clauses())``); empty when
+            nothing is restricted. ``q`` matches with ``ILIKE``, its ``%``, ``_`` and ``\\`` taken literally.
+        """
         t = explanations.c
         out = []
         if self.model is not None:
@@ -211,18 +228,43 @@ class Store:
 
     # -- reading ---------------------------------------------------------------------------------------------
     def get(self, record_id: str) -> dict[str, Any] | None:
-        """The full record with this id, or ``None``."""
+        """The full record with this id, or ``None`` (also for ids no record can have, such as one with a NUL)."""
+        if "\x00" in record_id:  # PostgreSQL cannot even compare such a string; no id contains one
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(explanations).where(explanations.c.id == record_id)).mappings().first()
         return None if row is None else dict(row)
 
     def count(self, filters: Filters = Filters()) -> int:
+        """How many records match ``filters``.
+
+        Args:
+            filters: which records (default all).
+
+        Returns:
+            the number of matching records.
+        """
         query = sa.select(sa.func.count()).select_from(explanations).where(*filters.clauses())
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
     def list(self, filters: Filters = Filters(), *, page: int = 1, page_size: int = 50) -> list[dict[str, Any]]:
-        """One page (1-based) of record summaries, newest first."""
+        """One page of record summaries (the :data:`SUMMARY_COLUMNS`), newest first.
+
+        Args:
+            filters: which records (default all).
+            page: 1-based page number.
+            page_size: records per page.
+
+        Returns:
+            up to ``page_size`` rows as dicts; empty past the last page.
+
+        Raises:
+            ValueError: ``page`` or ``page_size`` below 1, or a page whose offset exceeds 2**62 rows (the databases'
+                64-bit offsets).
+        """
+        if page < 1 or page_size < 1 or (page - 1) * page_size > 2**62:
+            raise ValueError(f"expected page >= 1, page_size >= 1, offset <= 2**62, got {page}, {page_size}")
         cols = [explanations.c[name] for name in SUMMARY_COLUMNS]
         query = (
             sa.select(*cols)

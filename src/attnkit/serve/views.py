@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,13 +18,28 @@ def iso(ts: float) -> str:
 
 
 def parse_time(value: str | None, field: str) -> float | None:
-    """ISO 8601 (naive = UTC) or epoch seconds -> epoch seconds; InputError naming ``field`` otherwise."""
+    """Epoch seconds of a time given as ISO 8601 (naive = UTC) or as epoch seconds.
+
+    Args:
+        value: ``"2026-12-01T13:00:00Z"``, ``"2026-12-01 13:00"``, ``"1764594000"``...; ``None`` or ``""``: none.
+        field: the query parameter it came from (named in the error).
+
+    Returns:
+        UTC epoch seconds, or ``None`` for no value.
+
+    Raises:
+        InputError: (422, ``field``) neither ISO 8601 nor a finite number (``nan`` and ``inf`` are refused).
+    """
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise InputError(field, f"{field} must be a finite time, got {value!r}")
+        return seconds
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:

@@ -159,3 +159,24 @@ def test_export_roundtrips_every_column(db_url, tmp_path, fmt):
     assert [g["id"] for g in got] == [r["id"] for r in rows]
     assert images == [r["input_image"] for r in rows]
     assert got[1]["prediction"] == rows[1]["prediction"] and got[2]["input_text"] == "t2"
+
+
+def test_strings_no_record_holds_are_refused_or_find_nothing(db_url):
+    from attnkit.serve.inputs import InputError
+
+    for name in ("model", "method", "q"):
+        for bad in ("a\x00b", "\udfff"):
+            with pytest.raises(InputError) as info:
+                Filters(**{name: bad})
+            assert info.value.field == name and info.value.status == 422
+    store = Store(db_url)
+    try:
+        store.add(record())
+        assert store.get("a\x00b") is None  # PostgreSQL cannot compare it: no query is sent
+        assert len(store.list(page=2**40, page_size=500)) == 0
+        with pytest.raises(ValueError, match="offset <= 2\\*\\*62"):
+            store.list(page=2**62, page_size=500)
+        with pytest.raises(ValueError, match="page >= 1"):
+            store.list(page=0)
+    finally:
+        store.close()

@@ -131,3 +131,48 @@ def test_health_page_labels(service):
     assert "standardised mean difference" in page.text and "shift (ref sd)" not in page.text
     assert "confidence (cosine similarity to the nearest label)" in page.text and "not a probability" in page.text
     assert 'id="drift-status" class="flag"' in page.text
+
+
+def test_the_overlay_of_a_large_image_is_drawn_from_a_downscaled_copy(service, monkeypatch):
+    import io
+
+    import numpy as np
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from attnkit.explain import plots
+    from attnkit.serve.dashboard import OVERLAY_MAX_SIDE, add_dashboard, overlay_pixels
+
+    width, height = 4096, 2048  # 8.4 M pixels: within the default --max-image-pixels
+    ramp = np.broadcast_to((np.arange(width) % 256).astype(np.uint8), (height, width))
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    heatmap = torch.rand(4, 4, generator=torch.Generator().manual_seed(4)).tolist()
+    row = record(
+        model="vit",
+        model_kind="image",
+        input_kind="image",
+        input_text=None,
+        input_image=buf.getvalue(),
+        input_filename="big.png",
+        prediction={"label": "3", "class": 3, "score": 0.9, "top": [{"label": "3", "score": 0.9, "class": 3}]},
+        explanation={"grid": [4, 4], "heatmap": heatmap, "image_size": [64, 64]},
+    )
+    service.store.add(row)
+    pixels = overlay_pixels(buf.getvalue())
+    assert pixels.shape == (OVERLAY_MAX_SIDE // 2, OVERLAY_MAX_SIDE, 3) and pixels.dtype == torch.uint8  # aspect kept
+    assert torch.equal(pixels[0], pixels[-1])  # rows of the ramp stay alike after resampling
+    drawn = []
+    real = plots.image_overlays
+    monkeypatch.setattr(
+        plots, "image_overlays", lambda images, *a, **k: drawn.append(images.shape) or real(images, *a, **k)
+    )
+    app = FastAPI()
+    add_dashboard(app, service)
+    png = TestClient(app).get(f"/explanations/{row['id']}/overlay.png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn == [(1, OVERLAY_MAX_SIDE // 2, OVERLAY_MAX_SIDE, 3)]  # not (1, 2048, 4096, 3) floats
+    small = io.BytesIO()
+    Image.fromarray(ramp[:64, :48]).save(small, format="PNG")
+    assert overlay_pixels(small.getvalue()).shape == (64, 48, 3)  # never enlarged

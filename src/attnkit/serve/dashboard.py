@@ -20,12 +20,14 @@ from attnkit.serve.views import full_record, parse_time, summary
 
 __all__ = [
     "CONFIDENCE_LABELS",
+    "OVERLAY_MAX_SIDE",
     "HealthWindows",
     "add_dashboard",
     "health_figure",
     "health_report",
     "health_windows",
     "model_kind",
+    "overlay_pixels",
     "statistic_labels",
 ]
 
@@ -195,17 +197,33 @@ def _token_cells(explanation: dict[str, Any], special: frozenset[str]) -> list[d
     ]
 
 
-def _overlay_png(row: dict[str, Any]) -> bytes:
+#: Longest side in pixels of the image under a record page's overlay (the page shows it at most 420 px wide): a
+#: stored image may be up to ``max_image_pixels`` (4096 x 4096 by default), far more than the page can show.
+OVERLAY_MAX_SIDE = 512
+
+
+def overlay_pixels(data: bytes, *, max_side: int = OVERLAY_MAX_SIDE):
+    """The stored image ``data`` (PNG/JPEG bytes) as ``(Hi, Wi, 3)`` uint8 RGB pixels, downscaled (aspect kept,
+    never enlarged) so that its longest side is at most ``max_side``, before any float conversion.
+
+    Pillow's ``thumbnail`` decodes a JPEG at a reduced scale first (``draft``) and then resamples (bicubic)."""
     import io
 
     import torch
     from PIL import Image
 
+    with Image.open(io.BytesIO(data)) as im:
+        im.thumbnail((max_side, max_side))
+        im = im.convert("RGB")
+    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.height, im.width, 3)
+
+
+def _overlay_png(row: dict[str, Any]) -> bytes:
+    import torch
+
     from attnkit.explain import plots
 
-    with Image.open(io.BytesIO(row["input_image"])) as im:
-        im = im.convert("RGB")
-        pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.height, im.width, 3)
+    pixels = overlay_pixels(row["input_image"])  # (Hi, Wi, 3), longest side <= OVERLAY_MAX_SIDE
     grid = torch.tensor(row["explanation"]["heatmap"], dtype=torch.float32)[None]
     pred = row["prediction"]
     title = f"{row['method']}: class {pred.get('label')} ({float(pred.get('score', 0)):.0%})"

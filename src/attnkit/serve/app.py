@@ -40,7 +40,15 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared or streamed), before they are buffered."""
+    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared or streamed), before they are buffered.
+
+    A declared ``Content-Length`` over the limit is answered here; a streamed body raises :class:`BodyTooLarge` from
+    ``receive`` once it passes the limit, which the application answers 413 (field ``body``).
+
+    Args:
+        app: the ASGI application to wrap.
+        max_bytes: the largest body accepted, in bytes.
+    """
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -285,11 +293,29 @@ async def _retention_loop(service: Service, period_s: float) -> None:
 def build(
     models: dict[str, str | None] | None = None, db: str = "attnkit-serve.db", config: ServeConfig | None = None
 ) -> FastAPI:
-    """Load ``models`` (``{name: source}``; default the shipped ``minilm`` and ``digits-vit``), open ``db``, build."""
+    """The application serving ``models`` from the store ``db``, in one call.
+
+    Args:
+        models: ``{served name: source}`` (a shipped name or a checkpoint directory; ``None``: the name itself);
+            default the shipped ``minilm`` and ``digits-vit``.
+        db: an SQLAlchemy URL or an SQLite file path (:class:`~attnkit.serve.store.Store`).
+        config: the service settings (default :class:`ServeConfig`'s).
+
+    Returns:
+        the FastAPI application (:func:`create_app`).
+
+    Raises:
+        StoreError: ``db`` cannot be opened or migrated.
+        ModelLoadError: a source cannot be served (the store is closed again).
+    """
     from attnkit.serve.models import load_endpoint
 
     models = {"minilm": None, "digits-vit": None} if models is None else models
     config = ServeConfig() if config is None else config
     store = Store(db)
-    endpoints = {name: load_endpoint(name, src, max_tokens=config.max_tokens) for name, src in models.items()}
+    try:
+        endpoints = {name: load_endpoint(name, src, max_tokens=config.max_tokens) for name, src in models.items()}
+    except BaseException:
+        store.close()
+        raise
     return create_app(Service(endpoints, store, config))

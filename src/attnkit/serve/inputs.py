@@ -65,6 +65,16 @@ def decode_image(
     ink-on-black convention the digit models were trained with). The header is read first: images over
     ``max_pixels`` are refused before their pixels are decompressed.
 
+    Args:
+        b64: base64 of the file's bytes, optionally a ``data:image/...;base64,`` URL.
+        size: the square side the image is resized to, in pixels (bilinear).
+        channels: 1 (grey, ``L``) or 3 (``RGB``).
+        invert_light: invert grey images whose mean is over 0.5.
+        max_pixels: the largest width x height accepted.
+
+    Returns:
+        ``(pixels, raw)``: ``(channels, size, size)`` float32 in ``[0, 1]``, and the decoded file bytes.
+
     Raises:
         InputError: (field ``image``) not base64, not a PNG/JPEG, truncated, or too many pixels.
     """

@@ -74,7 +74,13 @@ def _version() -> str:
 
 
 class Service:
-    """Endpoints + store + the bounded worker queue."""
+    """Endpoints + store + the bounded worker queue.
+
+    Args:
+        endpoints: ``{served name: endpoint}``.
+        store: the open audit store (closed by :meth:`shutdown`).
+        config: the service settings.
+    """
 
     def __init__(self, endpoints: dict[str, Endpoint], store: Store, config: ServeConfig = ServeConfig()) -> None:
         self.endpoints, self.store, self.config = endpoints, store, config
@@ -126,7 +132,20 @@ class Service:
 
     # -- the queue -----------------------------------------------------------------------------------------------
     async def submit(self, req: ExplainRequest) -> dict[str, Any]:
-        """Run one explanation on the worker; raises Busy when the queue is full, InputError on bad content."""
+        """Run one explanation on the worker thread and store its record (committed before this returns).
+
+        Args:
+            req: the parsed request body.
+
+        Returns:
+            the stored record's columns (``id``, ``created_at``, ``prediction``, ...), with the requester's own
+            tokens in ``explanation`` and the store and total times added to ``timings`` (milliseconds).
+
+        Raises:
+            InputError: bad content, naming the field (:meth:`validate`; an undecodable image; an option out of
+                range for the model).
+            Busy: ``queue_size`` requests are already accepted (nothing was done).
+        """
         endpoint = self.validate(req)
         with self._lock:
             if self.pending >= self.config.queue_size:
@@ -203,7 +222,11 @@ class Service:
         return {**record, "explanation": result.explanation, "timings": timings}  # the requester's own tokens
 
     def purge_expired(self) -> int:
-        """Apply the retention setting; returns the number of records deleted."""
+        """Delete the records older than ``retention_days``.
+
+        Returns:
+            the number of records deleted (0 when retention is off).
+        """
         if self.config.retention_days is None:
             return 0
         return self.store.purge(self.config.retention_days * 86400.0)

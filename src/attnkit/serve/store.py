@@ -192,6 +192,12 @@ class Store:
     def add(self, record: dict[str, Any]) -> int:
         """Insert one explanation record (keys: the ``explanations`` columns except ``seq``) and commit.
 
+        Args:
+            record: the column values (JSON columns as Python objects, binary ones as bytes).
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError: the database refused the row (a duplicate id, a lost connection).
+
         Returns:
             the record's ``seq`` (feed cursor).
         """
@@ -200,20 +206,42 @@ class Store:
             return int(result.inserted_primary_key[0])
 
     def set_stats(self, stats: dict[str, dict[str, float]]) -> None:
-        """Write the attention-health statistics of existing records (``{record_id: stats}``), in one transaction."""
+        """Write the attention-health statistics of existing records, in one transaction.
+
+        Args:
+            stats: ``{record id: {statistic: value}}``; ids with no record are skipped.
+        """
         t = explanations.c
         query = explanations.update().where(t.id == sa.bindparam("record_id")).values(stats=sa.bindparam("new_stats"))
         with self.engine.begin() as conn:
             conn.execute(query, [{"record_id": k, "new_stats": v} for k, v in stats.items()])
 
     def purge(self, older_than_s: float, *, now: float | None = None) -> int:
-        """Delete records created more than ``older_than_s`` seconds ago; returns how many."""
+        """Delete the records created more than ``older_than_s`` seconds before ``now``.
+
+        Args:
+            older_than_s: age limit in seconds.
+            now: UTC epoch seconds (default the current time).
+
+        Returns:
+            the number of records deleted.
+        """
         cutoff = (time.time() if now is None else now) - older_than_s
         with self.engine.begin() as conn:
             return int(conn.execute(explanations.delete().where(explanations.c.created_at < cutoff)).rowcount)
 
     def add_baseline(self, model: str, window_start: float, window_end: float, stats: dict[str, list[float]]) -> int:
-        """Record a reference window of attention-health statistics for ``model``; returns its id."""
+        """Record a reference window of attention-health statistics for ``model``.
+
+        Args:
+            model: the served model name.
+            window_start: UTC epoch seconds, the window's start.
+            window_end: UTC epoch seconds, the window's end.
+            stats: ``{statistic: [value per record of the window]}``.
+
+        Returns:
+            the baseline's id.
+        """
         n = len(next(iter(stats.values()), []))
         row = {
             "model": model,
@@ -277,7 +305,15 @@ class Store:
             return [dict(r) for r in conn.execute(query).mappings()]
 
     def iter_records(self, filters: Filters = Filters(), *, batch: int = 200) -> Iterator[dict[str, Any]]:
-        """Every full record matching ``filters``, oldest first, fetched ``batch`` at a time (for exports)."""
+        """Every full record matching ``filters``, oldest first, fetched ``batch`` at a time (for exports).
+
+        Args:
+            filters: which records (default all).
+            batch: rows per query (each batch is one short read; writers are not held up).
+
+        Yields:
+            full records as dicts, in ``seq`` order.
+        """
         last = 0
         while True:
             query = (
@@ -309,7 +345,11 @@ class Store:
         return rows if first or limit is None else rows[::-1]
 
     def latest_baseline(self, model: str) -> dict[str, Any] | None:
-        """The newest recorded baseline of ``model``, or ``None``."""
+        """The newest recorded baseline of ``model``.
+
+        Returns:
+            the ``baselines`` row as a dict (``stats``: ``{statistic: [values]}``), or ``None`` when there is none.
+        """
         query = sa.select(baselines).where(baselines.c.model == model).order_by(baselines.c.id.desc()).limit(1)
         with self.engine.connect() as conn:
             row = conn.execute(query).mappings().first()

@@ -13,7 +13,14 @@ __all__ = ["full_record", "iso", "parse_time", "summary"]
 
 
 def iso(ts: float) -> str:
-    """UTC epoch seconds as ISO 8601 with milliseconds."""
+    """UTC epoch seconds as ISO 8601 with milliseconds (``"2026-12-01T13:00:00.000Z"``).
+
+    Args:
+        ts: UTC epoch seconds.
+
+    Returns:
+        the ISO 8601 string, ``Z`` for UTC.
+    """
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -52,7 +59,15 @@ def parse_time(value: str | None, field: str) -> float | None:
 
 
 def summary(row: dict[str, Any]) -> dict[str, Any]:
-    """The JSON of a feed/list entry."""
+    """The JSON of a feed/list entry (:class:`~attnkit.serve.schemas.RecordSummary`).
+
+    Args:
+        row: a record with at least the :data:`~attnkit.serve.store.SUMMARY_COLUMNS`.
+
+    Returns:
+        the entry: times as ISO 8601, the first 200 characters of the text as ``input_preview`` (``None`` when
+        the text is not stored), the predicted label and score.
+    """
     text = row.get("input_text")
     pred = row.get("prediction") or {}
     return {
@@ -72,7 +87,15 @@ def summary(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def full_record(row: dict[str, Any]) -> dict[str, Any]:
-    """The JSON of one full record (input image as base64, attention maps left to the dashboard)."""
+    """The JSON of one full record (``GET /v1/explanations/{id}``).
+
+    Args:
+        row: a full record of the store (:meth:`~attnkit.serve.store.Store.get`).
+
+    Returns:
+        every column but the attention maps (left to the dashboard), times as ISO 8601, the input under
+        ``input`` with the image as base64 and ``stored`` False when only its SHA-256 was kept.
+    """
     image = row.get("input_image")
     return {
         "id": row["id"],

@@ -45,6 +45,7 @@ class ServeConfig:
         max_image_pixels: largest decoded image (width x height); larger ones get 413 before decompression.
         store_inputs: keep inputs in the store; ``False`` keeps their SHA-256 only, and the stored token labels are
             positions (``"#0"``, ``"#1"``, ...) instead of the text's tokens (the answer keeps the real tokens).
+            The request's options, ``labels`` included, are settings of the method and are always kept.
         retention_days: delete records older than this (checked at start and hourly); ``None`` keeps all.
         reference_size: the first N requests form a model's reference window when no baseline is recorded.
         recent_size: the recent window compared against the reference.

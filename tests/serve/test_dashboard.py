@@ -131,6 +131,14 @@ def test_health_page_labels(service):
     assert "standardised mean difference" in page.text and "shift (ref sd)" not in page.text
     assert "confidence (cosine similarity to the nearest label)" in page.text and "not a probability" in page.text
     assert 'id="drift-status" class="flag"' in page.text
+    service.store.add(record(model="vit", model_kind="image", input_kind="image", input_text=None, attention=None))
+    image_id = service.store.list(page_size=1)[0]["id"]
+    service.store.add(record(attention=None))
+    text_id = service.store.list(page_size=1)[0]["id"]
+    text_detail = TestClient(app).get(f"/explanations/{text_id}").text
+    image_detail = TestClient(app).get(f"/explanations/{image_id}").text
+    assert "<th>cosine similarity (sentence embedding to label)</th>" in text_detail
+    assert "<th>probability</th>" in image_detail
 
 
 def test_the_overlay_of_a_large_image_is_drawn_from_a_downscaled_copy(service, monkeypatch):

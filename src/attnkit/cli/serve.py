@@ -6,8 +6,12 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attnkit.cli.registry import UserError, subcommand
+
+if TYPE_CHECKING:
+    from attnkit.serve.service import ServeConfig
 
 DEFAULT_MODELS = ("minilm", "digits-vit")
 
@@ -20,6 +24,7 @@ def _model_spec(value: str) -> tuple[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``attnkit serve`` flags and its ``export`` and ``baseline`` subcommands."""
     from attnkit.serve.store import DEFAULT_DB
 
     parser.add_argument("--db", default=DEFAULT_DB, help=f"SQLAlchemy URL or SQLite file path (default ./{DEFAULT_DB})")
@@ -145,7 +150,7 @@ _POSITIVE_INTS = (
 )
 
 
-def serve_config(args: argparse.Namespace):
+def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The :class:`~attnkit.serve.service.ServeConfig` of parsed ``attnkit serve`` flags, checked before any work.
 
     Raises:
@@ -180,6 +185,12 @@ def serve_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``serve export``, ``serve baseline`` or the service itself (until SIGINT/SIGTERM); returns 0.
+
+    Raises:
+        UserError: a bad flag, an unusable ``--db`` or output path, or a model that cannot be loaded (exit 2,
+            before any work).
+    """
     if args.serve_command == "export":
         return _export(args)
     if args.serve_command == "baseline":

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
+from torch import Tensor
 
 from attnkit.serve.health import STATISTICS, drift
 from attnkit.serve.service import Service
@@ -202,7 +203,7 @@ def _token_cells(explanation: dict[str, Any], special: frozenset[str]) -> list[d
 OVERLAY_MAX_SIDE = 512
 
 
-def overlay_pixels(data: bytes, *, max_side: int = OVERLAY_MAX_SIDE):
+def overlay_pixels(data: bytes, *, max_side: int = OVERLAY_MAX_SIDE) -> Tensor:
     """The stored image ``data`` (PNG/JPEG bytes) as ``(Hi, Wi, 3)`` uint8 RGB pixels, downscaled (aspect kept,
     never enlarged) so that its longest side is at most ``max_side``, before any float conversion.
 
@@ -232,7 +233,8 @@ def _overlay_png(row: dict[str, Any]) -> bytes:
 
 
 def add_dashboard(app: FastAPI, service: Service) -> None:
-    """Register the HTML pages on ``app``."""
+    """Register the HTML pages on ``app``: ``/`` (live feed with filters), ``/explanations/{id}`` (one record)
+    and its ``overlay.png`` (image records), ``/attention-health`` and ``/attention-health/{model}.png``."""
     from attnkit.explain.report import SCRIPT, STYLE
 
     env = _env()

@@ -286,7 +286,7 @@ def test_no_store_inputs_keeps_only_the_hash(endpoints, tmp_path, digit_png):
         answer = explain(c, model="minilm", text="my secret diagnosis", method="raw").json()
         assert answer["explanation"]["tokens"] == ["[CLS]", "my", "secret", "diagnosis", "[SEP]"]  # the requester's
         stored = c.get(f"/v1/explanations/{answer['id']}").json()
-        assert stored["explanation"]["tokens"] == ["#0", "#1", "#2", "#3", "#4"]
+        assert stored["explanation"]["tokens"] == ["[CLS]", "#1", "#2", "#3", "[SEP]"]  # special tokens kept
         assert stored["explanation"]["scores"] == answer["explanation"]["scores"]
         page = c.get(f"/explanations/{answer['id']}")
         assert page.status_code == 200 and "#3" in page.text

@@ -50,6 +50,8 @@ def test_roundtrip_filters_paging(db_url):
         series = store.stats_series("minilm", limit=3)
         assert [r["seq"] for r in series] == seqs[5:7] + seqs[8:]  # the last three, oldest first
         assert [r["seq"] for r in store.stats_series("minilm", limit=2, first=True)] == seqs[:2]
+        window = store.stats_series("minilm", since=t0 + 2, until=t0 + 5)  # inclusive since, exclusive until
+        assert [r["seq"] for r in window] == seqs[2:5]
         assert [r["id"] for r in store.iter_records(batch=2)] == [r["id"] for r in rows]
     finally:
         store.close()

@@ -121,11 +121,7 @@ def _baseline(args) -> int:
     store = _open_store(args.db)
     try:
         # statistics only (no inputs or maps); records whose statistics were never written are left out
-        rows = [
-            r
-            for r in store.stats_series(args.model)
-            if (since is None or r["created_at"] >= since) and (until is None or r["created_at"] < until)
-        ]
+        rows = store.stats_series(args.model, since=since, until=until)
         if not rows:
             raise UserError(f"no records of model {args.model!r} in that window; serve some requests first")
         stats = {name: [float(r["stats"][name]) for r in rows] for name in STATISTICS}

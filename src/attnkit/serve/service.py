@@ -8,8 +8,10 @@ they are computed and written afterwards by :class:`attnkit.serve.stats_writer.S
 
 Under ``store_inputs=False`` nothing the request carried is stored except its SHA-256: the input text, image and
 file name are left out, and the token labels of the stored explanation and attention maps are positions (``"#0"``,
-``"#1"``, ...) instead of the text's word pieces. The answer to the requester keeps the real tokens (they sent the
-text); the stored record, ``GET /v1/explanations/{id}``, the dashboard and the exports never see them.
+``"#1"``, ...) instead of the text's word pieces (the tokenizer's special tokens, ``[CLS]``/``[SEP]``, keep their
+names: they are not part of the input, and the dashboard leaves them out of the heatmap's scale). The answer to the
+requester keeps the real tokens (they sent the text); the stored record, ``GET /v1/explanations/{id}``, the
+dashboard and the exports never see them.
 """
 
 from __future__ import annotations
@@ -184,7 +186,8 @@ class Service:
         t_store = time.time()
         explanation, tokens = result.explanation, result.tokens
         if not self.config.store_inputs:  # the stored record names token positions, never the input's words
-            tokens = [f"#{i}" for i in range(len(tokens))]
+            special = getattr(endpoint, "special_tokens", frozenset())  # [CLS], [SEP]: the tokenizer's, not input
+            tokens = [t if t in special else f"#{i}" for i, t in enumerate(tokens)]
             if "tokens" in explanation:
                 explanation = {**explanation, "tokens": tokens}
         blob, meta = pack_maps(result.maps, tokens)

@@ -330,13 +330,32 @@ class Store:
             last = rows[-1]["seq"]
 
     def stats_series(
-        self, model: str, *, limit: int | None = None, first: bool = False, after: int = 0
+        self,
+        model: str,
+        *,
+        limit: int | None = None,
+        first: bool = False,
+        after: int = 0,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[dict[str, Any]]:
         """``[{seq, created_at, stats}]`` of ``model`` after cursor ``after``, oldest first: all, the first
         ``limit`` (``first=True``) or the last ``limit``; records whose statistics are not written yet are left
-        out."""
+        out.
+
+        Args:
+            model: the served model's name.
+            limit: at most this many rows (``None``: all).
+            first: the oldest ``limit`` rows instead of the newest.
+            after: only records with ``seq > after`` (a feed cursor).
+            since, until: only records created in ``[since, until)`` (Unix seconds; ``None``: unbounded).
+        """
         t = explanations.c
         query = sa.select(t.seq, t.created_at, t.stats).where(t.model == model, t.seq > after)
+        if since is not None:
+            query = query.where(t.created_at >= since)
+        if until is not None:
+            query = query.where(t.created_at < until)
         query = query.order_by(t.seq if first or limit is None else t.seq.desc())
         if limit is not None:
             query = query.limit(limit)

@@ -11,7 +11,8 @@
    every 2xx response's record must be in the store, and no 5xx other than 503 may have been answered.
 
 Run under the shared lock: ``flock /tmp/attnkit-heavy.lock python benchmarks/serve.py`` (``--quick``: 20 s;
-``--latency-only`` / ``--load-only``: one part; ``--breakdown``: the digit ViT's explanation step by step).
+``--latency-only`` / ``--load-only``: one part; ``--breakdown``: the digit ViT's explanation step by step;
+``--lengths``: MiniLM at 16-128 tokens).
 """
 
 from __future__ import annotations
@@ -165,6 +166,34 @@ def breakdown_part(rounds: int) -> dict[str, float]:
     return out
 
 
+def lengths_part(rounds: int) -> list[dict]:
+    """MiniLM's explanation against its forward at longer inputs (16 to 128 tokens, the served maximum), rollout
+    and raw, interleaved; the latency rows above use one short sentence."""
+    from attnkit.serve.models import load_endpoint
+
+    ep = load_endpoint("minilm")
+    words = " ".join(TEXTS * 8).split()
+    rows = []
+    for n_words in (12, 48, 100, 200):
+        text = " ".join(words[:n_words])
+        tokens = len(ep.encode(text)["input_ids"][0])
+        for _ in range(2):  # warm-up
+            ep.forward(text), ep.explain(text, "rollout", {}), ep.explain(text, "raw", {})
+        fwd, roll, raw = [], [], []
+        for _ in range(rounds):
+            fwd.append(median_ms(lambda t=text: ep.forward(t), 1))
+            roll.append(median_ms(lambda t=text: ep.explain(t, "rollout", {}), 1))
+            raw.append(median_ms(lambda t=text: ep.explain(t, "raw", {}), 1))
+        f, r, w = statistics.median(fwd), statistics.median(roll), statistics.median(raw)
+        rows.append({"tokens": tokens, "forward_ms": f, "rollout_ms": r, "raw_ms": w})
+        print(
+            f"  minilm L={tokens:3d}  forward {f:7.2f} ms  rollout {r:7.2f} ms ({r / f:.2f}x)  raw {w:7.2f} ms"
+            f" ({w / f:.2f}x)",
+            flush=True,
+        )
+    return rows
+
+
 # -- load ---------------------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -285,6 +314,7 @@ def main() -> int:
     parser.add_argument(
         "--breakdown", action="store_true", help="only: the digit ViT's explanation step by step, back to back"
     )
+    parser.add_argument("--lengths", action="store_true", help="only: MiniLM's explanation vs forward at 16-128 tokens")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -296,6 +326,13 @@ def main() -> int:
         print(f"load average at end: {os.getloadavg()}", flush=True)
         if args.json is not None:
             args.json.write_text(json.dumps({"breakdown": breakdown}, indent=1))
+        return 0
+    if args.lengths:
+        print("MiniLM at longer inputs (medians of interleaved rounds):", flush=True)
+        lengths = lengths_part(rounds)
+        print(f"load average at end: {os.getloadavg()}", flush=True)
+        if args.json is not None:
+            args.json.write_text(json.dumps({"lengths": lengths}, indent=1))
         return 0
     latency = []
     if not args.load_only:

@@ -37,6 +37,24 @@ def test_rollout_equals_the_paper_formula(layers, batch, heads, length):
     torch.testing.assert_close(rollout(maps), got)  # the stacked tensor form
 
 
+def test_rows_that_do_not_sum_to_a_positive_total_are_left_as_the_paper_leaves_them():
+    # signed maps (e.g. gradient-weighted): some rows of 0.5 mean + 0.5 I sum to 0 or less and are not normalised
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(3, 2, 4, 6, 6, generator=g, dtype=torch.float64) - 0.6
+    maps[1, 0, :, 2] = -1.0  # a row whose total is exactly 0 after the identity: 0.5 * -6 + 0.5 = -2.5 <= 0
+    want = []
+    for b in range(2):
+        r = np.eye(6)
+        for layer in range(3):
+            a_hat = 0.5 * maps[layer, b].numpy().mean(0) + 0.5 * np.eye(6)
+            total = a_hat.sum(axis=1)[:, None]
+            r = (a_hat / np.where(total > 0, total, 1.0)) @ r
+        want.append(r)
+    assert (maps.mean(2) * 0.5 + 0.5 * torch.eye(6)).sum(-1).le(0).any()  # the case is exercised
+    torch.testing.assert_close(rollout(maps), torch.from_numpy(np.stack(want)), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(rollout(list(maps)), rollout(maps))
+
+
 def test_layers_with_different_head_counts():
     maps = [_stochastic(2, h, 6, 6, seed=h) for h in (3, 1, 4)]
     fused = torch.stack([m.mean(1, keepdim=True) for m in maps])  # (layers, B, 1, L, L): the same rollout

@@ -63,19 +63,21 @@ def augment(fused: Tensor, rows: Tensor | None = None, residual: bool = True) ->
 
 def _augment(weighted: Tensor, rows: Tensor | None, identity: float) -> Tensor:
     """``weighted + identity · I`` re-normalised; ``weighted`` is a fresh tensor (the identity is added in place).
-    ``0.5 · A`` with ``0.5`` is :func:`augment`; the sum of ``H`` heads with ``H`` is the same ``Â`` (rows are
-    re-normalised) in one kernel fewer."""
+
+    ``0.5 · A`` with ``identity = 0.5`` is :func:`augment`. The sum of ``H`` heads with ``identity = H`` is ``2H``
+    times the same matrix, so its normalised rows are the same ``Â`` rows in one kernel fewer; a row whose total is
+    not positive is divided by ``2 · identity`` instead, which leaves it as :func:`augment` does."""
     if rows is None:
         weighted.diagonal(dim1=-2, dim2=-1).add_(identity)
     else:
         weighted[:, torch.arange(len(rows)), rows.to(weighted.device)] += identity
-    return _normalise(weighted)
+    return _normalise(weighted, 2.0 * identity)
 
 
-def _normalise(x: Tensor) -> Tensor:
-    """Rows of ``x`` divided by their sums; rows summing to 0 (or less) are left as they are."""
+def _normalise(x: Tensor, fallback: float = 1.0) -> Tensor:
+    """Rows of ``x`` divided by their sums; rows summing to 0 or less are divided by ``fallback`` instead."""
     total = x.sum(-1, keepdim=True)
-    return x / torch.where(total > 0, total, 1.0)
+    return x / torch.where(total > 0, total, fallback)
 
 
 def rollout(

@@ -353,8 +353,9 @@ def test_strings_no_store_can_keep_are_a_422_naming_the_field(client, digit_png)
     for param in ("q", "model", "method"):
         error(client.get("/v1/explanations", params={param: "a\x00b"}), 422, param)
     error(client.get("/v1/explanations", params={"after": 2**63}), 422, "after")
+    error(client.get("/v1/explanations", params={"after": 2**31}), 422, "after")  # seq is 32-bit on PostgreSQL
     error(client.get("/v1/explanations", params={"page": 10**18}), 422, "page")
-    assert client.get("/v1/explanations", params={"after": 2**62, "page": 2**40}).json()["items"] == []
+    assert client.get("/v1/explanations", params={"after": 2**31 - 1, "page": 2**40}).json()["items"] == []
 
 
 def test_unreadable_bodies_are_a_4xx_naming_the_body(client):
@@ -425,6 +426,8 @@ def test_the_server_binds_loopback_by_default():
 
 
 def test_api_round_trip_on_each_store(endpoints, tmp_path, db_url):
+    from attnkit.serve.store import Filters
+
     c, service = make_client(endpoints, tmp_path, db=db_url)
     with c:
         body = explain(c, model="minilm", text="The match ended in a draw.", method="raw").json()
@@ -436,4 +439,8 @@ def test_api_round_trip_on_each_store(endpoints, tmp_path, db_url):
         error(explain(c, model="minilm", text="fine", options={"labels": ["a\x00"]}), 422, "options.labels")
         error(c.get("/v1/explanations", params={"q": "\x00"}), 422, "q")
         assert c.get("/v1/explanations/nul%00id").status_code == 404
+        assert c.get("/v1/explanations", params={"after": 2**31 - 1}).json()["items"] == []  # INTEGER's largest
+        error(c.get("/v1/explanations", params={"after": 2**31}), 422, "after")
+        assert service.store.count(Filters(after=2**40)) == 0  # past any seq: nothing, not an overflow
+        assert service.store.stats_series("minilm", after=2**40) == []
         assert service.store.count() == 1

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from attnkit.serve.inputs import InputError
 from attnkit.serve.schemas import ExplainRequest, ExplainResponse, Page
 from attnkit.serve.service import Busy, ServeConfig, Service
-from attnkit.serve.store import Filters, Store, redact_url
+from attnkit.serve.store import MAX_SEQ, Filters, Store, redact_url
 from attnkit.serve.views import full_record, iso, parse_time, summary
 
 __all__ = ["build", "create_app"]
@@ -29,9 +29,10 @@ __all__ = ["build", "create_app"]
 
 log = logging.getLogger("attnkit.serve")
 
-#: Largest ``after`` cursor and ``page`` of ``GET /v1/explanations``: beyond them the databases' 64-bit integers
-#: overflow (``page * page_size`` rows are skipped); larger values are answered 422 naming the parameter.
-MAX_CURSOR = 2**62
+#: Largest ``after`` cursor and ``page`` of ``GET /v1/explanations``, larger values are answered 422 naming the
+#: parameter: a record's ``seq`` is an SQL INTEGER (32-bit on PostgreSQL), and ``page * page_size`` rows skipped
+#: must stay inside the databases' 64-bit OFFSET.
+MAX_CURSOR = MAX_SEQ
 MAX_PAGE = 2**40
 
 

@@ -108,7 +108,7 @@ class Filters:
         if self.until is not None:
             out.append(t.created_at < self.until)
         if self.after is not None:
-            out.append(t.seq > self.after)
+            out.append(t.seq > self.after if self.after < MAX_SEQ else sa.false())
         if self.q:
             pattern = "%" + self.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             out.append(
@@ -120,6 +120,10 @@ class Filters:
             )
         return out
 
+
+#: The largest ``seq`` a record can have: the column is an SQL INTEGER, 32-bit on PostgreSQL. A feed cursor past it
+#: selects nothing (compared as such, it would overflow PostgreSQL's parameter).
+MAX_SEQ = 2**31 - 1
 
 #: The insert of one record (the record's values as parameters: SQLAlchemy compiles it once per engine dialect).
 _INSERT_EXPLANATION = explanations.insert()
@@ -351,7 +355,8 @@ class Store:
             since, until: only records created in ``[since, until)`` (Unix seconds; ``None``: unbounded).
         """
         t = explanations.c
-        query = sa.select(t.seq, t.created_at, t.stats).where(t.model == model, t.seq > after)
+        query = sa.select(t.seq, t.created_at, t.stats).where(t.model == model)
+        query = query.where(t.seq > after if after < MAX_SEQ else sa.false())
         if since is not None:
             query = query.where(t.created_at >= since)
         if until is not None:

@@ -292,6 +292,12 @@ def test_no_store_inputs_keeps_only_the_hash(endpoints, tmp_path, digit_png):
         assert page.status_code == 200 and "#3" in page.text
         row = service.store.get(answer["id"])
         assert row["attention_meta"]["tokens"] == stored["explanation"]["tokens"]
+        typed = explain(c, model="minilm", text="patient [MASK] has \U0001f910 hiv", method="raw").json()
+        assert "[MASK]" in typed["explanation"]["tokens"] and "[UNK]" in typed["explanation"]["tokens"]
+        kept = c.get(f"/v1/explanations/{typed['id']}").json()["explanation"]["tokens"]
+        assert kept == ["[CLS]"] + [f"#{i}" for i in range(1, len(kept) - 1)] + ["[SEP]"]  # typed specials: input
+        row = service.store.get(typed["id"])
+        assert row["attention_meta"]["tokens"] == kept
     from attnkit.serve.export import export
     from attnkit.serve.store import Store
 
@@ -423,6 +429,20 @@ def test_the_server_binds_loopback_by_default():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert parser.parse_args([]).host == "127.0.0.1"
+
+
+def test_a_retention_period_must_be_positive(endpoints, tmp_path):
+    from attnkit.serve.app import create_app
+    from attnkit.serve.service import Service
+    from attnkit.serve.store import Store
+
+    service = Service(endpoints, Store(str(tmp_path / "p.db")))
+    try:
+        for bad in (0, -1.0, float("nan")):
+            with pytest.raises(ValueError, match="retention_period_s must be > 0"):
+                create_app(service, retention_period_s=bad)
+    finally:
+        service.shutdown()
 
 
 def test_api_round_trip_on_each_store(endpoints, tmp_path, db_url):

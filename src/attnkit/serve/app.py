@@ -133,6 +133,9 @@ def create_app(service: Service, *, retention_period_s: float = 3600.0) -> FastA
     Returns:
         the application (serve it with uvicorn, or drive it with ``fastapi.testclient.TestClient``).
 
+    Raises:
+        ValueError: ``retention_period_s`` not positive.
+
     Errors are answered, never raised: the API answers ``{"detail", "field"}`` JSON, ``field`` naming the request
     field (``body`` for the body itself); the dashboard's pages answer an HTML page with the same status.
 
@@ -145,6 +148,9 @@ def create_app(service: Service, *, retention_period_s: float = 3600.0) -> FastA
     * 503: the queue is full, with ``Retry-After``.
     """
     from attnkit import __version__
+
+    if not retention_period_s > 0:
+        raise ValueError(f"create_app: retention_period_s must be > 0 seconds, got {retention_period_s!r}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

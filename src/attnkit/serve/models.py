@@ -180,6 +180,13 @@ class Endpoint:
         """The plain forward pass (no capture, no explanation), the baseline of the latency target."""
         raise NotImplementedError
 
+    def stored_tokens(self, tokens: list[str]) -> list[str]:
+        """The token labels a record keeps when inputs are not stored (``--no-store-inputs``).
+
+        An image model's labels (``[CLS]``, ``(row,col)``) name places of its grid, not the input: kept as they are.
+        """
+        return list(tokens)
+
     def info(self) -> dict[str, Any]:
         """``{"name", "kind", "methods", "weights_sha256", "description"}`` of this endpoint (``GET /v1/health``)."""
         return {
@@ -217,12 +224,25 @@ class TextEndpoint(Endpoint):
         self._label_cache: dict[str, Tensor] = {}
         special = getattr(self.tm.tokenizer, "all_special_tokens", [])
         self.special_tokens = frozenset(special)
+        # the tokens the tokenizer puts around every text ([CLS] ... [SEP]): how many before and after it
+        template = self.tm.tokens(self.encode("")["input_ids"][0])
+        probe = self.tm.tokens(self.encode("x")["input_ids"][0])
+        before = next((i for i, (a, b) in enumerate(zip(template, probe)) if a != b), min(len(template), len(probe)))
+        self._template = (before, len(template) - before)
         self._learn_plan(lambda: self.tm.forward(self.encode("An example sentence.")))
 
     def encode(self, text: str) -> dict[str, Tensor]:
         """The tokenizer's batch of one text, truncated to ``max_tokens``: ``input_ids`` and ``attention_mask``
         ``(1, L)`` int64, plus ``token_type_ids`` for the BERT family."""
         return self.tm.encode([text], max_length=self.max_tokens)
+
+    def stored_tokens(self, tokens: list[str]) -> list[str]:
+        """The token labels a record keeps when inputs are not stored: positions ``"#i"``, except the tokens the
+        tokenizer puts around every text (``[CLS]`` first, ``[SEP]`` last for BERT; none for GPT-2). A special
+        token inside the text (``[MASK]`` typed by the user, ``[UNK]`` for an emoji) is input and becomes a position.
+        """
+        before, after = self._template
+        return [t if i < before or i >= len(tokens) - after else f"#{i}" for i, t in enumerate(tokens)]
 
     def forward(self, data: str) -> Tensor:
         """The plain forward pass of ``data`` (no capture): the ``(1, L, E)`` last hidden states."""

@@ -6,12 +6,13 @@ An accepted request always runs to the end and its record is committed before th
 goes away; shutdown waits for accepted work. The record's attention-health statistics are not part of the answer:
 they are computed and written afterwards by :class:`attnkit.serve.stats_writer.StatsWriter`, off the request path.
 
-Under ``store_inputs=False`` nothing the request carried is stored except its SHA-256: the input text, image and
-file name are left out, and the token labels of the stored explanation and attention maps are positions (``"#0"``,
-``"#1"``, ...) instead of the text's word pieces (the tokenizer's special tokens, ``[CLS]``/``[SEP]``, keep their
-names: they are not part of the input, and the dashboard leaves them out of the heatmap's scale). The answer to the
-requester keeps the real tokens (they sent the text); the stored record, ``GET /v1/explanations/{id}``, the
-dashboard and the exports never see them.
+Under ``store_inputs=False`` nothing of the input is stored but its SHA-256: the text, image and file name are left
+out, and the token labels of the stored explanation and attention maps are positions (``"#1"``, ``"#2"``, ...)
+instead of the text's word pieces (:meth:`~attnkit.serve.models.Endpoint.stored_tokens`: the ``[CLS]``/``[SEP]``
+the tokenizer puts around every text keep their names, not being input, and the dashboard leaves them out of the
+heatmap's scale; an image model's grid labels are kept). The request's options, ``labels`` included, are settings
+of the method and are kept. The answer to the requester keeps the real tokens (they sent the text); the stored
+record, ``GET /v1/explanations/{id}``, the dashboard and the exports never see them.
 """
 
 from __future__ import annotations
@@ -186,8 +187,7 @@ class Service:
         t_store = time.time()
         explanation, tokens = result.explanation, result.tokens
         if not self.config.store_inputs:  # the stored record names token positions, never the input's words
-            special = getattr(endpoint, "special_tokens", frozenset())  # [CLS], [SEP]: the tokenizer's, not input
-            tokens = [t if t in special else f"#{i}" for i, t in enumerate(tokens)]
+            tokens = endpoint.stored_tokens(tokens)  # positions; [CLS]/[SEP] the tokenizer adds are not input
             if "tokens" in explanation:
                 explanation = {**explanation, "tokens": tokens}
         blob, meta = pack_maps(result.maps, tokens)

@@ -431,6 +431,36 @@ def test_the_server_binds_loopback_by_default():
     assert parser.parse_args([]).host == "127.0.0.1"
 
 
+def test_shutdown_waits_for_a_purge_in_progress(endpoints, tmp_path):
+    from attnkit.serve.service import ServeConfig, Service
+    from attnkit.serve.store import Store
+
+    store = Store(str(tmp_path / "w.db"))
+    service = Service(endpoints, store, ServeConfig(retention_days=1))
+    purging, release, events = threading.Event(), threading.Event(), []
+    real_purge, real_close = store.purge, store.close
+
+    def slow_purge(older_than_s):
+        purging.set()
+        release.wait(10)
+        events.append("purged")
+        return real_purge(older_than_s)
+
+    store.purge = slow_purge
+    store.close = lambda: (events.append("closed"), real_close())
+    purger = threading.Thread(target=service.purge_expired)
+    purger.start()
+    assert purging.wait(10)
+    closer = threading.Thread(target=service.shutdown)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive() and events == []  # the store stays open while the purge runs
+    release.set()
+    purger.join(10), closer.join(10)
+    assert events == ["purged", "closed"]
+    assert service.purge_expired() == 0  # after shutdown: nothing, no use of a closed store
+
+
 def test_a_retention_period_must_be_positive(endpoints, tmp_path):
     from attnkit.serve.app import create_app
     from attnkit.serve.service import Service

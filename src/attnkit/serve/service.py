@@ -93,6 +93,8 @@ class Service:
         self.pending = 0
         self.completed = 0
         self._lock = threading.Lock()
+        self._store_open = threading.Lock()  # a retention purge in progress holds it; shutdown waits for it
+        self._closed = False
         self.started_at = time.time()
 
     # -- validation (event loop side, cheap) ---------------------------------------------------------------------
@@ -233,10 +235,16 @@ class Service:
         """
         if self.config.retention_days is None:
             return 0
-        return self.store.purge(self.config.retention_days * 86400.0)
+        with self._store_open:
+            if self._closed:  # shut down meanwhile: nothing to purge any more
+                return 0
+            return self.store.purge(self.config.retention_days * 86400.0)
 
     def shutdown(self) -> None:
-        """Finish every accepted request, write the statistics still queued, then close the store."""
+        """Finish every accepted request, write the statistics still queued, wait for a retention purge in
+        progress, then close the store."""
         self.executor.shutdown(wait=True)
         self.stats_writer.close()
-        self.store.close()
+        with self._store_open:
+            self._closed = True
+            self.store.close()

@@ -108,7 +108,7 @@ class Filters:
         if self.until is not None:
             out.append(t.created_at < self.until)
         if self.after is not None:
-            out.append(t.seq > self.after if self.after < MAX_SEQ else sa.false())
+            out.append(_after(self.after))
         if self.q:
             pattern = "%" + self.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             out.append(
@@ -124,6 +124,12 @@ class Filters:
 #: The largest ``seq`` a record can have: the column is an SQL INTEGER, 32-bit on PostgreSQL. A feed cursor past it
 #: selects nothing (compared as such, it would overflow PostgreSQL's parameter).
 MAX_SEQ = 2**31 - 1
+
+
+def _after(cursor: int):
+    """The clause ``seq > cursor``; nothing for a cursor past any ``seq`` (never an overflowing parameter)."""
+    return explanations.c.seq > cursor if cursor < MAX_SEQ else sa.false()
+
 
 #: The insert of one record (the record's values as parameters: SQLAlchemy compiles it once per engine dialect).
 _INSERT_EXPLANATION = explanations.insert()
@@ -356,7 +362,7 @@ class Store:
         """
         t = explanations.c
         query = sa.select(t.seq, t.created_at, t.stats).where(t.model == model)
-        query = query.where(t.seq > after if after < MAX_SEQ else sa.false())
+        query = query.where(_after(after))
         if since is not None:
             query = query.where(t.created_at >= since)
         if until is not None:
